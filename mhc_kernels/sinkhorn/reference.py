@@ -1,0 +1,109 @@
+"""Sinkhorn-Knopp in plain PyTorch: the specification and the CPU path.
+
+Forward (paper Eq. 9, ``order="col_row"``), per matrix ``X`` of shape ``(n, n)``::
+
+    K   = exp(X - colmax(X))                 # shift along the axis normalised first
+    A   = K
+    repeat iters times:
+        A = A / (colsum(A) + eps)            # columns
+        A = A / (rowsum(A) + eps)            # rows: exact in the result
+    P   = A
+
+``order="row_col"`` swaps the two axes everywhere (the design document's variant: columns exact).
+
+Why the shift is taken along the first-normalised axis: the first normalisation removes any
+per-column factor exactly, so the shift changes nothing (up to ``eps``), and every first normaliser is
+at least 1, so the first division can never be 0/0. Entries of ``-inf`` (masked positions) become
+structural zeros; a fully masked row or column stays zero in the output. A row that underflows to
+zero everywhere stays zero (its sum is ``eps``), so the output is finite and non-negative for every
+input without NaN or ``+inf``. NaN or ``+inf`` anywhere in a matrix gives NaN in that matrix.
+The shift is a constant for differentiation (the output does not depend on it).
+
+Backward, exact for the ``iters`` unrolled steps. Each half-step is ``B = A / s`` with
+``s = sum(A) + eps`` along one axis. Writing ``H = dL/dA * A`` (elementwise), the adjoint of a
+half-step is division-free::
+
+    H_A = H_B - B * sum(H_B)                 # sum along the step's axis
+
+and ``dL/dX = H`` after walking back to ``K``, starting from ``H = G * P``. Walking back needs each
+earlier ``B``; it is rebuilt as ``A = B * s`` from the ``2 * iters`` saved normaliser vectors
+(``2 * iters * n`` floats per matrix), which the backward recomputes in one forward pass instead of
+keeping every iterate alive between forward and backward (autograd would keep ``2 * iters``
+matrices). Only the input is saved for backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# The axis pair (first, second) each order normalises, for matrices stored as (..., rows, cols):
+# summing over dim -2 gives column sums, over dim -1 row sums.
+ORDER_DIMS = {"col_row": (-2, -1), "row_col": (-1, -2)}
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Iterations run in float32, or float64 for float64 input (used by gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def kernel_matrix(x: torch.Tensor, first_dim: int) -> torch.Tensor:
+    """``exp(x - max)`` with the max taken along ``first_dim``; fully ``-inf`` lines give zeros."""
+    shift = x.amax(dim=first_dim, keepdim=True)
+    shift = torch.where(shift == float("-inf"), torch.zeros_like(shift), shift)
+    return torch.exp(x - shift)
+
+
+def sinkhorn_forward(
+    x: torch.Tensor, iters: int, dims: tuple[int, int], eps: float, normalisers: list | None = None
+) -> torch.Tensor:
+    """Run the iterations on ``x`` (already in the compute dtype); optionally record normalisers."""
+    a = kernel_matrix(x, dims[0])
+    for _ in range(iters):
+        for dim in dims:
+            s = a.sum(dim=dim, keepdim=True) + eps
+            a = a / s
+            if normalisers is not None:
+                normalisers.append(s)
+    return a
+
+
+def sinkhorn_backward(
+    x: torch.Tensor, grad: torch.Tensor, iters: int, dims: tuple[int, int], eps: float
+) -> torch.Tensor:
+    """Exact gradient of the unrolled iterations by one recomputation (see the module docstring)."""
+    normalisers: list[torch.Tensor] = []
+    b = sinkhorn_forward(x, iters, dims, eps, normalisers)
+    h = grad * b
+    for step in reversed(range(2 * iters)):
+        dim = dims[step % 2]
+        h = h - b * h.sum(dim=dim, keepdim=True)
+        b = b * normalisers[step]
+    return h
+
+
+class SinkhornRecompute(torch.autograd.Function):
+    """Autograd wrapper that saves only the logits and recomputes in backward."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, iters: int, order: str, eps: float) -> torch.Tensor:
+        dims = ORDER_DIMS[order]
+        x = logits.to(compute_dtype(logits.dtype))
+        out = sinkhorn_forward(x, iters, dims, eps)
+        ctx.save_for_backward(logits)
+        ctx.config = (iters, dims, eps)
+        return out.to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (logits,) = ctx.saved_tensors
+        iters, dims, eps = ctx.config
+        cdtype = compute_dtype(logits.dtype)
+        dx = sinkhorn_backward(logits.to(cdtype), grad.to(cdtype), iters, dims, eps)
+        return dx.to(logits.dtype), None, None, None
+
+
+def sinkhorn_knopp_reference(
+    logits: torch.Tensor, iters: int = 20, order: str = "col_row", eps: float = 1e-12
+) -> torch.Tensor:
+    """Reference Sinkhorn-Knopp; arguments as :func:`mhc_kernels.sinkhorn_knopp` (validated there)."""
+    return SinkhornRecompute.apply(logits, iters, order, eps)

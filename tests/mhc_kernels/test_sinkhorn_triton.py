@@ -1,0 +1,120 @@
+"""Triton kernels against the reference (interpreter on CPU, native on a GPU) and GPU compile checks.
+
+Tolerances come from the reference itself: the kernel's error against the float64 reference may be at
+most a small multiple of the float32 reference's own error against float64 (plus the output dtype's
+rounding for low-precision input).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mhc_kernels import sinkhorn_knopp
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def run(x, iters, order, backend, grad):
+    x = x.detach().requires_grad_()
+    out = sinkhorn_knopp(x, iters, order=order, backend=backend)
+    (dx,) = torch.autograd.grad(out, x, grad.to(out.dtype))
+    return out.double(), dx.double()
+
+
+def assert_matches_reference(x, iters, order="col_row", seed=0):
+    """Kernel vs float64 reference, bounded by the float32/low-precision reference's own error."""
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    grad = torch.randn(x.shape, generator=gen, device=x.device)
+    out, dx = run(x, iters, order, "triton", grad)
+    out_ref, dx_ref = run(x, iters, order, "torch", grad)  # same dtype as the kernel
+    out64, dx64 = run(x.double(), iters, order, "torch", grad.double())
+    for name, got, ref, exact in (("output", out, out_ref, out64), ("grad", dx, dx_ref, dx64)):
+        scale = exact.abs().max().clamp_min(1e-30)
+        ref_err = (ref - exact).abs().max()
+        got_err = (got - exact).abs().max()
+        bound = 4 * ref_err + 1e-6 * scale
+        assert torch.isfinite(got).all(), f"{name}: non-finite values"
+        assert got_err <= bound, f"{name}: error {got_err:.3g} > bound {bound:.3g}"
+
+
+@pytest.mark.parametrize("iters", [1, 3, 20], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 16], ids=lambda n: f"n{n}")
+def test_matches_reference_fp32(n, iters, device):
+    x = torch.randn(300, n, n, device=device) * 2
+    assert_matches_reference(x, iters)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 2, 8], ids=lambda s: f"sigma{s}")
+@pytest.mark.parametrize("order", ["col_row", "row_col"])
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+def test_matches_reference_dtypes_orders_scales(dtype, order, sigma, device):
+    x = (torch.randn(513, 4, 4, device=device) * sigma).to(DTYPES[dtype])
+    assert_matches_reference(x, 20, order)
+
+
+@pytest.mark.parametrize(
+    "batch,n", [(1000, 16), (2500, 8), (7, 4)], ids=["B1000-n16", "B2500-n8", "B7-n4"]
+)
+def test_batches_not_divisible_by_the_block(batch, n, device):
+    # under the interpreter n=16 -> 256 matrices per block, n=8 -> 1024: several blocks per program
+    x = torch.randn(batch, n, n, device=device) * 3
+    assert_matches_reference(x, 20)
+
+
+def test_leading_batch_shape_and_strided_input(device):
+    base = torch.randn(6, 5, 4, 4, device=device).transpose(0, 1)[:, ::2]  # (5, 3, 4, 4), strided
+    assert not base.is_contiguous()
+    assert_matches_reference(base, 20)
+    grad = torch.randn(4, 4, 5, device=device).permute(2, 0, 1)  # strided upstream gradient
+    x = torch.randn(5, 4, 4, device=device).requires_grad_()
+    (dx,) = torch.autograd.grad(sinkhorn_knopp(x, backend="triton"), x, grad)
+    (dx_ref,) = torch.autograd.grad(sinkhorn_knopp(x, backend="torch"), x, grad)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_extreme_masked_and_nan_inputs_follow_the_reference(device):
+    x = (torch.rand(64, 4, 4, device=device) * 2 - 1) * 1e4
+    x[0, 1, :] = float("-inf")
+    x[1, 2, 3] = float("nan")
+    x.requires_grad_()
+    grad = torch.randn_like(x)
+    out = sinkhorn_knopp(x, backend="triton")
+    (dx,) = torch.autograd.grad(out, x, grad)
+    out_ref = sinkhorn_knopp(x, backend="torch")
+    (dx_ref,) = torch.autograd.grad(out_ref, x, grad)
+    assert torch.isnan(out[1]).all()
+    keep = torch.ones(64, dtype=torch.bool)
+    keep[1] = False
+    assert torch.isfinite(out[keep]).all() and (out[keep] >= 0).all()
+    assert torch.isfinite(dx[keep]).all()
+    torch.testing.assert_close(out[keep], out_ref[keep], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(dx[keep], dx_ref[keep], rtol=1e-4, atol=1e-5)
+
+
+def test_empty_batch(device):
+    x = torch.randn(0, 4, 4, device=device, requires_grad=True)
+    out = sinkhorn_knopp(x, backend="triton")
+    assert out.shape == (0, 4, 4)
+    out.sum().backward()
+    assert x.grad.shape == (0, 4, 4)
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux", reason="GPU compilation needs Triton's Linux toolchain"
+)
+def test_every_shipped_configuration_compiles_for_gpu_targets_without_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-m", "mhc_kernels.compile_check", "--arch", "80", "89", "90",
+         "--max-seconds", "30"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert {r["arch"] for r in rows} == {"sm_80", "sm_89", "sm_90"}
+    assert all(r["local"] == 0 for r in rows), [r for r in rows if r["local"]]
+    assert max(r["compile_s"] for r in rows) < 30
