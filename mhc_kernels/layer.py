@@ -1,0 +1,274 @@
+"""MHCLayer: a manifold-constrained hyper-connection around any residual branch (paper Eq. 7-9).
+
+For streams ``x: (..., n, C)`` and a residual branch ``F: (..., C) -> (..., C)``::
+
+    v      = vec(x)                          (..., n*C), in the coefficient dtype (float32)
+    r      = sqrt(mean(v^2) + rms_eps)       one RMS over all n*C features
+    H~     = alpha * (v @ phi) / r + b       phi: (n*C, n^2 + 2n) packed [pre | post | res]
+    H_pre  = sigmoid(H~_pre)                 (..., n)
+    H_post = 2 * sigmoid(H~_post)            (..., n)
+    H_res  = sinkhorn_knopp(H~_res)          (..., n, n); constraint="none": H~_res as is
+    out_i  = sum_j H_res[i, j] * x_j + H_post[i] * F(sum_j H_pre[j] * x_j)
+
+``alpha`` multiplies only the dynamic term, one scalar per part (pre, post, res). The division by
+``r`` after the matmul is the paper's reordering of RMSNorm (its weight folds into ``phi``).
+
+Initialisation ``"identity"`` (for wrapping pretrained models):
+
+* ``b_pre = logit(1/n)`` so H_pre = 1/n each (sums to 1), ``b_post = 0`` so H_post = 1;
+* ``b_res = gap * I`` with ``gap = log(9 (n - 1))``: H_res is symmetric, hence exactly doubly
+  stochastic, with 0.9 on the diagonal. A finite gap keeps exp from underflowing and leaves the
+  Sinkhorn Jacobian well away from zero (trap (a) in FACTS.md §1);
+* ``phi`` random with its n per-stream blocks summing to zero (``sum_i phi_i = 0``), ``alpha = 0.01``.
+  For identical streams ``v @ phi = sum_i x phi_i = 0``, so the dynamic part vanishes and the layer
+  returns exactly ``x + F(x)`` in every stream; yet ``phi`` and ``alpha`` are non-zero, so neither
+  factor of the product ``alpha * phi`` blocks the other's gradient.
+
+What identical streams cannot do, whatever the initialisation: a row-stochastic H_res applied to n
+equal streams is the identity map, so the gradient reaching the H_res logits is exactly zero, and the
+dynamic term (hence ``alpha``) is zero too. Right after expand_streams, at the first step of a wrapped
+pretrained model, ``b_pre``, ``b_post`` and the pre/post blocks of ``phi`` learn; the per-stream
+gradients of H_post separate the streams at the first update, and from then on every parameter
+receives gradient. With different streams every parameter gets gradient at once (tested).
+
+Initialisation ``"paper"``: the paper states only alpha = 0.01. Our choice: ``phi ~ N(0, 1/(n C))``
+(unconstrained) and ``b = 0``, i.e. H_pre = 1/2, H_post = 1 and H_res = uniform 1/n at the start.
+
+Streams persist from the first wrapped layer to the last: create them once with
+:func:`expand_streams` and collapse them once with :func:`collapse_streams` (trap (b), FACTS.md §1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from .sinkhorn import BACKENDS, sinkhorn_knopp
+from .sinkhorn.reference import ORDER_DIMS
+
+INITS = ("identity", "paper")
+CONSTRAINTS = ("sinkhorn", "none")
+COEFF_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass
+class MHCConfig:
+    """Configuration of one mHC site.
+
+    Attributes:
+        n_streams: expansion rate n (number of residual streams), >= 1; the paper uses 4.
+        sinkhorn_iters: Sinkhorn-Knopp iterations for H_res, >= 1; the paper uses 20.
+        order: ``"col_row"`` (paper: columns then rows, rows exact) or ``"row_col"``.
+        alpha_init: initial value of the three gates alpha_pre, alpha_post, alpha_res.
+        init: ``"identity"`` (exactly x + F(x) for identical streams) or ``"paper"``.
+        constraint: ``"sinkhorn"`` (mHC) or ``"none"`` (unconstrained hyper-connections).
+        eps: Sinkhorn normaliser epsilon.
+        rms_eps: added to the mean square before the square root of the RMS.
+        coeff_dtype: dtype of the coefficient path (float32 or float64), whatever the streams' dtype.
+        backend: Sinkhorn backend, ``"auto"``, ``"torch"`` or ``"triton"``.
+        identity_gap: diagonal logit gap of H_res under ``init="identity"``; ``None`` picks
+            ``log(9 (n - 1))`` (diagonal 0.9).
+    """
+
+    n_streams: int = 4
+    sinkhorn_iters: int = 20
+    order: str = "col_row"
+    alpha_init: float = 0.01
+    init: str = "identity"
+    constraint: str = "sinkhorn"
+    eps: float = 1e-12
+    rms_eps: float = 1e-6
+    coeff_dtype: torch.dtype = torch.float32
+    backend: str = "auto"
+    identity_gap: float | None = None
+
+    def __post_init__(self):
+        def check(name, ok, allowed):
+            if not ok:
+                value = getattr(self, name)
+                raise ValueError(f"MHCConfig.{name} must be {allowed}, got {value!r}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        check("n_streams", is_int(self.n_streams) and self.n_streams >= 1, "an integer >= 1")
+        check(
+            "sinkhorn_iters",
+            is_int(self.sinkhorn_iters) and self.sinkhorn_iters >= 1,
+            "an integer >= 1",
+        )
+        check("order", self.order in ORDER_DIMS, f"one of {tuple(ORDER_DIMS)}")
+        check("alpha_init", math.isfinite(self.alpha_init), "a finite float")
+        check("init", self.init in INITS, f"one of {INITS}")
+        check("constraint", self.constraint in CONSTRAINTS, f"one of {CONSTRAINTS}")
+        check("eps", self.eps >= 0, "a float >= 0")
+        check("rms_eps", self.rms_eps >= 0, "a float >= 0")
+        check("coeff_dtype", self.coeff_dtype in COEFF_DTYPES, "torch.float32 or torch.float64")
+        check("backend", self.backend in BACKENDS, f"one of {BACKENDS}")
+        check(
+            "identity_gap",
+            self.identity_gap is None or math.isfinite(self.identity_gap),
+            "None or a finite float",
+        )
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+def expand_streams(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Create the n-stream state once, before the first wrapped layer: ``(..., C) -> (..., n, C)``.
+
+    Example:
+        >>> expand_streams(torch.randn(2, 8), 4).shape
+        torch.Size([2, 4, 8])
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1]).contiguous()
+
+
+def collapse_streams(x: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+    """Collapse the streams once, after the last wrapped layer: ``(..., n, C) -> (..., C)``.
+
+    ``reduce`` is ``"mean"`` (default: identical streams collapse to themselves) or ``"sum"``.
+    """
+    if reduce == "mean":
+        return x.mean(dim=-2)
+    if reduce == "sum":
+        return x.sum(dim=-2)
+    raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+
+
+class MHCLayer(nn.Module):
+    """Manifold-constrained hyper-connection around a residual branch.
+
+    Args:
+        branch: ``F: (..., C) -> (..., C)``, the sub-layer *including* its pre-norm and *excluding*
+            its skip connection (e.g. ``RMSNorm -> attention``). Extra ``forward`` arguments are
+            passed to it.
+        dim: C, the width of one stream.
+        n_streams, sinkhorn_iters, init: as in :class:`MHCConfig`.
+        config: a full :class:`MHCConfig`; other keyword arguments override its fields.
+
+    Shapes: ``forward(x: (..., n, C), *args, **kwargs) -> (..., n, C)`` in the dtype of ``x``.
+
+    Set ``record_h_res = True`` to keep the token-averaged H_res of the last forward in
+    ``last_h_res`` (``(n, n)``, detached) for :func:`mhc_kernels.metrics.amax_gain`.
+
+    Example:
+        >>> branch = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16))
+        >>> layer = MHCLayer(branch, dim=16, n_streams=4)
+        >>> x = expand_streams(torch.randn(2, 10, 16), 4)
+        >>> layer(x).shape
+        torch.Size([2, 10, 4, 16])
+    """
+
+    def __init__(
+        self,
+        branch: nn.Module,
+        dim: int,
+        n_streams: int = 4,
+        *,
+        sinkhorn_iters: int = 20,
+        init: str = "identity",
+        config: MHCConfig | None = None,
+        **overrides,
+    ):
+        super().__init__()
+        unknown = set(overrides) - set(MHCConfig.field_names())
+        if unknown:
+            raise TypeError(f"unknown MHCLayer options {sorted(unknown)}")
+        if config is None:
+            config = MHCConfig(
+                n_streams=n_streams, sinkhorn_iters=sinkhorn_iters, init=init, **overrides
+            )
+        elif overrides:
+            config = MHCConfig(**{**config.__dict__, **overrides})
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
+        self.branch = branch
+        self.dim = dim
+        self.config = config
+        n = config.n_streams
+        width = n * n + 2 * n
+        self.phi = nn.Parameter(torch.empty(n * dim, width, dtype=config.coeff_dtype))
+        self.bias = nn.Parameter(torch.empty(width, dtype=config.coeff_dtype))
+        self.alpha = nn.Parameter(torch.empty(3, dtype=config.coeff_dtype))  # pre, post, res
+        self.record_h_res = False
+        self.last_h_res: torch.Tensor | None = None
+        self.reset_coefficients()
+
+    @property
+    def n_streams(self) -> int:
+        return self.config.n_streams
+
+    @torch.no_grad()
+    def reset_coefficients(self) -> None:
+        """(Re)initialise phi, bias and alpha as ``config.init`` says (module docstring)."""
+        n, c = self.config.n_streams, self.dim
+        std = 1.0 / math.sqrt(n * c)
+        nn.init.normal_(self.phi, std=std)
+        self.alpha.fill_(self.config.alpha_init)
+        self.bias.zero_()
+        if self.config.init == "paper":
+            return
+        if n > 1:  # blocks of phi sum to zero over the streams: no dynamic term for equal streams
+            blocks = self.phi.view(n, c, -1)
+            blocks -= blocks.mean(dim=0, keepdim=True)
+            self.bias[:n] = -math.log(n - 1)  # sigmoid -> 1/n
+            gap = self.config.identity_gap
+            gap = math.log(9 * (n - 1)) if gap is None else gap
+            self.bias[2 * n :].view(n, n).diagonal().fill_(gap)
+        else:  # n = 1: H_pre cannot reach 1 through a sigmoid; a gated residual, nearly open
+            self.bias[0] = 4.0
+
+    def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x: (..., n, C)`` -> ``H_pre (..., n)``, ``H_post (..., n)``, ``H_res (..., n, n)``."""
+        n = self.config.n_streams
+        v = x.reshape(*x.shape[:-2], n * self.dim).to(self.config.coeff_dtype)
+        r = torch.sqrt(v.square().mean(dim=-1, keepdim=True) + self.config.rms_eps)
+        proj = (v @ self.phi) / r
+        scale = torch.cat([self.alpha[i].expand(k) for i, k in enumerate((n, n, n * n))])
+        logits = proj * scale + self.bias
+        pre, post, res = logits.split([n, n, n * n], dim=-1)
+        res = res.unflatten(-1, (n, n))
+        if self.config.constraint == "sinkhorn":
+            res = sinkhorn_knopp(
+                res,
+                self.config.sinkhorn_iters,
+                order=self.config.order,
+                eps=self.config.eps,
+                backend=self.config.backend,
+            )
+        return torch.sigmoid(pre), 2 * torch.sigmoid(post), res
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        n = self.config.n_streams
+        if x.dim() < 2 or x.shape[-2:] != (n, self.dim):
+            raise ValueError(
+                f"MHCLayer expects streams of shape (..., {n}, {self.dim}), got {tuple(x.shape)}; "
+                "create them once with expand_streams(x, n) before the first wrapped layer"
+            )
+        h_pre, h_post, h_res = self.coefficients(x)
+        if self.record_h_res:
+            self.last_h_res = h_res.detach().reshape(-1, n, n).mean(dim=0)
+        branch_in = torch.einsum("...j,...jc->...c", h_pre.to(x.dtype), x)
+        y = self.branch(branch_in, *args, **kwargs)
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(
+                f"the wrapped branch must return a tensor of shape (..., C), got {type(y).__name__}; "
+                "wrap a module that returns a tuple so that it returns its first element"
+            )
+        mixed = torch.einsum("...ij,...jc->...ic", h_res.to(x.dtype), x)
+        return mixed + h_post.to(x.dtype).unsqueeze(-1) * y.unsqueeze(-2)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"dim={self.dim}, n_streams={c.n_streams}, constraint={c.constraint!r}, "
+            f"sinkhorn_iters={c.sinkhorn_iters}, init={c.init!r}"
+        )
