@@ -5,7 +5,7 @@ Forward (paper Eq. 9, ``order="col_row"``), per matrix ``X`` of shape ``(n, n)``
     K   = exp(X - colmax(X))                 # shift along the axis normalised first
     A   = K
     repeat iters times:
-        A = A / (colsum(A) + eps)            # columns
+        A = A / (colsum(A) + eps)            # columns (as A * reciprocal(...))
         A = A / (rowsum(A) + eps)            # rows: exact in the result
     P   = A
 
@@ -46,6 +46,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def to_batch_last(x: torch.Tensor) -> torch.Tensor:
+    """``(..., n, n) -> (n, n, ...)`` contiguous: every sum over a matrix axis becomes a sum of
+    contiguous batch vectors, several times faster on CPU than reducing a trailing axis of size n."""
+    return x.movedim((-2, -1), (0, 1)).contiguous()
+
+
+def from_batch_last(x: torch.Tensor) -> torch.Tensor:
+    return x.movedim((0, 1), (-2, -1))
+
+
 def kernel_matrix(x: torch.Tensor, first_dim: int) -> torch.Tensor:
     """``exp(x - max)`` with the max taken along ``first_dim``; fully ``-inf`` lines give zeros."""
     shift = x.amax(dim=first_dim, keepdim=True)
@@ -56,12 +66,13 @@ def kernel_matrix(x: torch.Tensor, first_dim: int) -> torch.Tensor:
 def sinkhorn_forward(
     x: torch.Tensor, iters: int, dims: tuple[int, int], eps: float, normalisers: list | None = None
 ) -> torch.Tensor:
-    """Run the iterations on ``x`` (already in the compute dtype); optionally record normalisers."""
+    """Run the iterations on ``x`` (in the compute dtype, any layout; ``dims`` are the matrix axes
+    in the order they are normalised); optionally record the normalisers."""
     a = kernel_matrix(x, dims[0])
     for _ in range(iters):
         for dim in dims:
             s = a.sum(dim=dim, keepdim=True) + eps
-            a = a / s
+            a = a * s.reciprocal()  # n reciprocals and n^2 products: ~2x faster than n^2 divisions
             if normalisers is not None:
                 normalisers.append(s)
     return a
@@ -81,14 +92,19 @@ def sinkhorn_backward(
     return h
 
 
+def batch_last_dims(order: str) -> tuple[int, int]:
+    """``ORDER_DIMS`` for the ``(n, n, ...)`` layout: rows are dim 0, columns dim 1."""
+    return tuple(d + 2 for d in ORDER_DIMS[order])
+
+
 class SinkhornRecompute(torch.autograd.Function):
     """Autograd wrapper that saves only the logits and recomputes in backward."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, iters: int, order: str, eps: float) -> torch.Tensor:
-        dims = ORDER_DIMS[order]
-        x = logits.to(compute_dtype(logits.dtype))
-        out = sinkhorn_forward(x, iters, dims, eps)
+        dims = batch_last_dims(order)
+        x = to_batch_last(logits.to(compute_dtype(logits.dtype)))
+        out = from_batch_last(sinkhorn_forward(x, iters, dims, eps))
         ctx.save_for_backward(logits)
         ctx.config = (iters, dims, eps)
         return out.to(logits.dtype)
@@ -98,7 +114,8 @@ class SinkhornRecompute(torch.autograd.Function):
         (logits,) = ctx.saved_tensors
         iters, dims, eps = ctx.config
         cdtype = compute_dtype(logits.dtype)
-        dx = sinkhorn_backward(logits.to(cdtype), grad.to(cdtype), iters, dims, eps)
+        x, g = (to_batch_last(t.to(cdtype)) for t in (logits, grad))
+        dx = from_batch_last(sinkhorn_backward(x, g, iters, dims, eps))
         return dx.to(logits.dtype), None, None, None
 
 

@@ -40,7 +40,7 @@ def _kernel_matrix(x, FIRST: tl.constexpr):
 @triton.jit
 def _normalise(a, AXIS: tl.constexpr, eps):
     s = tl.sum(a, axis=AXIS) + eps  # [BLOCK, NP]
-    return a / tl.expand_dims(s, AXIS), s
+    return a * tl.expand_dims(1.0 / s, AXIS), s  # NP divisions per matrix instead of NP^2
 
 
 @triton.jit

@@ -1,0 +1,99 @@
+"""Shared benchmark setup: device facts recorded with every result, timing helpers."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # lets CPU runs import the kernel module
+
+# DRAM bandwidth in GB/s (FACTS.md §4 and vendor data sheets), matched against the device name.
+PEAK_BANDWIDTH_GBS = {
+    "H200": 4800,
+    "H100 SXM": 3350,
+    "H100 80GB HBM3": 3350,
+    "H100 PCIe": 2000,
+    "H100": 3350,
+    "A100-SXM4-80GB": 2039,
+    "A100": 1555,
+    "RTX 5000 Ada": 576,
+    "RTX 4090": 1008,
+    "L40S": 864,
+}
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+
+
+def device_name() -> str:
+    if ON_GPU:
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def peak_bandwidth_gbs() -> float | None:
+    if not ON_GPU:
+        return None
+    name = device_name()
+    for key, value in PEAK_BANDWIDTH_GBS.items():
+        if key in name:
+            return float(value)
+    return None
+
+
+def commit() -> str:
+    here = os.path.dirname(__file__)
+    done = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True
+    )
+    return done.stdout.strip() or "unknown"
+
+
+def environment() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device_name(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "commit": commit(),
+        "peak_bandwidth_gbs": peak_bandwidth_gbs(),
+    }
+
+
+def synchronized(fn):
+    """Wrap ``fn`` so that a timed call includes the GPU work it queued."""
+    if not ON_GPU:
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def env_info() -> dict:
+    return environment()
+
+
+@pytest.fixture
+def record(benchmark, env_info):
+    """``record(**facts)`` stores the environment and ``facts`` in the benchmark's extra_info."""
+
+    def _record(**facts):
+        benchmark.extra_info.update(env_info)
+        benchmark.extra_info.update(facts)
+
+    return _record

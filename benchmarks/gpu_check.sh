@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The prepared GPU check: on a machine with an NVIDIA GPU and no internet, run the kernel tests
+# natively (no interpreter), the kernel and layer benchmarks and the large stability suite, and write
+# one results file per run under benchmarks/results/ (and $OUT when set). Needs only torch, triton,
+# numpy, pytest and pytest-benchmark.  Usage: bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install --quiet --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
+  || python -m pip install --quiet --no-deps -e .
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
+stamp=$(date -u +%Y%m%dT%H%M%SZ)
+work=$(mktemp -d)
+status=0
+
+echo "== kernel tests on $gpu (native)"
+timeout 240 python -m pytest tests/mhc_kernels -q -x -p no:cacheprovider \
+  --junitxml="$work/tests.xml" 2>&1 | tail -5 || status=1
+
+echo "== benchmarks"
+timeout 300 python -m pytest benchmarks/test_sinkhorn.py benchmarks/test_layer_overhead.py \
+  --benchmark-only -q -p no:cacheprovider --benchmark-json="$work/bench.json" \
+  --benchmark-columns=median,iqr 2>&1 | tail -60 || status=1
+
+mkdir -p benchmarks/results
+result="benchmarks/results/gpu-${gpu}-${stamp}.json"
+python benchmarks/summarize.py "$work/bench.json" --out "$result" || status=1
+python - "$work/tests.xml" "$result" <<'PY'
+import json, sys, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+suite = root if root.tag == "testsuite" else root.find("testsuite")
+data = json.load(open(sys.argv[2]))
+data["kernel_tests"] = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+json.dump(data, open(sys.argv[2], "w"), indent=1, default=str)
+print(json.dumps({"kernel_tests": data["kernel_tests"], "targets": data["sinkhorn"]["targets"],
+                  "layer_overhead": data["layer_overhead"]}, indent=1))
+PY
+if [ -n "${OUT:-}" ]; then cp "$result" "$OUT/"; fi
+echo "wrote $result"
+exit $status

@@ -1,0 +1,104 @@
+"""Summarise a ``pytest benchmarks --benchmark-json FILE`` run: medians, speed-ups, targets.
+
+    python benchmarks/summarize.py FILE [--out results.json]
+
+Speed-ups compare providers measured in the same run only. Targets are those of the issues
+(FACTS.md §4 for the roofline): they are reported as met or not, never loosened here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+
+
+def load_rows(path: str) -> tuple[dict, list[dict]]:
+    with open(path) as f:
+        data = json.load(f)
+    rows = []
+    for bench in data["benchmarks"]:
+        row = dict(bench.get("extra_info", {}))
+        row["name"] = bench["name"]
+        row["median_s"] = bench["stats"]["median"]
+        rows.append(row)
+    return data.get("machine_info", {}), rows
+
+
+def sinkhorn_summary(rows: list[dict]) -> dict:
+    by_case: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for row in rows:
+        if row.get("provider") and "batch" in row:
+            case = (row["n"], row["dtype"], row["passes"], row["batch"])
+            by_case[case][row["provider"]] = row["median_s"]
+    cases = []
+    for (n, dtype, passes, batch), times in sorted(by_case.items()):
+        entry = {"n": n, "dtype": dtype, "passes": passes, "batch": batch, "median_s": times}
+        for fast, slow in (("triton", "eager"), ("triton", "compile"), ("eager", "naive")):
+            if fast in times and slow in times:
+                entry[f"{fast}_vs_{slow}"] = times[slow] / times[fast]
+        cases.append(entry)
+    targets = {}
+    key = {r["name"]: r for r in rows if r.get("provider") == "triton"}
+    for row in key.values():
+        if (row["n"], row["dtype"], row["batch"]) == (4, "fp32", 2**20):
+            targets[f"triton_{row['passes']}_roofline_ratio"] = row.get("roofline_ratio")
+    for entry in cases:
+        if (entry["n"], entry["dtype"], entry["batch"], entry["passes"]) == (
+            4,
+            "fp32",
+            2**20,
+            "fwd+bwd",
+        ):
+            targets["fwd+bwd_triton_vs_compile (target >= 5)"] = entry.get("triton_vs_compile")
+            targets["fwd+bwd_triton_vs_eager (target >= 20)"] = entry.get("triton_vs_eager")
+    eager_vs_naive = [
+        e["eager_vs_naive"] for e in cases if e["passes"] == "fwd+bwd" and "eager_vs_naive" in e
+    ]
+    if eager_vs_naive:
+        targets["reference_vs_naive_fwd+bwd (target >= 2), min over cases"] = min(eager_vs_naive)
+    memory = [r for r in rows if "saved_bytes_naive" in r]
+    if memory:
+        targets["reference_saved_memory_vs_naive (target >= 5), min"] = min(
+            r["ratio"] for r in memory
+        )
+    return {"cases": cases, "targets": targets}
+
+
+def layer_summary(rows: list[dict]) -> dict:
+    """Overhead of mHC over the plain residual, per block width and dtype (same run)."""
+    times: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for row in rows:
+        if row.get("variant") in ("plain", "mhc") and "cells" in row:
+            times[(row["dim"], row["dtype"])][row["variant"]] = row["median_s"]
+    return {
+        f"C{dim}-{dtype}": {**t, "overhead": t["mhc"] / t["plain"] - 1}
+        for (dim, dtype), t in sorted(times.items())
+        if len(t) == 2
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("benchmark_json")
+    parser.add_argument("--out", help="write the summary here as JSON (default: stdout)")
+    args = parser.parse_args(argv)
+    machine, rows = load_rows(args.benchmark_json)
+    env_keys = ("device", "torch", "triton", "commit", "peak_bandwidth_gbs")
+    env = {k: next((r[k] for r in rows if k in r), None) for k in env_keys}
+    summary = {"environment": env, "machine": machine.get("cpu", {}).get("brand_raw")}
+    summary["sinkhorn"] = sinkhorn_summary(rows)
+    summary["layer_overhead"] = layer_summary(rows)
+    summary["rows"] = rows
+    text = json.dumps(summary, indent=1, default=str)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
