@@ -3,11 +3,12 @@
 Importable without Triton: the PyTorch reference is the CPU path and the specification.
 """
 
-from .layer import MHCConfig, MHCLayer, collapse_streams, expand_streams
+from .layer import HyperConnection, MHCConfig, MHCLayer, collapse_streams, expand_streams
 from .metrics import amax_gain
 from .sinkhorn import sinkhorn_knopp
 
 __all__ = [
+    "HyperConnection",
     "MHCConfig",
     "MHCLayer",
     "amax_gain",

@@ -143,54 +143,26 @@ def collapse_streams(x: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
     raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
 
 
-class MHCLayer(nn.Module):
-    """Manifold-constrained hyper-connection around a residual branch.
+class HyperConnection(nn.Module):
+    """The mHC connection of one residual site, without its branch: coefficients and mixing.
+
+    Use it where the branch must stay where it is in a pretrained module tree (so its
+    ``state_dict`` keys and LoRA target names do not move): ``connect(x, branch)`` applies the
+    connection around any callable ``branch``. :class:`MHCLayer` is this plus an owned branch.
 
     Args:
-        branch: ``F: (..., C) -> (..., C)``, the sub-layer *including* its pre-norm and *excluding*
-            its skip connection (e.g. ``RMSNorm -> attention``). Extra ``forward`` arguments are
-            passed to it.
         dim: C, the width of one stream.
-        n_streams, sinkhorn_iters, init: as in :class:`MHCConfig`.
-        config: a full :class:`MHCConfig`; other keyword arguments override its fields.
-
-    Shapes: ``forward(x: (..., n, C), *args, **kwargs) -> (..., n, C)`` in the dtype of ``x``.
-
-    Set ``record_h_res = True`` to keep the token-averaged H_res of the last forward in
-    ``last_h_res`` (``(n, n)``, detached) for :func:`mhc_kernels.metrics.amax_gain`.
-
-    Example:
-        >>> branch = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16))
-        >>> layer = MHCLayer(branch, dim=16, n_streams=4)
-        >>> x = expand_streams(torch.randn(2, 10, 16), 4)
-        >>> layer(x).shape
-        torch.Size([2, 10, 4, 16])
+        config: an :class:`MHCConfig` (defaults when omitted); keyword arguments override fields.
     """
 
-    def __init__(
-        self,
-        branch: nn.Module,
-        dim: int,
-        n_streams: int = 4,
-        *,
-        sinkhorn_iters: int = 20,
-        init: str = "identity",
-        config: MHCConfig | None = None,
-        **overrides,
-    ):
+    def __init__(self, dim: int, config: MHCConfig | None = None, **overrides):
         super().__init__()
         unknown = set(overrides) - set(MHCConfig.field_names())
         if unknown:
             raise TypeError(f"unknown MHCLayer options {sorted(unknown)}")
-        if config is None:
-            config = MHCConfig(
-                n_streams=n_streams, sinkhorn_iters=sinkhorn_iters, init=init, **overrides
-            )
-        elif overrides:
-            config = MHCConfig(**{**config.__dict__, **overrides})
+        config = MHCConfig(**{**(config or MHCConfig()).__dict__, **overrides})
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
-        self.branch = branch
         self.dim = dim
         self.config = config
         n = config.n_streams
@@ -246,7 +218,8 @@ class MHCLayer(nn.Module):
             )
         return torch.sigmoid(pre), 2 * torch.sigmoid(post), res
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def connect(self, x: torch.Tensor, branch, *args, **kwargs) -> torch.Tensor:
+        """``x: (..., n, C)`` -> ``(..., n, C)``: ``H_res x + H_post^T branch(H_pre x, *args)``."""
         n = self.config.n_streams
         if x.dim() < 2 or x.shape[-2:] != (n, self.dim):
             raise ValueError(
@@ -257,7 +230,7 @@ class MHCLayer(nn.Module):
         if self.record_h_res:
             self.last_h_res = h_res.detach().reshape(-1, n, n).mean(dim=0)
         branch_in = torch.einsum("...j,...jc->...c", h_pre.to(x.dtype), x)
-        y = self.branch(branch_in, *args, **kwargs)
+        y = branch(branch_in, *args, **kwargs)
         if not isinstance(y, torch.Tensor):
             raise TypeError(
                 f"the wrapped branch must return a tensor of shape (..., C), got {type(y).__name__}; "
@@ -272,3 +245,48 @@ class MHCLayer(nn.Module):
             f"dim={self.dim}, n_streams={c.n_streams}, constraint={c.constraint!r}, "
             f"sinkhorn_iters={c.sinkhorn_iters}, init={c.init!r}"
         )
+
+
+class MHCLayer(HyperConnection):
+    """Manifold-constrained hyper-connection around a residual branch.
+
+    Args:
+        branch: ``F: (..., C) -> (..., C)``, the sub-layer *including* its pre-norm and *excluding*
+            its skip connection (e.g. ``RMSNorm -> attention``). Extra ``forward`` arguments are
+            passed to it.
+        dim: C, the width of one stream.
+        n_streams, sinkhorn_iters, init: as in :class:`MHCConfig`.
+        config: a full :class:`MHCConfig`; other keyword arguments override its fields.
+
+    Shapes: ``forward(x: (..., n, C), *args, **kwargs) -> (..., n, C)`` in the dtype of ``x``.
+
+    Set ``record_h_res = True`` to keep the token-averaged H_res of the last forward in
+    ``last_h_res`` (``(n, n)``, detached) for :func:`mhc_kernels.metrics.amax_gain`.
+
+    Example:
+        >>> branch = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16))
+        >>> layer = MHCLayer(branch, dim=16, n_streams=4)
+        >>> x = expand_streams(torch.randn(2, 10, 16), 4)
+        >>> layer(x).shape
+        torch.Size([2, 10, 4, 16])
+    """
+
+    def __init__(
+        self,
+        branch: nn.Module,
+        dim: int,
+        n_streams: int = 4,
+        *,
+        sinkhorn_iters: int = 20,
+        init: str = "identity",
+        config: MHCConfig | None = None,
+        **overrides,
+    ):
+        if config is None:
+            overrides = {"n_streams": n_streams, "sinkhorn_iters": sinkhorn_iters, "init": init,
+                         **overrides}  # fmt: skip
+        super().__init__(dim, config, **overrides)
+        self.branch = branch
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.connect(x, self.branch, *args, **kwargs)

@@ -71,11 +71,11 @@ def amax_gain(h_res: torch.Tensor | Sequence[torch.Tensor]) -> dict[str, torch.T
 
 
 def recorded_h_res(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The ``last_h_res`` of every MHCLayer in ``model`` with recording on, in module order."""
-    from .layer import MHCLayer
+    """The ``last_h_res`` of every HyperConnection (and MHCLayer) in ``model`` with recording on, in module order."""
+    from .layer import HyperConnection
 
     return [
         m.last_h_res
         for m in model.modules()
-        if isinstance(m, MHCLayer) and m.record_h_res and m.last_h_res is not None
+        if isinstance(m, HyperConnection) and m.record_h_res and m.last_h_res is not None
     ]

@@ -1,0 +1,192 @@
+"""Turn a pretrained ST model into a fine-tunable one: new heads, LoRA (peft), mHC, trainability.
+
+Order matters and is fixed here: the pretrained weights are already loaded (load_pretrained), then
+heads are rebuilt for new data, then mHC sites are added, then peft wraps the backbone. State's own
+path wraps with peft first and loads afterwards, which renames every backbone key and silently
+trains LoRA on a random backbone (FACTS.md §5).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from mhc_kernels import MHCConfig
+
+from .backbones import decoder_layers, enable_mhc, unwrap
+from .st import STModel, build_mlp
+
+log = logging.getLogger("st_finetune")
+
+DEFAULT_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "gpt2": ["c_attn", "c_proj"]}
+MLP_TARGETS = {"llama": ["gate_proj", "up_proj", "down_proj"], "gpt2": ["c_fc"]}
+HEADS = ("pert_encoder", "basal_encoder", "project_out")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the backbone (peft).
+
+    Attributes:
+        enable: add LoRA adapters.
+        r: rank of the update ``B A``.
+        alpha: scaling numerator (the update is scaled by ``alpha / r``).
+        dropout: dropout on the LoRA input.
+        target_modules: module names to adapt; ``None`` picks the attention projections of the
+            backbone (``q/k/v/o_proj`` for Llama, ``c_attn, c_proj`` for GPT2).
+        adapt_mlp: also adapt the MLP projections (``gate/up/down_proj`` or ``c_fc``).
+    """
+
+    enable: bool = True
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | None = None
+    adapt_mlp: bool = False
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ValueError(f"lora.r must be >= 1, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class MHCSettings:
+    """mHC around each chosen decoder layer's attention and MLP sub-layers.
+
+    Attributes:
+        enable: add mHC sites.
+        n_streams: expansion rate n.
+        sinkhorn_iters: Sinkhorn-Knopp iterations for H_res.
+        layers: decoder layer indices to wrap; ``None`` wraps all.
+        init: ``"identity"`` (reproduces the pretrained model at step 0) or ``"paper"``.
+        alpha_init: initial gates.
+        backend: Sinkhorn backend (``"auto"``, ``"torch"``, ``"triton"``).
+    """
+
+    enable: bool = False
+    n_streams: int = 4
+    sinkhorn_iters: int = 20
+    layers: list[int] | None = None
+    init: str = "identity"
+    alpha_init: float = 0.01
+    backend: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+    def mhc_config(self) -> MHCConfig:
+        return MHCConfig(n_streams=self.n_streams, sinkhorn_iters=self.sinkhorn_iters,
+                         init=self.init, alpha_init=self.alpha_init, backend=self.backend,
+                         **self.extra)  # fmt: skip
+
+
+def adapt_heads(model: STModel, input_dim: int, pert_names: list[str],
+                pretrained_perts: list[str]) -> list[str]:  # fmt: skip
+    """Rebuild the heads that cannot serve the new data; returns the rebuilt module names.
+
+    A different feature dimension rebuilds ``basal_encoder`` and ``project_out`` (input and output
+    are the same space: we predict perturbed cells from control cells). A different perturbation
+    vocabulary rebuilds ``pert_encoder``. The backbone is always kept.
+    """
+    c = model.config
+    rebuilt = []
+    if input_dim != c.input_dim or input_dim != c.output_dim:
+        log.info(
+            "feature dimension %d differs from the checkpoint's (in %d, out %d): rebuilding "
+            "basal_encoder and project_out, trained in full; the backbone is kept",
+            input_dim, c.input_dim, c.output_dim,
+        )  # fmt: skip
+        model.basal_encoder = build_mlp(input_dim, c.hidden_dim, c.hidden_dim,
+                                        c.n_encoder_layers, c.dropout)  # fmt: skip
+        model.project_out = build_mlp(c.hidden_dim, c.hidden_dim, input_dim,
+                                      c.n_decoder_layers, c.dropout)  # fmt: skip
+        c.input_dim = c.output_dim = input_dim
+        rebuilt += ["basal_encoder", "project_out"]
+    if sorted(pert_names) != sorted(pretrained_perts):
+        log.info(
+            "perturbations %s are not the checkpoint's vocabulary (%d names): new pert_encoder "
+            "(%d -> %d), trained in full",
+            sorted(pert_names)[:6], len(pretrained_perts), len(pert_names), c.hidden_dim,
+        )  # fmt: skip
+        model.pert_encoder = build_mlp(len(pert_names), c.hidden_dim, c.hidden_dim,
+                                       c.n_encoder_layers, c.dropout)  # fmt: skip
+        c.pert_dim = len(pert_names)
+        rebuilt.append("pert_encoder")
+    return rebuilt
+
+
+def add_mhc(model: STModel, settings: MHCSettings) -> int:
+    """Add mHC sites to the backbone; returns how many."""
+    sites = enable_mhc(model.transformer_backbone, settings.mhc_config(), settings.layers)
+    log.info("mHC: %d sites (n=%d, %d Sinkhorn iterations)", sites, settings.n_streams,
+             settings.sinkhorn_iters)  # fmt: skip
+    return sites
+
+
+def add_lora(model: STModel, settings: LoraSettings) -> None:
+    """Wrap the (already loaded) backbone with peft LoRA adapters."""
+    key = model.config.transformer_backbone_key
+    targets = list(settings.target_modules or DEFAULT_TARGETS[key])
+    if settings.adapt_mlp:
+        targets += [t for t in MLP_TARGETS[key] if t not in targets]
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=targets, fan_in_fan_out=key == "gpt2", bias="none")  # fmt: skip
+    model.transformer_backbone = get_peft_model(model.transformer_backbone, config)
+
+
+def is_mhc_param(name: str) -> bool:
+    return ".attn_hc." in name or ".mlp_hc." in name
+
+
+def is_lora_param(name: str) -> bool:
+    return "lora_" in name
+
+
+def set_trainable(model: STModel, rebuilt: list[str]) -> dict:
+    """LoRA adapters, mHC coefficients and rebuilt heads train; everything else is frozen.
+
+    Returns ``{"trainable": int, "total": int, "percent": float}`` and logs one line.
+    """
+    for name, param in model.named_parameters():
+        param.requires_grad = (
+            is_lora_param(name) or is_mhc_param(name) or name.split(".")[0] in rebuilt
+        )
+    return parameter_report(model)
+
+
+def parameter_report(model: nn.Module) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    report = {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
+    log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}",
+             report["percent"])  # fmt: skip
+    return report
+
+
+def prepare_for_finetuning(
+    model: STModel,
+    *,
+    input_dim: int,
+    pert_names: list[str],
+    pretrained_perts: list[str],
+    lora: LoraSettings,
+    mhc: MHCSettings,
+) -> tuple[list[str], dict]:
+    """Heads, then mHC, then LoRA, then the trainability rule; returns (rebuilt heads, report)."""
+    rebuilt = adapt_heads(model, input_dim, pert_names, pretrained_perts)
+    if mhc.enable:
+        add_mhc(model, mhc)
+    if lora.enable:
+        add_lora(model, lora)
+    return rebuilt, set_trainable(model, rebuilt)
+
+
+def num_decoder_layers(model: STModel) -> int:
+    return len(decoder_layers(model.transformer_backbone))
+
+
+def base_backbone(model: STModel):
+    return unwrap(model.transformer_backbone)

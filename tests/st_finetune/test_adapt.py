@@ -1,0 +1,107 @@
+"""LoRA and mHC on a loaded ST model: step-0 equality, gradients, trainability, new heads."""
+
+import logging
+
+import pytest
+import torch
+
+from st_finetune.model import LoraSettings, MHCSettings, load_pretrained, prepare_for_finetuning
+from st_finetune.model.adapt import is_lora_param, is_mhc_param
+
+from .conftest import PERTS, batch_for
+
+VARIANTS = {
+    "lora": (LoraSettings(enable=True, r=4, alpha=8, dropout=0.0), MHCSettings(enable=False)),
+    "lora_mhc": (
+        LoraSettings(enable=True, r=4, alpha=8, dropout=0.0),
+        MHCSettings(enable=True, n_streams=4, sinkhorn_iters=20),
+    ),  # fmt: skip
+    "mhc": (LoraSettings(enable=False), MHCSettings(enable=True, n_streams=2)),
+}
+
+
+def prepared(folder, variant, input_dim=12, perts=PERTS):
+    model, info = load_pretrained(folder)
+    lora, mhc = VARIANTS[variant]
+    rebuilt, report = prepare_for_finetuning(model, input_dim=input_dim, pert_names=perts,
+                                             pretrained_perts=info.pert_names, lora=lora, mhc=mhc)  # fmt: skip
+    return model, rebuilt, report
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_step_zero_reproduces_the_pretrained_model(model_folder, variant):
+    writer, folder = model_folder
+    model, rebuilt, _ = prepared(folder, variant)
+    assert rebuilt == []
+    batch = batch_for(writer.config)
+    torch.testing.assert_close(model.eval()(batch), writer(batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_only_adapters_mhc_and_rebuilt_heads_train(model_folder, variant):
+    _, folder = model_folder
+    model, _, report = prepared(folder, variant)
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (is_lora_param(name) or is_mhc_param(name)), name
+    assert 0 < report["percent"] < 100
+    assert report["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_first_backward_reaches_every_trainable_parameter(model_folder):
+    _, folder = model_folder
+    model, _, _ = prepared(folder, "lora_mhc")
+    model.train()
+    batch = batch_for(model.config)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+
+    def backward():
+        opt.zero_grad()
+        (
+            model(batch) * torch.randn(16, 12, generator=torch.Generator().manual_seed(0))
+        ).sum().backward()
+
+    backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert all(p.grad is not None for p in trainable.values())  # every one is on the graph
+    # exactly zero at step 0, by construction: LoRA A (its partner B starts at 0), and H_res and
+    # the gates of mHC (identical streams; mhc_kernels/layer.py explains why)
+    nonzero = [n for n, p in trainable.items() if p.grad.abs().max() > 0]
+    assert any("lora_B" in n for n in nonzero) and any(n.endswith("hc.bias") for n in nonzero)
+    opt.step()
+    backward()
+    dead = [n for n, p in trainable.items() if p.grad.abs().max() == 0]
+    assert dead == [], f"no gradient after one update: {dead}"
+
+
+def test_lora_is_applied_after_the_weights_are_loaded(model_folder):
+    writer, folder = model_folder
+    model, _, _ = prepared(folder, "lora")
+    name = "q_proj" if writer.config.transformer_backbone_key == "llama" else "c_attn"
+    loaded = {k: v for k, v in model.state_dict().items() if name in k and "base_layer" in k}
+    original = {k: v for k, v in writer.state_dict().items() if name in k}
+    assert len(loaded) == len(original) > 0
+    for (_, a), (_, b) in zip(sorted(loaded.items()), sorted(original.items()), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_new_feature_space_and_perturbations_rebuild_heads(model_folder, caplog):
+    _, folder = model_folder
+    with caplog.at_level(logging.INFO, logger="st_finetune"):
+        model, rebuilt, _ = prepared(folder, "lora_mhc", input_dim=20, perts=["burn", "sham"])
+    assert sorted(rebuilt) == ["basal_encoder", "pert_encoder", "project_out"]
+    assert "rebuilding basal_encoder and project_out" in caplog.text
+    assert "new pert_encoder" in caplog.text
+    for name, p in model.named_parameters():
+        if name.split(".")[0] in rebuilt:
+            assert p.requires_grad, name
+    batch = {"pert_emb": torch.eye(2)[[0, 1] * 8], "ctrl_cell_emb": torch.randn(16, 20)}
+    assert model(batch).shape == (16, 20)
+
+
+def test_mhc_layers_subset_and_out_of_range(model_folder):
+    _, folder = model_folder
+    model, info = load_pretrained(folder)
+    with pytest.raises(ValueError, match="out of range"):
+        prepare_for_finetuning(model, input_dim=12, pert_names=PERTS, pretrained_perts=info.pert_names,
+                               lora=LoraSettings(enable=False),
+                               mhc=MHCSettings(enable=True, layers=[5]))  # fmt: skip
