@@ -69,10 +69,11 @@ def safe_torch_load(path: Path, extra_safe_globals=()) -> object:
         with torch.serialization.safe_globals([*SAFE_GLOBALS, *extra_safe_globals]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if "GLOBAL" in ln or "global" in ln]
         raise ValueError(
             f"{path} pickles an object outside the allow-list, so it was not loaded (unpickling "
-            f"runs arbitrary code). torch said: {str(err).splitlines()[0]}. If you trust the "
-            "file and the class is plain data, pass it in extra_safe_globals."
+            f"runs arbitrary code). torch said: {lines[0] if lines else str(err)[:300]}. If you "
+            "trust the file and the class is plain data, pass it in extra_safe_globals."
         ) from err
 
 
@@ -244,7 +245,7 @@ def write_model_folder(model: STModel, folder: str | Path, pert_names: list[str]
     """Write a model folder laid out like a State download (config.yaml, final.ckpt, ...)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    names = sorted(pert_names)
+    names = sorted(str(p) for p in pert_names)
     cfg = model.config
     save_state_checkpoint(model, folder / "final.ckpt", {"pert_names": names})
     onehot = {name: torch.nn.functional.one_hot(torch.tensor(i), len(names)).float()

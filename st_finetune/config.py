@@ -1,0 +1,348 @@
+"""Run configuration: typed dataclasses loaded from YAML, with dotted ``key=value`` overrides.
+
+    python -m st_finetune.train configs/demo.yaml training.max_epochs=3 lora.r=8
+
+Unknown keys are errors that suggest the nearest valid key; ``--help`` lists every key with its
+default. Relative paths are resolved against the current folder and stored absolute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .model.adapt import LoraSettings, MHCSettings
+
+SPLIT_MODES = ("cells", "groups")
+LOSSES = ("energy", "sinkhorn", "mse")
+
+
+@dataclass
+class DataConfig:
+    """Where the cells are and how they are grouped.
+
+    Attributes:
+        paths: ``.h5ad`` files or folders of them.
+        pert_col: obs column with the perturbation (condition) of each cell.
+        control_pert: the control label in ``pert_col`` (e.g. ``sham``).
+        cell_type_key: obs column with the cell type.
+        timepoint_key: optional obs column with the timepoint (e.g. day 10/14/19).
+        batch_key: optional obs column with the batch (recorded, used for nothing else yet).
+        embed_key: ``obsm`` key with the features (e.g. ``X_state``), or ``X`` for the matrix.
+        cell_set_len: cells per set (the ST model's sequence length).
+        control_sets: also train on control-to-control sets (identity examples).
+        split: ``cells`` (held-out cells within every group) or ``groups`` (whole held-out groups).
+        val_fraction, test_fraction: per-group fractions of held-out cells (``split=cells``).
+        holdout_key, holdout_values: obs column and values whose groups are the test split
+            (``split=groups``, e.g. ``timepoint`` and ``[19]``).
+        min_cells: groups with fewer perturbed cells are reported and skipped.
+    """
+
+    paths: list[str] = field(default_factory=list)
+    pert_col: str = "condition"
+    control_pert: str = "sham"
+    cell_type_key: str = "cell_type"
+    timepoint_key: str | None = "timepoint"
+    batch_key: str | None = None
+    embed_key: str = "X_state"
+    cell_set_len: int = 256
+    control_sets: bool = False
+    split: str = "cells"
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    holdout_key: str | None = None
+    holdout_values: list = field(default_factory=list)
+    min_cells: int = 5
+
+    def __post_init__(self):
+        if isinstance(self.paths, str):
+            self.paths = [self.paths]
+        if self.split not in SPLIT_MODES:
+            raise ValueError(f"data.split must be one of {SPLIT_MODES}, got {self.split!r}")
+        if not 0 <= self.val_fraction < 1 or not 0 <= self.test_fraction < 1:
+            raise ValueError("data.val_fraction and data.test_fraction must be in [0, 1)")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("data.val_fraction + data.test_fraction must be < 1")
+        if self.cell_set_len < 1:
+            raise ValueError(f"data.cell_set_len must be >= 1, got {self.cell_set_len}")
+        if self.split == "groups" and not (self.holdout_key and self.holdout_values):
+            raise ValueError("data.split=groups needs data.holdout_key and data.holdout_values")
+
+
+@dataclass
+class ModelConfig:
+    """The model to fine-tune.
+
+    Attributes:
+        checkpoint: a State run folder or ``.ckpt`` (ST-Tahoe's layout); empty builds a new model
+            from the dimensions below (no pretraining).
+        hidden_dim, n_layers, n_heads, intermediate_size, n_encoder_layers, n_decoder_layers,
+            backbone: dimensions of a new model (ignored with a checkpoint).
+        demo_pretrained: build the demo's small pretrained checkpoint at ``checkpoint`` when it is
+            missing (used by configs/demo.yaml).
+    """
+
+    checkpoint: str = ""
+    hidden_dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    intermediate_size: int = 512
+    n_encoder_layers: int = 2
+    n_decoder_layers: int = 2
+    backbone: str = "llama"
+    demo_pretrained: bool = False
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation (defaults from the seed design document).
+
+    Attributes:
+        max_epochs, lr, weight_decay, warmup_steps, gradient_clip: AdamW with linear warm-up.
+        batch_size: cell sets per batch.
+        loss: ``energy`` (geomloss, tensorized), ``sinkhorn`` (with ``blur``) or ``mse``.
+        blur: entropic blur of the sinkhorn loss (no effect on ``energy``).
+        seed: seeds the splits, the set sampling and the initialisation.
+        num_workers: data loader workers.
+    """
+
+    max_epochs: int = 5
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    gradient_clip: float = 1.0
+    batch_size: int = 16
+    loss: str = "energy"
+    blur: float = 0.05
+    seed: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"training.loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.max_epochs < 1 or self.batch_size < 1:
+            raise ValueError("training.max_epochs and training.batch_size must be >= 1")
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings.
+
+    Attributes:
+        accelerator: ``auto``, ``cpu`` or ``gpu``.
+        devices: devices per node (``auto`` or a count).
+        num_nodes: nodes.
+        strategy: ``auto``, ``ddp``, ``ddp_spawn``, ...
+        precision: ``auto`` (bf16 mixed on GPU, 32 on CPU) or a Lightning precision string.
+        tensorboard: also log to TensorBoard (needs the tensorboard package).
+        progress_bar: show Lightning's progress bar.
+    """
+
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"
+    tensorboard: bool = False
+    progress_bar: bool = True
+
+
+@dataclass
+class RunConfig:
+    """One fine-tuning run.
+
+    Attributes:
+        name: the run's name (a folder under ``output_dir``).
+        output_dir: where run folders go.
+        overwrite: replace a run folder that already holds results.
+        resume: continue the run in its folder from its last checkpoint.
+        demo_data: generate the synthetic wound-healing study at ``data.paths[0]`` when missing.
+    """
+
+    name: str = "run"
+    output_dir: str = "runs"
+    overwrite: bool = False
+    resume: bool = False
+    demo_data: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    mhc: MHCSettings = field(default_factory=MHCSettings)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def _field_types(cls) -> dict[str, object]:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp) -> bool:
+    return dataclasses.is_dataclass(tp)
+
+
+def valid_keys(cls=RunConfig, prefix: str = "") -> dict[str, object]:
+    """Every dotted key with its default value."""
+    keys = {}
+    instance = cls() if cls is RunConfig or not _required(cls) else None
+    for f in dataclasses.fields(cls):
+        tp = _field_types(cls)[f.name]
+        if _is_section(tp):
+            keys.update(valid_keys(tp, f"{prefix}{f.name}."))
+        else:
+            keys[f"{prefix}{f.name}"] = getattr(instance, f.name) if instance else None
+    return keys
+
+
+def _required(cls) -> bool:
+    return any(
+        f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        for f in dataclasses.fields(cls)
+    )
+
+
+def _suggest(key: str, options) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _coerce(value, tp, key: str):
+    """Coerce a YAML or command-line value to the field's type, with a clear error."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except (TypeError, ValueError) as err:
+                errors.append(str(err))
+        raise ValueError(f"{key}: cannot read {value!r} as {tp}")
+    if origin is list:
+        if isinstance(value, str):
+            value = (
+                yaml.safe_load(value)
+                if value.startswith("[")
+                else [v for v in value.split(",") if v]
+            )
+        if not isinstance(value, list):
+            value = [value]
+        inner = args[0] if args else typing.Any
+        return [_coerce(v, inner, key) for v in value] if inner is not typing.Any else value
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must be a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            raise ValueError(f"{key} must be a string, got null")
+        return str(value)
+    return value
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    if not isinstance(values, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
+    hints = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            full = f"{prefix}{key}"
+            raise ValueError(f"unknown config key '{full}'{_suggest(full, valid_keys())}")
+        tp = hints[key]
+        if _is_section(tp):
+            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"{prefix.rstrip('.') or 'config'}: {err}") from err
+
+
+def _set_dotted(tree: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"cannot set {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
+    """Read a YAML config and apply ``key=value`` overrides; returns a validated RunConfig."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        tree = yaml.safe_load(path.read_text()) or {}
+    keys = valid_keys()
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value (e.g. lora.r=8)")
+        key, value = item.split("=", 1)
+        if key not in keys:
+            raise ValueError(f"unknown config key '{key}'{_suggest(key, keys)}")
+        _set_dotted(tree, key, value)
+    config = _build(RunConfig, tree)
+    _resolve_paths(config)
+    return config
+
+
+def _resolve_paths(config: RunConfig) -> None:
+    def resolve(p: str) -> str:
+        return str(Path(p).resolve()) if p else p
+
+    config.data.paths = [resolve(p) for p in config.data.paths]
+    config.model.checkpoint = resolve(config.model.checkpoint)
+    config.output_dir = resolve(config.output_dir)
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def help_text() -> str:
+    lines = ["config keys (dotted, as key=value overrides) and their defaults:"]
+    for key, default in valid_keys().items():
+        lines.append(f"  {key} = {default!r}")
+    return "\n".join(lines)
