@@ -265,7 +265,10 @@ def _coerce(value, tp, key: str):
         return value
     if tp is float:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            try:
+                value = float(value)  # YAML 1.1 reads "1e-4" as a string
+            except ValueError:
+                raise ValueError(f"{key} must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"{key} must be a number, got {value!r}")
         return float(value)

@@ -27,11 +27,26 @@ RESULT_FILES = ("metrics.csv", "summary.json", "checkpoints", "adapter")
 RESUMABLE_CHANGES = ("training.max_epochs", "resume", "overwrite", "trainer.progress_bar")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each message."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(run_dir: Path | None = None) -> None:
+    """Log to stderr, and to ``run_dir/train.log`` for this run only."""
     log.setLevel(logging.INFO)
-    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-               for h in log.handlers):  # fmt: skip
-        handler = logging.StreamHandler(sys.stderr)
+    for handler in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+        handler.close()
+        log.removeHandler(handler)
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[st_finetune] %(message)s"))
         log.addHandler(handler)
     if run_dir is not None:
@@ -184,6 +199,7 @@ def run(cfg: RunConfig) -> dict:
         lora=cfg.lora, mhc=cfg.mhc,
     )  # fmt: skip
     before = heldout_energy(model, data) if is_main else None
+    model.train()  # load_pretrained returns eval mode; Lightning keeps whatever mode it gets
     module = STLightning(model, cfg.training, cfg.data.cell_set_len)
     trainer = _trainer(cfg, run_dir, has_val=bool(data.groups["val"]))
     start = time.perf_counter()

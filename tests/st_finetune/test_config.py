@@ -1,0 +1,50 @@
+import pytest
+
+from st_finetune.config import help_text, load_config
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\nlora:\n  r: 4\ndata:\n  paths: [a.h5ad]\n")
+    cfg = load_config(path, ["lora.r=8", "mhc.enable=true", "mhc.layers=[0,2]",
+                             "training.lr=1e-4", "data.timepoint_key=null"])  # fmt: skip
+    assert cfg.name == "x" and cfg.lora.r == 8 and cfg.mhc.enable and cfg.mhc.layers == [0, 2]
+    assert cfg.training.lr == 1e-4 and cfg.data.timepoint_key is None
+    assert cfg.data.paths[0].endswith("a.h5ad") and cfg.data.paths[0].startswith("/")
+
+
+def test_seed_defaults():
+    t = load_config().training
+    assert (t.lr, t.weight_decay, t.warmup_steps, t.gradient_clip, t.max_epochs, t.batch_size) == (
+        5e-5, 0.01, 100, 1.0, 5, 16)  # fmt: skip
+    assert load_config().data.cell_set_len == 256 and t.loss == "energy"
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("lora.rank=8", "did you mean 'lora.r'"),
+        ("traning.lr=1", "did you mean 'training.lr'"),
+        ("training.lr=fast", "training.lr must be a number"),
+        ("mhc.enable=maybe", "mhc.enable must be true or false"),
+        ("training.loss=l1", "training.loss must be one of"),
+        ("lr", "key=value"),
+    ],
+)
+def test_bad_keys_and_values(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  epochs: 3\n")
+    with pytest.raises(ValueError, match="did you mean 'training.max_epochs'"):
+        load_config(path)
+
+
+def test_help_lists_every_key_with_its_default():
+    text = help_text()
+    for key in ("data.pert_col = 'condition'", "lora.r = 16", "mhc.sinkhorn_iters = 20",
+                "training.lr = 5e-05", "trainer.strategy = 'auto'"):  # fmt: skip
+        assert key in text
