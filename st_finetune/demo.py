@@ -19,16 +19,22 @@ What is planted, exactly (``burn`` vs ``sham`` of the same type and day):
   B = 1.5 fibroblast, 1.0 endothelial, 0.3 for the others (peaks at day 14);
 * delayed resolution: healing progress is ``(day - 10) / 9`` for sham and ``max(day - 14, 0) / 9``
   for burn (burn lags four days along each type's healing direction);
-* spread: burn macrophages and neutrophils have 1.3x the within-type noise.
+* heterogeneous response: each burn cell's inflammation shift is scaled by ``(1 + 0.8 z)``,
+  where ``z`` is the cell's standardised score on its type's first expression programme
+  (activated cells respond more), so burn changes the *shape* of each population, not only its
+  mean;
+* spread: burn macrophages and neutrophils have 1.5x the within-type noise.
 
 Two irregularities exercise the data checks: burn T cells at day 19 are only 12 cells (resampled
 with replacement), and there are no sham neutrophils at day 19 (their burn cells fall back on the
 neutrophil controls of other days, with a warning). ``adata.uns["planted"]`` holds the amplitudes.
 
 The pretrained checkpoint (``st_pretrained/``, State's folder layout) is a small bidirectional Llama
-ST model trained for a different task in the same embedding space: a cytokine stimulation screen
-(IFNG, TNF, IL1B, IL4, IL6, IL10, TGFB1 vs PBS) on the same cell types without timepoints, so the
-demo fine-tunes through the same loading path as ST-Tahoe, with a new perturbation vocabulary.
+ST model trained for a different task in a different feature space, as ST-Tahoe is (drugs, 2000
+HVGs) for the user's SE-600M embeddings: a cytokine stimulation screen (IFNG, TNF, IL1B, IL4, IL6,
+IL10, TGFB1 vs PBS) on the same cell types, without timepoints, in a 48-dimensional space. The demo
+therefore fine-tunes through ST-Tahoe's path: same loader, kept backbone with LoRA (and mHC), new
+input/output heads for the 64-dimensional ``X_state`` and a new perturbation vocabulary.
 """
 
 from __future__ import annotations
@@ -72,17 +78,24 @@ class Universe:
         self.proliferation = {t: _unit(rng, dim) for t in CELL_TYPES}
         self.cytokine = {c: _unit(rng, dim) for c in CYTOKINES}
 
-    def cells(self, rng, cell_type: str, count: int, shift: np.ndarray, spread: float = 1.0):
-        latent = rng.normal(size=(count, 8)) @ self.programmes[cell_type]
+    def cells(self, rng, cell_type: str, count: int, shift: np.ndarray, spread: float = 1.0,
+              response: np.ndarray | None = None):  # fmt: skip
+        """``count`` cells; ``response`` (D,) is added scaled by ``1 + 0.8 z`` per cell, with z
+        the cell's score on the type's first programme (heterogeneous response)."""
+        scores = rng.normal(size=(count, 8))
+        latent = scores @ self.programmes[cell_type]
         noise = 0.3 * rng.normal(size=(count, self.dim))
-        return self.centroid[cell_type] + shift + spread * (latent + noise)
+        cells = self.centroid[cell_type] + shift + spread * (latent + noise)
+        if response is not None:
+            cells = cells + (1 + 0.8 * scores[:, :1]) * response
+        return cells
 
 
-def burn_shift(u: Universe, cell_type: str, day: int) -> np.ndarray:
-    """The planted burn-minus-sham mean shift, excluding the healing lag."""
+def burn_effects(u: Universe, cell_type: str, day: int) -> tuple[np.ndarray, np.ndarray]:
+    """The planted burn effects: (inflammation response, proliferation shift), without the lag."""
     a = INFLAMMATION[cell_type] * math.exp(-(day - 10) / 8)
     b = PROLIFERATION.get(cell_type, 0.3) * math.exp(-(((day - 14) / 4) ** 2))
-    return a * u.inflammation + b * u.proliferation[cell_type]
+    return a * u.inflammation, b * u.proliferation[cell_type]
 
 
 def make_wound_study(path: str | Path, seed: int = 0) -> Path:
@@ -102,11 +115,12 @@ def make_wound_study(path: str | Path, seed: int = 0) -> Path:
                     continue
                 lag = 4 if cond == "burn" else 0
                 shift = u.heal[ct] * max(day - 10 - lag, 0) / 9
-                spread = 1.0
+                spread, response = 1.0, None
                 if cond == "burn":
-                    shift = shift + burn_shift(u, ct, day)
-                    spread = 1.3 if ct in ("macrophage", "neutrophil") else 1.0
-                blocks.append(u.cells(rng, ct, count, shift, spread))
+                    response, proliferation = burn_effects(u, ct, day)
+                    shift = shift + proliferation
+                    spread = 1.5 if ct in ("macrophage", "neutrophil") else 1.0
+                blocks.append(u.cells(rng, ct, count, shift, spread, response))
                 obs += [(cond, ct, day, f"mouse{int(rng.integers(1, 5))}")] * count
     frame = pd.DataFrame(obs, columns=["condition", "cell_type", "timepoint", "mouse"])
     for col in ("condition", "cell_type", "mouse"):
@@ -120,13 +134,17 @@ def make_wound_study(path: str | Path, seed: int = 0) -> Path:
         "inflammation_decay_days": 8.0,
         "proliferation_peak_day": 14.0,
         "burn_healing_lag_days": 4.0,
-        "burn_spread": {"macrophage": 1.3, "neutrophil": 1.3},
+        "burn_spread": {"macrophage": 1.5, "neutrophil": 1.5},
+        "response_heterogeneity": 0.8,
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(path)
     log.info("wrote the synthetic wound-healing study (%d cells) to %s", adata.n_obs, path)
     return path
+
+
+PRETRAIN_DIM = DIM
 
 
 def make_cytokine_screen(seed: int = 1):
@@ -153,7 +171,7 @@ PRETRAIN_BACKBONE = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_
                      "max_position_embeddings": 512, "attention_dropout": 0.0}  # fmt: skip
 
 
-def make_pretrained(folder: str | Path, seed: int = 0, steps: int = 300) -> Path:
+def make_pretrained(folder: str | Path, seed: int = 0, steps: int = 600) -> Path:
     """Pretrain the demo's small ST model on the cytokine screen; write a State model folder."""
     import torch
 
@@ -171,11 +189,13 @@ def make_pretrained(folder: str | Path, seed: int = 0, steps: int = 300) -> Path
                       source=np.full(len(perts), "cytokine_screen"), control="PBS",
                       pert_names=names)  # fmt: skip
     cfg = DataConfig(paths=["<generated>"], control_pert="PBS", timepoint_key=None,
-                     cell_set_len=64, val_fraction=0.0, test_fraction=0.0)  # fmt: skip
+                     cell_set_len=64, val_fraction=0.0, test_fraction=0.0,
+                     control_sets=True)  # fmt: skip
     data = CellSetData(cfg, seed, table)
-    config = STConfig(input_dim=DIM, output_dim=DIM, pert_dim=len(names), hidden_dim=128,
+    config = STConfig(input_dim=PRETRAIN_DIM, output_dim=PRETRAIN_DIM, pert_dim=len(names),
+                      hidden_dim=128,
                       cell_set_len=64, n_encoder_layers=2, n_decoder_layers=2,
-                      embed_key="X_state", dropout=0.0,
+                      embed_key="X_hvg_like", dropout=0.0,
                       transformer_backbone_key="llama",
                       transformer_backbone_kwargs=dict(PRETRAIN_BACKBONE))  # fmt: skip
     model = STModel(config)
@@ -185,8 +205,8 @@ def make_pretrained(folder: str | Path, seed: int = 0, steps: int = 300) -> Path
     model.train()
     while step < steps:
         for batch in data.loader("train", batch_size=8, epoch=epoch):
-            pred = model(batch).reshape(-1, 64, DIM)
-            loss = loss_fn(pred, batch["pert_cell_emb"].reshape(-1, 64, DIM)).mean()
+            pred = model(batch).reshape(-1, 64, PRETRAIN_DIM)
+            loss = loss_fn(pred, batch["pert_cell_emb"].reshape(-1, 64, PRETRAIN_DIM)).mean()
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -196,7 +216,7 @@ def make_pretrained(folder: str | Path, seed: int = 0, steps: int = 300) -> Path
                 break
         epoch += 1
     log.info(
-        "pretrained the demo ST model for %d steps (final energy loss %.3f)", step, float(loss)
+        "pretrained the demo ST model for %d steps (final energy loss %.3f)", step, loss.item()
     )
     return write_model_folder(model.eval(), folder, names)
 

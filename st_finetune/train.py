@@ -172,7 +172,7 @@ def run(cfg: RunConfig) -> dict:
 
     from .demo import ensure_demo_files
     from .heldout import heldout_energy
-    from .model import prepare_for_finetuning, save_finetuned, save_state_checkpoint
+    from .model import prepare_for_finetuning
     from .plots import read_metrics, training_curves
     from .training import EpochData, STLightning
 
@@ -198,7 +198,10 @@ def run(cfg: RunConfig) -> dict:
         pretrained_perts=pretrained.pert_names if pretrained else data.table.pert_names,
         lora=cfg.lora, mhc=cfg.mhc,
     )  # fmt: skip
-    before = heldout_energy(model, data) if is_main else None
+    before = None
+    if is_main:
+        before = heldout_energy(model, data)
+        _save_artifact(model, run_dir / "pretrained_adapter", pretrained, data, rebuilt, cfg)
     model.train()  # load_pretrained returns eval mode; Lightning keeps whatever mode it gets
     module = STLightning(model, cfg.training, cfg.data.cell_set_len)
     trainer = _trainer(cfg, run_dir, has_val=bool(data.groups["val"]))
@@ -214,12 +217,7 @@ def run(cfg: RunConfig) -> dict:
         return {}
     model.cpu()
     after = heldout_energy(model, data)
-    if pretrained is not None:
-        save_finetuned(model, run_dir / "adapter", base_checkpoint=pretrained.checkpoint,
-                       base_sha256=pretrained.sha256, pert_names=data.table.pert_names,
-                       rebuilt=rebuilt, lora=cfg.lora, mhc=cfg.mhc)  # fmt: skip
-    else:
-        save_state_checkpoint(model, run_dir / "adapter" / "model.ckpt")
+    _save_artifact(model, run_dir / "adapter", pretrained, data, rebuilt, cfg)
     metrics = read_metrics(run_dir / "metrics.csv")
     plots = training_curves({cfg.name: metrics}, run_dir, cfg.training.gradient_clip)
     train_rows = metrics[metrics["split"] == "train"]
@@ -258,6 +256,18 @@ def run(cfg: RunConfig) -> dict:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(format_summary(summary), flush=True)
     return summary
+
+
+def _save_artifact(model, folder: Path, pretrained, data, rebuilt, cfg: RunConfig) -> None:
+    """The small fine-tuned artifact, or a whole checkpoint for a model without a base."""
+    from .model import save_finetuned, save_state_checkpoint
+
+    if pretrained is None:
+        save_state_checkpoint(model, folder / "model.ckpt")
+        return
+    save_finetuned(model, folder, base_checkpoint=pretrained.checkpoint,
+                   base_sha256=pretrained.sha256, pert_names=data.table.pert_names,
+                   rebuilt=rebuilt, lora=cfg.lora, mhc=cfg.mhc)  # fmt: skip
 
 
 def _rank() -> int:

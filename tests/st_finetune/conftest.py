@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from st_finetune.demo import make_wound_study
 from st_finetune.model import STConfig, STModel, write_model_folder
 
 PERTS = ["drugA", "drugB", "drugC", "drugD", "DMSO"]
@@ -52,3 +53,25 @@ def model_folder(tmp_path, backbone):
     folder = write_model_folder(model, tmp_path / f"st-{backbone}", PERTS,
                                 gene_names=[f"g{i}" for i in range(12)])  # fmt: skip
     return model, folder
+
+
+@pytest.fixture(scope="session")
+def inputs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("inputs")
+    study = make_wound_study(base / "study.h5ad")
+    model = tiny_model(input_dim=64, output_dim=64, embed_key="X_state")
+    folder = write_model_folder(model, base / "st", ["drugA", "drugB", "drugC", "drugD", "DMSO"])
+    return study, folder
+
+
+def overrides(inputs, out, **extra):
+    study, folder = inputs
+    args = {
+        "name": "tiny", "output_dir": str(out), "data.paths": str(study),
+        "model.checkpoint": str(folder), "data.cell_set_len": 16, "training.batch_size": 8,
+        "training.max_epochs": 2, "training.lr": 1e-3, "training.warmup_steps": 5,
+        "mhc.enable": True, "mhc.n_streams": 2, "mhc.sinkhorn_iters": 5, "lora.r": 4,
+        "trainer.accelerator": "cpu", "trainer.progress_bar": False,
+    }  # fmt: skip
+    args.update(extra)
+    return [f"{k}={v}" for k, v in args.items()]

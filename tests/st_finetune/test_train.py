@@ -7,38 +7,13 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import pytest
 
 from st_finetune.config import load_config
-from st_finetune.demo import make_wound_study
-from st_finetune.model import write_model_folder
 from st_finetune.train import main, run
 
-from .conftest import tiny_model
+from .conftest import overrides
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("inputs")
-    study = make_wound_study(base / "study.h5ad")
-    model = tiny_model(input_dim=64, output_dim=64, embed_key="X_state")
-    folder = write_model_folder(model, base / "st", ["drugA", "drugB", "drugC", "drugD", "DMSO"])
-    return study, folder
-
-
-def overrides(inputs, out, **extra):
-    study, folder = inputs
-    args = {
-        "name": "tiny", "output_dir": str(out), "data.paths": str(study),
-        "model.checkpoint": str(folder), "data.cell_set_len": 16, "training.batch_size": 8,
-        "training.max_epochs": 2, "training.lr": 1e-3, "training.warmup_steps": 5,
-        "mhc.enable": True, "mhc.n_streams": 2, "mhc.sinkhorn_iters": 5, "lora.r": 4,
-        "trainer.accelerator": "cpu", "trainer.progress_bar": False,
-    }  # fmt: skip
-    args.update(extra)
-    return [f"{k}={v}" for k, v in args.items()]
 
 
 def test_run_writes_a_complete_run_folder(inputs, tmp_path):
@@ -109,11 +84,18 @@ def test_two_cpu_processes_with_ddp_agree(inputs, tmp_path):
     assert summary["world_size"] == 2 and summary["ranks_agree"] is True
 
 
-def test_demo_fine_tuned_beats_pretrained(tmp_path):
+def test_demo_fine_tuned_beats_pretrained_and_both_baselines(tmp_path):
+    from st_finetune.evaluate import evaluate_run
+
     done = _cli(["configs/demo.yaml", f"output_dir={tmp_path}",
                  f"data.paths={tmp_path}/wound_healing.h5ad",
-                 f"model.checkpoint={tmp_path}/st_pretrained"], timeout=300)  # fmt: skip
+                 f"model.checkpoint={tmp_path}/st_pretrained"], timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["heldout_energy_finetuned"] < summary["heldout_energy_pretrained"]
     assert "held-out energy distance" in done.stdout
+    results = evaluate_run(tmp_path / "demo")
+    energy = results[(results["group"] == "overall") & (results["metric"] == "energy_distance")]
+    energy = energy.set_index("variant")["value"]
+    for other in ("pretrained", "no change", "mean shift"):
+        assert energy["demo"] < energy[other], energy.to_dict()

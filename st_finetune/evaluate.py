@@ -1,0 +1,225 @@
+"""Score a trained run on its held-out split: ``python -m st_finetune.evaluate RUN_DIR``.
+
+Scored side by side, on the same held-out cell sets:
+
+* the run's fine-tuned model (its ``adapter/``);
+* ``pretrained``: the same model before fine-tuning (the run's ``pretrained_adapter/``: pretrained
+  backbone, new heads at their initialisation, LoRA and mHC at identity);
+* ``no change``: the control cells themselves as the prediction;
+* ``mean shift``: control cells plus the mean observed shift (perturbed minus control) of the same
+  cell type and timepoint in the training split (the cell type's average shift over the training
+  timepoints when that timepoint is held out; the perturbation's average over all training groups
+  when the cell type is).
+
+Writes ``evaluation.csv`` (long format: variant, group, metric, value, cell_type, timepoint) in the
+run folder and returns it as a DataFrame. Metric definitions: :mod:`st_finetune.metrics`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import metrics as M
+from .config import load_config
+from .data import CellSetData, Group
+
+NO_CHANGE, MEAN_SHIFT, PRETRAINED = "no change", "mean shift", "pretrained"
+BASELINES = (NO_CHANGE, MEAN_SHIFT)
+
+
+@torch.no_grad()
+def predict_groups(model: torch.nn.Module, data: CellSetData, split: str = "test",
+                   batch_size: int = 16) -> tuple[dict, dict]:  # fmt: skip
+    """Predictions and the control inputs they came from, pooled per group name."""
+    model.eval()
+    groups = data.groups[split]
+    preds, inputs = defaultdict(list), defaultdict(list)
+    for batch in data.loader(split, batch_size):
+        out = model(batch).float().reshape(len(batch["group"]), -1, data.table.dim)
+        ctrl = batch["ctrl_cell_emb"].reshape(out.shape)
+        for gi, p, c in zip(batch["group"].tolist(), out.numpy(), ctrl.numpy(), strict=True):
+            preds[groups[gi].name].append(p)
+            inputs[groups[gi].name].append(c)
+    return ({k: np.concatenate(v) for k, v in preds.items()},
+            {k: np.concatenate(v) for k, v in inputs.items()})  # fmt: skip
+
+
+def mean_shift_predictions(data: CellSetData, inputs: dict, split: str = "test") -> dict:
+    """Control inputs plus the training split's mean shift (see the module docstring)."""
+    t, train = data.table, data.split == "train"
+    is_ctrl = t.pert == t.control
+
+    def mean(mask):
+        return t.features[mask].mean(0) if mask.any() else None
+
+    shifts = {}
+    for g in data.groups["train"]:
+        ctrl = mean(train & is_ctrl & (t.cell_type == g.cell_type) & (t.timepoint == g.timepoint))
+        if ctrl is None:
+            ctrl = mean(train & is_ctrl & (t.cell_type == g.cell_type))
+        shifts[(g.cell_type, g.timepoint, g.pert)] = t.features[g.cells].mean(0) - ctrl
+    out = {}
+    for g in data.groups[split]:
+        shift = shifts.get((g.cell_type, g.timepoint, g.pert))
+        if shift is None:
+            same_type = [v for (ct, _, p), v in shifts.items() if ct == g.cell_type and p == g.pert]
+            same_pert = [v for (_, _, p), v in shifts.items() if p == g.pert]
+            shift = np.mean(same_type or same_pert or [np.zeros(t.dim)], axis=0)
+        out[g.name] = inputs[g.name] + shift
+    return out
+
+
+def score(data: CellSetData, predictions: dict, variant: str, split: str = "test") -> list[dict]:
+    """Every metric per group, plus per-cell-type temporal coherence and overall means."""
+    t = data.table
+    groups: list[Group] = [g for g in data.groups[split] if g.name in predictions]
+    rows = []
+
+    def add(group, metric, value, cell_type="", timepoint=""):
+        rows.append({"variant": variant, "group": group, "metric": metric, "value": float(value),
+                     "cell_type": cell_type, "timepoint": timepoint})  # fmt: skip
+
+    pred_means, obs_means = [], []
+    for g in groups:
+        pred, obs, ctrl = predictions[g.name], t.features[g.cells], t.features[g.controls]
+        pred_means.append(pred.mean(0))
+        obs_means.append(obs.mean(0))
+        for name, value in (("energy_distance", M.energy_distance(pred, obs)),
+                            ("nn_distance_norm", M.nn_distance_norm(pred, obs)),
+                            ("pearson_delta", M.pearson_delta(pred, obs, ctrl)),
+                            ("mae_mean", M.mae_mean(pred, obs))):  # fmt: skip
+            add(g.name, name, value, g.cell_type, g.timepoint)
+    for g, value in zip(groups, M.discrimination(np.array(pred_means), np.array(obs_means)),
+                        strict=True):  # fmt: skip
+        add(g.name, "discrimination", value, g.cell_type, g.timepoint)
+    by_type = defaultdict(lambda: ({}, {}))
+    for g, pm, om in zip(groups, pred_means, obs_means, strict=True):
+        ctrl_mean = t.features[g.controls].mean(0)
+        pred_shift, obs_shift = by_type[(g.cell_type, g.pert)]
+        pred_shift[g.timepoint] = pm - ctrl_mean
+        obs_shift[g.timepoint] = om - ctrl_mean
+    for (ct, pert), (ps, os_) in sorted(by_type.items()):
+        add(f"{ct} | {pert}", "temporal_coherence", M.temporal_coherence(ps, os_), ct, "")
+    frame = pd.DataFrame(rows)
+    for metric, values in frame.groupby("metric")["value"]:
+        add("overall", metric, np.nanmean(values) if values.notna().any() else np.nan)
+    return rows
+
+
+def run_stability_rows(run_dir: Path, variant: str) -> list[dict]:
+    """Training stability and efficiency of a run, as ``overall`` rows."""
+    from .plots import read_metrics
+
+    rows = []
+    stats = M.training_stability(read_metrics(run_dir / "metrics.csv"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    stats.update({
+        "trainable_params": summary["parameters"]["trainable"],
+        "trainable_percent": summary["parameters"]["percent"],
+        "seconds_per_epoch": summary["seconds_per_epoch"],
+        "peak_memory_mb": summary["peak_memory_mb"],
+    })  # fmt: skip
+    for metric, value in stats.items():
+        rows.append({"variant": variant, "group": "overall", "metric": metric,
+                     "value": float(value), "cell_type": "", "timepoint": ""})  # fmt: skip
+    return rows
+
+
+def load_run(run_dir: str | Path):
+    """The run's config, data (same splits) and fine-tuned + pretrained models."""
+    from .model import load_finetuned
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "summary.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a finished run (no summary.json)")
+    cfg = load_config(run_dir / "config.yaml")
+    data = CellSetData(cfg.data, cfg.training.seed)
+    saved = pd.read_csv(run_dir / "splits.csv")
+    if len(saved) != len(data.split) or (saved["split"].to_numpy() != data.split).any():
+        raise ValueError(f"the data under {cfg.data.paths} no longer gives {run_dir}'s splits")
+    models = {}
+    for name, folder in ((cfg.name, "adapter"), (PRETRAINED, "pretrained_adapter")):
+        path = run_dir / folder
+        if (path / "manifest.json").is_file():
+            models[name] = load_finetuned(path)[0]
+        elif (path / "model.ckpt").is_file():
+            from .model import load_pretrained
+
+            models[name] = load_pretrained(path / "model.ckpt")[0]
+    return cfg, data, models
+
+
+def score_run(run_dir: str | Path, split: str = "test", baselines: bool = True):
+    """``(rows, predictions by variant, data)`` for a run, its pretrained model and baselines."""
+    run_dir = Path(run_dir)
+    cfg, data, models = load_run(run_dir)
+    rows, predictions, inputs = [], {}, None
+    for name, model in models.items():
+        predictions[name], inputs = predict_groups(model, data, split)
+    if baselines and inputs is not None:
+        predictions[NO_CHANGE] = inputs
+        predictions[MEAN_SHIFT] = mean_shift_predictions(data, inputs, split)
+    for name, preds in predictions.items():
+        rows += score(data, preds, name, split)
+    rows += run_stability_rows(run_dir, cfg.name)
+    return rows, predictions, data
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", baselines: bool = True) -> pd.DataFrame:
+    """Score a run and its baselines on ``split``; writes ``evaluation.csv`` in the run folder."""
+    frame = pd.DataFrame(score_run(run_dir, split, baselines)[0])
+    frame.to_csv(Path(run_dir) / "evaluation.csv", index=False)
+    return frame
+
+
+def shift_trajectories(data: CellSetData, predictions: dict, split: str = "test") -> pd.DataFrame:
+    """Per cell type and timepoint: observed shift size, and each variant's shift projected on it."""
+    t = data.table
+    rows = []
+    for g in data.groups[split]:
+        ctrl = t.features[g.controls].mean(0)
+        observed = t.features[g.cells].mean(0) - ctrl
+        size = float(np.linalg.norm(observed))
+        day = float(g.timepoint) if g.timepoint.replace(".", "", 1).isdigit() else g.timepoint
+        base = {"cell_type": g.cell_type, "timepoint": g.timepoint, "day": day, "pert": g.pert}
+        rows.append({**base, "variant": "observed", "shift": size})
+        for variant, preds in predictions.items():
+            if g.name in preds:
+                shift = preds[g.name].mean(0) - ctrl
+                rows.append({**base, "variant": variant,
+                             "shift": float(shift @ observed / max(size, 1e-12))})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def headline_table(frame: pd.DataFrame) -> pd.DataFrame:
+    overall = frame[frame["group"] == "overall"]
+    table = overall.pivot_table(index="variant", columns="metric", values="value", sort=False)
+    return table[[m for m in M.DEFINITIONS if m in table.columns]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Score a trained run on its held-out split.")
+    parser.add_argument("run_dir")
+    parser.add_argument("--split", default="test", choices=("test", "val"))
+    args = parser.parse_args(argv)
+    try:
+        frame = evaluate_run(args.run_dir, args.split)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"[st_finetune] {err}", file=sys.stderr)
+        return 1
+    with pd.option_context("display.width", 160, "display.precision", 4):
+        print(headline_table(frame))
+    print(f"wrote {Path(args.run_dir) / 'evaluation.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

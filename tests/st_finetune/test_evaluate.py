@@ -1,0 +1,83 @@
+"""Scoring a run against its baselines, and the multi-variant comparison report."""
+
+import pandas as pd
+import pytest
+
+from st_finetune.compare import compare
+from st_finetune.config import load_config
+from st_finetune.evaluate import evaluate_run, main
+from st_finetune.metrics import energy_distance
+from st_finetune.train import run
+
+from .conftest import overrides
+
+
+@pytest.fixture(scope="module")
+def tiny_run(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    run(load_config(None, overrides(inputs, out, **{"training.max_epochs": 1})))
+    return out / "tiny"
+
+
+def test_evaluation_scores_the_run_the_pretrained_model_and_both_baselines(tiny_run):
+    frame = evaluate_run(tiny_run)
+    assert list(frame.columns[:4]) == ["variant", "group", "metric", "value"]
+    assert set(frame["variant"]) == {"tiny", "pretrained", "no change", "mean shift"}
+    overall = frame[frame["group"] == "overall"].pivot_table(index="variant", columns="metric",
+                                                             values="value")  # fmt: skip
+    for metric in ("energy_distance", "nn_distance_norm", "pearson_delta", "mae_mean",
+                   "discrimination", "temporal_coherence"):  # fmt: skip
+        assert overall.loc["mean shift", metric] == overall.loc["mean shift", metric]  # not NaN
+    # the controls drawn as inputs differ from the group's control mean only by sampling noise
+    assert abs(overall.loc["no change", "pearson_delta"]) < 0.3
+    for metric in ("loss_spikes", "grad_norm_p99", "trainable_percent", "seconds_per_epoch"):
+        assert metric in overall.columns
+    assert (tiny_run / "evaluation.csv").is_file()
+
+
+def test_no_change_scores_the_control_inputs(tiny_run):
+    from st_finetune.evaluate import load_run, predict_groups
+
+    _, data, models = load_run(tiny_run)
+    _, inputs = predict_groups(models["tiny"], data)
+    frame = pd.read_csv(tiny_run / "evaluation.csv")
+    group = data.groups["test"][0]
+    expected = energy_distance(inputs[group.name], data.table.features[group.cells])
+    row = frame[(frame["variant"] == "no change") & (frame["group"] == group.name)
+                & (frame["metric"] == "energy_distance")]  # fmt: skip
+    assert row["value"].item() == pytest.approx(expected)
+
+
+def test_evaluate_cli_errors_on_an_unfinished_run(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 1
+    assert "not a finished run" in capsys.readouterr().err
+
+
+def test_comparison_report_and_reuse(inputs, tmp_path, capsys):
+    base = tmp_path / "base.yaml"
+    base.write_text("\n".join(f"{a.split('=', 1)[0]}: {a.split('=', 1)[1]}"
+                              for a in overrides(inputs, tmp_path) if "." not in a.split("=")[0]))  # fmt: skip
+    spec = tmp_path / "compare.yaml"
+    dotted = [a for a in overrides(inputs, tmp_path, **{"training.max_epochs": 1})
+              if "." in a.split("=")[0]]  # fmt: skip
+    spec.write_text(
+        f"title: tiny\nbase: {base}\noutput_dir: {tmp_path / 'cmp'}\noverrides: {dotted}\n"
+        "variants:\n  st_lora: [mhc.enable=false]\n  st_lora_mhc: [mhc.enable=true]\n"
+    )
+    report = compare(spec)
+    text = report.read_text()
+    for heading in ("## Summary", "## What the numbers say", "## By cell type",
+                    "## Metric definitions", "| no change |", "| st_lora_mhc |"):  # fmt: skip
+        assert heading in text
+    assert text.index("### macrophage") < text.index("### fibroblast") < text.index("### T cell")
+    for name in ("results.csv", "loss.png", "grad_norm.png", "energy_by_cell_type.png",
+                 "shift_trajectories.png"):  # fmt: skip
+        assert (tmp_path / "cmp" / name).is_file(), name
+    results = pd.read_csv(tmp_path / "cmp" / "results.csv")
+    assert set(results["variant"]) == {"st_lora", "st_lora_mhc", "pretrained", "no change",
+                                       "mean shift"}  # fmt: skip
+    stamp = (tmp_path / "cmp" / "runs" / "st_lora" / "summary.json").stat().st_mtime
+    capsys.readouterr()
+    compare(spec)
+    assert "reusing the finished run" in capsys.readouterr().err
+    assert (tmp_path / "cmp" / "runs" / "st_lora" / "summary.json").stat().st_mtime == stamp
