@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU check: on a machine with an NVIDIA GPU and no internet, run the kernel tests
-# natively (no interpreter), the kernel and layer benchmarks and the large stability suite, and write
-# one results file per run under benchmarks/results/ (and $OUT when set). Needs only torch, triton,
-# numpy, pytest and pytest-benchmark.  Usage: bash benchmarks/gpu_check.sh
+# natively (no interpreter), the kernel and layer benchmarks (under 5 minutes together) and the
+# large stability suite, and write the results under benchmarks/results/ (and $OUT when set): one
+# gpu-<name>-<time>.json and stability-large/. Needs only torch, triton, numpy, pytest,
+# pytest-benchmark (matplotlib optional; no geomloss, no anndata).  Usage: bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
@@ -20,8 +21,13 @@ timeout 240 python -m pytest tests/mhc_kernels -q -x -p no:cacheprovider \
 
 echo "== benchmarks"
 timeout 300 python -m pytest benchmarks/test_sinkhorn.py benchmarks/test_layer_overhead.py \
+  benchmarks/test_streams.py \
   --benchmark-only -q -p no:cacheprovider --benchmark-json="$work/bench.json" \
   --benchmark-columns=median,iqr 2>&1 | tail -60 || status=1
+
+echo "== stability suite, large scale"
+MHC_STABILITY_SCALE=large timeout 300 python -m pytest benchmarks/test_stability.py --benchmark-only \
+  -q -p no:cacheprovider --benchmark-columns=median 2>&1 | tail -8 || status=1
 
 mkdir -p benchmarks/results
 result="benchmarks/results/gpu-${gpu}-${stamp}.json"
@@ -36,6 +42,9 @@ json.dump(data, open(sys.argv[2], "w"), indent=1, default=str)
 print(json.dumps({"kernel_tests": data["kernel_tests"], "targets": data["sinkhorn"]["targets"],
                   "layer_overhead": data["layer_overhead"]}, indent=1))
 PY
-if [ -n "${OUT:-}" ]; then cp "$result" "$OUT/"; fi
+if [ -n "${OUT:-}" ]; then
+  cp "$result" "$OUT/"
+  cp -r benchmarks/results/stability-large "$OUT/" 2>/dev/null || true
+fi
 echo "wrote $result"
 exit $status

@@ -79,6 +79,24 @@ def layer_summary(rows: list[dict]) -> dict:
     }
 
 
+def streams_summary(rows: list[dict]) -> dict:
+    """Fused stream kernels: time per provider, speed-ups and roofline ratio (same run)."""
+    cases: dict[tuple, dict] = defaultdict(dict)
+    for row in rows:
+        if row.get("kernel") in ("pre_mix", "merge") and "tokens" in row:
+            key = (row["kernel"], row["passes"], row["dtype"], row["tokens"])
+            cases[key][row["provider"]] = row["median_s"]
+            if row["provider"] == "triton" and "roofline_ratio" in row:
+                cases[key]["triton_roofline_ratio (target <= 1.3)"] = row["roofline_ratio"]
+    out = {}
+    for (kernel, passes, dtype, tokens), entry in sorted(cases.items()):
+        for slow in ("eager", "compile"):
+            if "triton" in entry and slow in entry:
+                entry[f"triton_vs_{slow}"] = entry[slow] / entry["triton"]
+        out[f"{kernel}-{passes}-{dtype}-T{tokens}"] = entry
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("benchmark_json")
@@ -90,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"environment": env, "machine": machine.get("cpu", {}).get("brand_raw")}
     summary["sinkhorn"] = sinkhorn_summary(rows)
     summary["layer_overhead"] = layer_summary(rows)
+    summary["streams"] = streams_summary(rows)
     summary["rows"] = rows
     text = json.dumps(summary, indent=1, default=str)
     if args.out:

@@ -34,6 +34,9 @@ receives gradient. With different streams every parameter gets gradient at once 
 Initialisation ``"paper"``: the paper states only alpha = 0.01. Our choice: ``phi ~ N(0, 1/(n C))``
 (unconstrained) and ``b = 0``, i.e. H_pre = 1/2, H_post = 1 and H_res = uniform 1/n at the start.
 
+With ``constraint="none"`` (unconstrained hyper-connections) the static part of H_res is the
+identity, ``b_res = I``, under either initialisation, as in the hyper-connections paper.
+
 Streams persist from the first wrapped layer to the last: create them once with
 :func:`expand_streams` and collapse them once with :func:`collapse_streams` (trap (b), FACTS.md §1).
 """
@@ -48,6 +51,7 @@ from torch import nn
 
 from .sinkhorn import BACKENDS, sinkhorn_knopp
 from .sinkhorn.reference import ORDER_DIMS
+from .streams import merge, pre_mix
 
 INITS = ("identity", "paper")
 CONSTRAINTS = ("sinkhorn", "none")
@@ -186,15 +190,18 @@ class HyperConnection(nn.Module):
         nn.init.normal_(self.phi, std=std)
         self.alpha.fill_(self.config.alpha_init)
         self.bias.zero_()
+        if self.config.constraint == "none":  # unconstrained HC starts from H_res = I
+            self.bias[2 * n :].view(n, n).diagonal().fill_(1.0)
         if self.config.init == "paper":
             return
         if n > 1:  # blocks of phi sum to zero over the streams: no dynamic term for equal streams
             blocks = self.phi.view(n, c, -1)
             blocks -= blocks.mean(dim=0, keepdim=True)
             self.bias[:n] = -math.log(n - 1)  # sigmoid -> 1/n
-            gap = self.config.identity_gap
-            gap = math.log(9 * (n - 1)) if gap is None else gap
-            self.bias[2 * n :].view(n, n).diagonal().fill_(gap)
+            if self.config.constraint == "sinkhorn":
+                gap = self.config.identity_gap
+                gap = math.log(9 * (n - 1)) if gap is None else gap
+                self.bias[2 * n :].view(n, n).diagonal().fill_(gap)
         else:  # n = 1: H_pre cannot reach 1 through a sigmoid; a gated residual, nearly open
             self.bias[0] = 4.0
 
@@ -229,15 +236,15 @@ class HyperConnection(nn.Module):
         h_pre, h_post, h_res = self.coefficients(x)
         if self.record_h_res:
             self.last_h_res = h_res.detach().reshape(-1, n, n).mean(dim=0)
-        branch_in = torch.einsum("...j,...jc->...c", h_pre.to(x.dtype), x)
+        backend = self.config.backend
+        branch_in = pre_mix(x, h_pre, backend)
         y = branch(branch_in, *args, **kwargs)
         if not isinstance(y, torch.Tensor):
             raise TypeError(
                 f"the wrapped branch must return a tensor of shape (..., C), got {type(y).__name__}; "
                 "wrap a module that returns a tuple so that it returns its first element"
             )
-        mixed = torch.einsum("...ij,...jc->...ic", h_res.to(x.dtype), x)
-        return mixed + h_post.to(x.dtype).unsqueeze(-1) * y.unsqueeze(-2)
+        return merge(x, y, h_post, h_res, backend)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -258,3 +258,14 @@ def test_torch_compile_of_a_small_stack_matches_eager():
     (g_compiled,) = torch.autograd.grad(compiled(x).sum(), x)
     (g_eager,) = torch.autograd.grad(run(x).sum(), x)
     torch.testing.assert_close(g_compiled, g_eager, rtol=1e-4, atol=1e-5)
+
+
+def test_unconstrained_hc_starts_from_the_identity_residual():
+    torch.manual_seed(0)
+    block = Block(16)
+    layer = MHCLayer(copy.deepcopy(block), dim=16, n_streams=4, constraint="none")
+    x = torch.randn(3, 16)
+    _, _, h_res = layer.coefficients(expand_streams(x, 4))
+    torch.testing.assert_close(h_res, torch.eye(4).expand(3, 4, 4))
+    out = layer(expand_streams(x, 4))
+    torch.testing.assert_close(out[:, 0], x + block(x), rtol=2e-6, atol=2e-6)

@@ -1,0 +1,81 @@
+"""Stream-mixing kernels (issue 8): pre-mix and post/residual merge, fused Triton vs unfused
+PyTorch vs torch.compile, forward and forward+backward, with effective GB/s against the peak.
+
+Traffic counted per token (bytes of the stream dtype; fp32 coefficients not counted):
+pre-mix fwd n*C + C, merge fwd (n + 1)*C + n*C; fwd+bwd adds the backward's reads and writes.
+Target (GPU): each kernel within 1.3x of its memory roofline.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from conftest import DEVICE, ON_GPU, peak_bandwidth_gbs, synchronized
+
+from mhc_kernels.streams import merge, pre_mix
+from mhc_kernels.streams.reference import merge_reference, pre_mix_reference
+
+N, C = 4, 1488
+TOKENS = (16 * 256, 64 * 256) if ON_GPU else (256,)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@functools.cache
+def compiled(name):
+    return torch.compile(pre_mix_reference if name == "pre_mix" else merge_reference)
+
+
+def traffic(kernel: str, passes: str, tokens: int, element: int) -> int:
+    per_token = {("pre_mix", "fwd"): N * C + C, ("merge", "fwd"): (N + 1) * C + N * C,
+                 ("pre_mix", "fwd+bwd"): (N * C + C) + (N * C + C + N * C),
+                 ("merge", "fwd+bwd"): (2 * N + 1) * C + (2 * N + 1) * C + (N + 1) * C}  # fmt: skip
+    return per_token[(kernel, passes)] * tokens * element
+
+
+@pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("tokens", TOKENS, ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("kernel", ["pre_mix", "merge"])
+@pytest.mark.parametrize("provider", ["eager", "compile", "triton"])
+def test_stream_kernel_speed(benchmark, record, provider, kernel, tokens, dtype, passes):
+    if provider != "eager" and not ON_GPU:
+        pytest.skip(f"{provider} is a GPU provider")
+    dt = DTYPES[dtype]
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(tokens, N, C, device=DEVICE, generator=gen).to(dt)
+    y = torch.randn(tokens, C, device=DEVICE, generator=gen).to(dt)
+    h = torch.rand(tokens, N, device=DEVICE, generator=gen)
+    h_res = torch.rand(tokens, N, N, device=DEVICE, generator=gen)
+    inputs = [x, h] if kernel == "pre_mix" else [x, y, h, h_res]
+    if provider == "compile":
+        fn = compiled(kernel)
+    else:
+        backend = "triton" if provider == "triton" else "torch"
+        fn = functools.partial(pre_mix if kernel == "pre_mix" else merge, backend=backend)
+    if passes == "fwd":
+
+        def run():
+            with torch.no_grad():
+                return fn(*inputs)
+    else:
+        for t in inputs:
+            t.requires_grad_()
+        out_shape = (tokens, C) if kernel == "pre_mix" else (tokens, N, C)
+        upstream = torch.randn(out_shape, device=DEVICE, generator=gen).to(dt)
+
+        def run():
+            return torch.autograd.grad(fn(*inputs), inputs, upstream)
+
+    run = synchronized(run)
+    run()
+    benchmark.pedantic(run, rounds=20 if ON_GPU else 3, warmup_rounds=1)
+    median = benchmark.stats.stats.median
+    nbytes = traffic(kernel, passes, tokens, torch.finfo(dt).bits // 8)
+    facts = {"provider": provider, "kernel": kernel, "tokens": tokens, "dtype": dtype,
+             "passes": passes, "n": N, "C": C, "effective_gbs": nbytes / median / 1e9}  # fmt: skip
+    peak = peak_bandwidth_gbs()
+    if peak:
+        facts["roofline_ratio"] = median / (nbytes / (peak * 1e9))
+    record(**facts)

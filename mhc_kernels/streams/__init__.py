@@ -1,0 +1,57 @@
+"""Stream mixing of an mHC layer: pre-mix ``H_pre x`` and post/residual merge ``H_res x + H_post^T y``."""
+
+from __future__ import annotations
+
+import torch
+
+from ..sinkhorn import resolve_backend
+from .reference import merge_reference, pre_mix_reference
+
+MAX_FUSED_STREAMS = 8
+
+
+def _use_triton(backend: str, x: torch.Tensor) -> bool:
+    """``auto`` keeps n > 8 on PyTorch (the kernels stop there); an explicit ``triton`` errors."""
+    if backend == "auto" and x.shape[-2] > MAX_FUSED_STREAMS:
+        return False
+    return resolve_backend(backend, x.device) == "triton"
+
+
+def pre_mix(x: torch.Tensor, h_pre: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``x: (..., n, C)``, ``h_pre: (..., n)`` -> ``sum_j h_pre[j] x[j]``: ``(..., C)``.
+
+    Same ``backend`` rules as :func:`mhc_kernels.sinkhorn_knopp` (Triton fuses it for n <= 8).
+
+    Example:
+        >>> pre_mix(torch.ones(2, 4, 8), torch.full((2, 4), 0.25)).shape
+        torch.Size([2, 8])
+    """
+    if _use_triton(backend, x):
+        from .triton import pre_mix_triton
+
+        return pre_mix_triton(x, h_pre)
+    return pre_mix_reference(x, h_pre)
+
+
+def merge(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    h_post: torch.Tensor,
+    h_res: torch.Tensor,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``H_res x + H_post^T y``: ``x (..., n, C)``, ``y (..., C)``, ``h_post (..., n)``,
+    ``h_res (..., n, n)`` -> ``(..., n, C)`` in the dtype of ``x``.
+
+    Example:
+        >>> merge(torch.ones(2, 4, 8), torch.ones(2, 8), torch.ones(2, 4), torch.eye(4).expand(2, 4, 4)).shape
+        torch.Size([2, 4, 8])
+    """
+    if _use_triton(backend, x):
+        from .triton import merge_triton
+
+        return merge_triton(x, y, h_post, h_res)
+    return merge_reference(x, y, h_post, h_res)
+
+
+__all__ = ["merge", "merge_reference", "pre_mix", "pre_mix_reference"]

@@ -1,0 +1,76 @@
+"""Fused stream-mixing kernels (pre-mix, post/residual merge) against the PyTorch reference."""
+
+import pytest
+import torch
+
+from mhc_kernels.streams import merge, pre_mix
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def grads(fn, inputs, upstream):
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    return [out.double(), *(g.double() for g in torch.autograd.grad(out, inputs, upstream))]
+
+
+def assert_close_to_reference(fn, inputs, upstream_shape, device, dtype):
+    """Fused vs reference, both against the float64 reference: error within 4x the reference's."""
+    upstream = torch.randn(upstream_shape, device=device).to(dtype)
+    got = grads(lambda *t: fn(*t, backend="triton"), inputs, upstream)
+    ref = grads(lambda *t: fn(*t, backend="torch"), inputs, upstream)
+    exact = grads(lambda *t: fn(*t, backend="torch"),
+                  [t.double() for t in inputs], upstream.double())  # fmt: skip
+    for name, g, r, e in zip(["out", *range(len(inputs))], got, ref, exact, strict=True):
+        scale = e.abs().max().clamp_min(1e-30)
+        bound = 4 * (r - e).abs().max() + 1e-6 * scale
+        assert (g - e).abs().max() <= bound, f"{name}: {(g - e).abs().max():.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("C", [8, 72, 130], ids=lambda c: f"C{c}")
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8], ids=lambda n: f"n{n}")
+def test_pre_mix_and_merge_match_the_reference(n, C, dtype, device):
+    T = 37  # not a multiple of any block
+    dt = DTYPES[dtype]
+    x = torch.randn(T, n, C, device=device).to(dt)
+    y = torch.randn(T, C, device=device).to(dt)
+    h_pre, h_post = torch.rand(T, n, device=device), 2 * torch.rand(T, n, device=device)
+    h_res = torch.rand(T, n, n, device=device)
+    assert_close_to_reference(pre_mix, [x, h_pre], (T, C), device, dt)
+    assert_close_to_reference(merge, [x, y, h_post, h_res], (T, n, C), device, dt)
+
+
+def test_leading_shapes_and_dtypes(device):
+    x = torch.randn(2, 3, 4, 16, device=device, dtype=torch.bfloat16)
+    h = torch.rand(2, 3, 4, device=device)
+    out = pre_mix(x, h, backend="triton")
+    assert out.shape == (2, 3, 16) and out.dtype == torch.bfloat16
+    merged = merge(x, out, h, torch.rand(2, 3, 4, 4, device=device), backend="triton")
+    assert merged.shape == x.shape and merged.dtype == torch.bfloat16
+
+
+def test_more_than_eight_streams(device):
+    x, h = torch.randn(5, 9, 8, device=device), torch.rand(5, 9, device=device)
+    with pytest.raises(ValueError, match="n <= 8"):
+        pre_mix(x, h, backend="triton")
+    torch.testing.assert_close(pre_mix(x, h), pre_mix(x, h, backend="torch"))
+
+
+def test_layer_with_fused_kernels_matches_the_reference_layer(device):
+    from mhc_kernels import MHCLayer
+
+    torch.manual_seed(0)
+    branch = torch.nn.Sequential(torch.nn.RMSNorm(32), torch.nn.Linear(32, 32)).to(device)
+    fused = MHCLayer(branch, 32, 4, backend="triton").to(device)
+    ref = MHCLayer(branch, 32, 4, backend="torch").to(device)
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(3, 10, 4, 32, device=device, requires_grad=True)
+    upstream = torch.randn(3, 10, 4, 32, device=device)
+    out_f = fused(x)
+    g_f = torch.autograd.grad(out_f, [x, *fused.parameters()], upstream)
+    out_r = ref(x)
+    g_r = torch.autograd.grad(out_r, [x, *ref.parameters()], upstream)
+    torch.testing.assert_close(out_f, out_r, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_f, g_r, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
