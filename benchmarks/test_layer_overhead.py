@@ -87,5 +87,5 @@ def test_block_fwd_bwd(benchmark, record, variant, dim, heads, dtype):
 
     run = synchronized(run)
     run()
-    benchmark.pedantic(run, rounds=10 if ON_GPU else 3, warmup_rounds=1)
+    benchmark.pedantic(run, rounds=10 if ON_GPU else 7, warmup_rounds=2)
     record(variant=variant, dim=dim, cells=CELLS, sets=sets, n_streams=N_STREAMS, dtype=dtype)
