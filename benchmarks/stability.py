@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from blocks import MLP, Attention
 from torch import nn
 
 from mhc_kernels import MHCLayer, amax_gain, collapse_streams, expand_streams
@@ -76,35 +77,6 @@ def current_scale() -> tuple[str, Scale]:
     return name, SCALES[name]
 
 
-class Attention(nn.Module):
-    """RMSNorm -> causal multi-head attention (a residual branch: no skip connection)."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.norm = nn.RMSNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.out = nn.Linear(dim, dim, bias=False)
-        self.heads = heads
-
-    def forward(self, x):
-        q, k, v = self.qkv(self.norm(x)).unflatten(-1, (3, self.heads, -1)).unbind(-3)
-        y = F.scaled_dot_product_attention(
-            *(t.transpose(-2, -3) for t in (q, k, v)), is_causal=True
-        )
-        return self.out(y.transpose(-2, -3).flatten(-2))
-
-
-class MLP(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.norm = nn.RMSNorm(dim)
-        self.up = nn.Linear(dim, 4 * dim, bias=False)
-        self.down = nn.Linear(4 * dim, dim, bias=False)
-
-    def forward(self, x):
-        return self.down(F.gelu(self.up(self.norm(x))))
-
-
 class DeepLM(nn.Module):
     """Embedding -> ``blocks`` x (attention, MLP) sub-layers -> RMSNorm -> logits."""
 
@@ -115,7 +87,8 @@ class DeepLM(nn.Module):
         self.embed = nn.Embedding(scale.vocab, scale.width)
         branches = []
         for _ in range(scale.blocks):
-            branches += [Attention(scale.width, scale.heads), MLP(scale.width)]
+            branches += [Attention(scale.width, scale.heads, causal=True, eps=None),
+                         MLP(scale.width)]  # fmt: skip
         if variant == "plain":
             self.layers = nn.ModuleList(branches)
         else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from blocks import Attention, SwiGLU
 from conftest import DEVICE, ON_GPU, synchronized
 from torch import nn
 
@@ -17,36 +17,6 @@ from mhc_kernels import MHCLayer, collapse_streams, expand_streams
 
 CELLS = 256
 N_STREAMS = 4
-
-
-class Attention(nn.Module):
-    """RMSNorm -> bidirectional multi-head self-attention (no skip connection)."""
-
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.norm = nn.RMSNorm(dim, eps=1e-6)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.out = nn.Linear(dim, dim, bias=False)
-        self.heads = heads
-
-    def forward(self, x):
-        q, k, v = self.qkv(self.norm(x)).unflatten(-1, (3, self.heads, -1)).unbind(-3)
-        y = F.scaled_dot_product_attention(*(t.transpose(-2, -3) for t in (q, k, v)))
-        return self.out(y.transpose(-2, -3).flatten(-2))
-
-
-class SwiGLU(nn.Module):
-    """RMSNorm -> gated MLP (no skip connection)."""
-
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.norm = nn.RMSNorm(dim, eps=1e-6)
-        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
-        self.down = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x):
-        gate, up = self.gate_up(self.norm(x)).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
 
 
 class PlainBlock(nn.Module):
