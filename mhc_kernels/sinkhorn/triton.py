@@ -113,6 +113,7 @@ def _sinkhorn_bwd_kernel(
 # -------------------------------------------------------------------------------------- launchers
 
 GPU_TILE_ELEMS = 2048  # elements of one [BLOCK, NP, NP] tile on a GPU (16 per thread at 4 warps)
+GPU_TILE_ELEMS_N16 = 1024  # 16x16 matrices: larger tiles or 4+ warps spill a few bytes (ptxas -v)
 INTERPRETER_TILE_ELEMS = 2**16  # the interpreter's cost is per program step: use huge tiles
 NUM_WARPS = 4
 
@@ -121,10 +122,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _gpu_tile(np2: int) -> int:
+    return GPU_TILE_ELEMS_N16 if np2 >= 16 else GPU_TILE_ELEMS
+
+
+def _num_warps(np2: int) -> int:
+    return 2 if np2 >= 16 else NUM_WARPS
+
+
 def launch_config(num_mats: int, n: int, device: torch.device) -> tuple[int, int, int]:
     """``(BLOCK, NP, programs)`` for ``num_mats`` matrices of size ``n`` on ``device``."""
     np2 = triton.next_power_of_2(n)
-    tile = INTERPRETER_TILE_ELEMS if interpreting() else GPU_TILE_ELEMS
+    tile = INTERPRETER_TILE_ELEMS if interpreting() else _gpu_tile(np2)
     block = max(1, min(tile // (np2 * np2), triton.next_power_of_2(num_mats)))
     num_blocks = triton.cdiv(num_mats, block)
     if device.type == "cuda":
@@ -149,7 +158,7 @@ def sinkhorn_fwd(x: torch.Tensor, iters: int, order: str, eps: float) -> torch.T
     first, second = _order_axes(order)
     _sinkhorn_fwd_kernel[(programs,)](
         x, out, num_mats, n, *x.stride(), iters, eps,
-        FIRST=first, SECOND=second, BLOCK=block, NP=np2, num_warps=NUM_WARPS,
+        FIRST=first, SECOND=second, BLOCK=block, NP=np2, num_warps=_num_warps(np2),
     )  # fmt: skip
     return out
 
@@ -167,7 +176,7 @@ def sinkhorn_bwd(
     first, second = _order_axes(order)
     _sinkhorn_bwd_kernel[(programs,)](
         x, grad, dx, scratch, num_mats, n, *x.stride(), *grad.stride(), iters, eps,
-        FIRST=first, SECOND=second, BLOCK=block, NP=np2, num_warps=NUM_WARPS,
+        FIRST=first, SECOND=second, BLOCK=block, NP=np2, num_warps=_num_warps(np2),
     )  # fmt: skip
     return dx
 
@@ -178,7 +187,7 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16"), orders=tuple(ORDER_DIMS)):
     Yields ``(name, kernel, signature, constexprs, num_warps)``.
     """
     for np2 in (1, 2, 4, 8, 16):
-        block = max(1, GPU_TILE_ELEMS // (np2 * np2))
+        block = max(1, _gpu_tile(np2) // (np2 * np2))
         for dtype in dtypes:
             for order in orders:
                 first, second = _order_axes(order)
@@ -191,8 +200,8 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16"), orders=tuple(ORDER_DIMS)):
                 bwd = {"x_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "dx_ptr": f"*{dtype}",
                        "scratch_ptr": "*fp32", **ints, **x_strides, **g_strides, **tail}  # fmt: skip
                 tag = f"NP{np2}-B{block}-{dtype}-{order}"
-                yield f"fwd-{tag}", _sinkhorn_fwd_kernel, fwd, consts, NUM_WARPS
-                yield f"bwd-{tag}", _sinkhorn_bwd_kernel, bwd, consts, NUM_WARPS
+                yield f"fwd-{tag}", _sinkhorn_fwd_kernel, fwd, consts, _num_warps(np2)
+                yield f"bwd-{tag}", _sinkhorn_bwd_kernel, bwd, consts, _num_warps(np2)
 
 
 # ------------------------------------------------------------------- autograd (as custom ops)
