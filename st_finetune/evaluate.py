@@ -12,13 +12,16 @@ Scored side by side, on the same held-out cell sets:
   when the cell type is).
 
 Writes ``evaluation.csv`` (long format: variant, group, metric, value, cell_type, timepoint) in the
-run folder and returns it as a DataFrame. Metric definitions: :mod:`st_finetune.metrics`.
+run folder and returns it as a DataFrame. Metric definitions: :mod:`st_finetune.metrics`. When the
+features are genes and Arc's ``cell-eval`` is installed, its metrics are added as
+``cell_eval_*`` rows (:mod:`st_finetune.celleval`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -31,6 +34,7 @@ from . import metrics as M
 from .config import load_config
 from .data import CellSetData, Group
 
+log = logging.getLogger("st_finetune")
 NO_CHANGE, MEAN_SHIFT, PRETRAINED = "no change", "mean shift", "pretrained"
 BASELINES = (NO_CHANGE, MEAN_SHIFT)
 
@@ -169,8 +173,23 @@ def score_run(run_dir: str | Path, split: str = "test", baselines: bool = True):
         predictions[MEAN_SHIFT] = mean_shift_predictions(data, inputs, split)
     for name, preds in predictions.items():
         rows += score(data, preds, name, split)
+    rows += cell_eval_metrics(data, predictions, split)
     rows += run_stability_rows(run_dir, cfg.name)
     return rows, predictions, data
+
+
+def cell_eval_metrics(data: CellSetData, predictions: dict, split: str = "test") -> list[dict]:
+    """Arc's cell-eval metrics when the features are genes and it is installed; else nothing."""
+    from . import celleval
+
+    ok, why = celleval.applies(data)
+    if not ok:
+        log.info("cell-eval metrics skipped: %s", why)
+        return []
+    rows = []
+    for name, preds in predictions.items():
+        rows += celleval.cell_eval_rows(data, preds, name, split)
+    return rows
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", baselines: bool = True) -> pd.DataFrame:
