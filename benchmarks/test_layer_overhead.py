@@ -30,10 +30,10 @@ class PlainBlock(nn.Module):
 
 
 class MHCBlock(nn.Module):
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, recompute=False):
         super().__init__()
-        self.attn = MHCLayer(Attention(dim, heads), dim, N_STREAMS)
-        self.mlp = MHCLayer(SwiGLU(dim, 4 * dim), dim, N_STREAMS)
+        self.attn = MHCLayer(Attention(dim, heads), dim, N_STREAMS, recompute=recompute)
+        self.mlp = MHCLayer(SwiGLU(dim, 4 * dim), dim, N_STREAMS, recompute=recompute)
 
     def forward(self, x):
         h = expand_streams(x, N_STREAMS)  # in a model: once before the first block
@@ -59,3 +59,35 @@ def test_block_fwd_bwd(benchmark, record, variant, dim, heads, dtype):
     run()
     benchmark.pedantic(run, rounds=10 if ON_GPU else 7, warmup_rounds=2)
     record(variant=variant, dim=dim, cells=CELLS, sets=sets, n_streams=N_STREAMS, dtype=dtype)
+
+
+def saved_storage_bytes(fn) -> int:
+    """Bytes of distinct storages saved for backward while running ``fn`` (activation memory)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("dim,heads", [(1488, 12)], ids=["C1488"])
+def test_activation_memory(benchmark, record, dim, heads):
+    """Issue 8: activation memory of plain, mHC and mHC with recomputation (same block, bf16
+    autocast on GPU). Target: recomputation <= 1.2x the plain residual."""
+    torch.manual_seed(0)
+    sets = 16 if ON_GPU else 1
+    x = torch.randn(sets, CELLS, dim, device=DEVICE)
+    blocks = {"plain": PlainBlock(dim, heads), "mhc": MHCBlock(dim, heads),
+              "mhc_recompute": MHCBlock(dim, heads, recompute=True)}  # fmt: skip
+    memory = {}
+    for name, block in blocks.items():
+        block.to(DEVICE)
+        memory[name] = saved_storage_bytes(lambda b=block: b(x))
+    benchmark.pedantic(lambda: saved_storage_bytes(lambda: blocks["mhc_recompute"](x)), rounds=1)
+    record(dim=dim, cells=CELLS, sets=sets, n_streams=N_STREAMS, activation_bytes=memory,
+           mhc_vs_plain=memory["mhc"] / memory["plain"],
+           recompute_vs_plain=memory["mhc_recompute"] / memory["plain"])  # fmt: skip

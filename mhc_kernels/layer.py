@@ -48,6 +48,7 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .sinkhorn import BACKENDS, sinkhorn_knopp
 from .sinkhorn.reference import ORDER_DIMS
@@ -75,6 +76,9 @@ class MHCConfig:
         backend: Sinkhorn backend, ``"auto"``, ``"torch"`` or ``"triton"``.
         identity_gap: diagonal logit gap of H_res under ``init="identity"``; ``None`` picks
             ``log(9 (n - 1))`` (diagonal 0.9).
+        recompute: keep only the streams and the branch output for backward and recompute the
+            coefficients, pre-mix and merge there (paper §4.3.2): less activation memory for one
+            more pass over the cheap parts of the layer.
     """
 
     n_streams: int = 4
@@ -88,6 +92,7 @@ class MHCConfig:
     coeff_dtype: torch.dtype = torch.float32
     backend: str = "auto"
     identity_gap: float | None = None
+    recompute: bool = False
 
     def __post_init__(self):
         def check(name, ok, allowed):
@@ -233,17 +238,24 @@ class HyperConnection(nn.Module):
                 f"MHCLayer expects streams of shape (..., {n}, {self.dim}), got {tuple(x.shape)}; "
                 "create them once with expand_streams(x, n) before the first wrapped layer"
             )
-        h_pre, h_post, h_res = self.coefficients(x)
+        backend = self.config.backend
+        if self.config.recompute and torch.is_grad_enabled():
+            # keep only x, y and the (n^2 + 2n per token) coefficients; recompute the rest
+            h_pre, h_post, h_res = checkpoint(self.coefficients, x, use_reentrant=False)
+            branch_in = checkpoint(pre_mix, x, h_pre, backend, use_reentrant=False)
+        else:
+            h_pre, h_post, h_res = self.coefficients(x)
+            branch_in = pre_mix(x, h_pre, backend)
         if self.record_h_res:
             self.last_h_res = h_res.detach().reshape(-1, n, n).mean(dim=0)
-        backend = self.config.backend
-        branch_in = pre_mix(x, h_pre, backend)
         y = branch(branch_in, *args, **kwargs)
         if not isinstance(y, torch.Tensor):
             raise TypeError(
                 f"the wrapped branch must return a tensor of shape (..., C), got {type(y).__name__}; "
                 "wrap a module that returns a tuple so that it returns its first element"
             )
+        if self.config.recompute and torch.is_grad_enabled():
+            return checkpoint(merge, x, y, h_post, h_res, backend, use_reentrant=False)
         return merge(x, y, h_post, h_res, backend)
 
     def extra_repr(self) -> str:
