@@ -1,9 +1,9 @@
-"""Stream-mixing kernels (issue 8): pre-mix and post/residual merge, fused Triton vs unfused
-PyTorch vs torch.compile, forward and forward+backward, with effective GB/s against the peak.
+"""mHC layer kernels (issue 8): coefficient projection, pre-mix and post/residual merge, fused
+Triton vs unfused PyTorch vs torch.compile, forward and forward+backward, with effective GB/s.
 
 Traffic counted per token (bytes of the stream dtype; fp32 coefficients not counted):
-pre-mix fwd n*C + C, merge fwd (n + 1)*C + n*C; fwd+bwd adds the backward's reads and writes.
-Target (GPU): each kernel within 1.3x of its memory roofline.
+projection fwd n*C (fwd+bwd 3 n*C), pre-mix fwd n*C + C, merge fwd (n + 1)*C + n*C; fwd+bwd adds
+the backward's unavoidable reads and writes. Target (GPU): each within 1.3x of its roofline.
 """
 
 from __future__ import annotations
@@ -14,8 +14,14 @@ import pytest
 import torch
 from conftest import DEVICE, ON_GPU, peak_bandwidth_gbs, synchronized
 
+from mhc_kernels.coefficients import projection
+from mhc_kernels.coefficients.reference import projection_reference
 from mhc_kernels.streams import merge, pre_mix
 from mhc_kernels.streams.reference import merge_reference, pre_mix_reference
+
+REFERENCES = {"pre_mix": pre_mix_reference, "merge": merge_reference,
+              "projection": projection_reference}  # fmt: skip
+FUSED = {"pre_mix": pre_mix, "merge": merge, "projection": projection}
 
 N, C = 4, 1488
 TOKENS = (16 * 256, 64 * 256) if ON_GPU else (256,)
@@ -24,20 +30,21 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 @functools.cache
 def compiled(name):
-    return torch.compile(pre_mix_reference if name == "pre_mix" else merge_reference)
+    return torch.compile(REFERENCES[name])
 
 
 def traffic(kernel: str, passes: str, tokens: int, element: int) -> int:
     per_token = {("pre_mix", "fwd"): N * C + C, ("merge", "fwd"): (N + 1) * C + N * C,
                  ("pre_mix", "fwd+bwd"): (N * C + C) + (N * C + C + N * C),
-                 ("merge", "fwd+bwd"): (2 * N + 1) * C + (2 * N + 1) * C + (N + 1) * C}  # fmt: skip
+                 ("merge", "fwd+bwd"): (2 * N + 1) * C + (2 * N + 1) * C + (N + 1) * C,
+                 ("projection", "fwd"): N * C, ("projection", "fwd+bwd"): 3 * N * C}  # fmt: skip
     return per_token[(kernel, passes)] * tokens * element
 
 
 @pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("tokens", TOKENS, ids=lambda t: f"T{t}")
-@pytest.mark.parametrize("kernel", ["pre_mix", "merge"])
+@pytest.mark.parametrize("kernel", ["projection", "pre_mix", "merge"])
 @pytest.mark.parametrize("provider", ["eager", "compile", "triton"])
 def test_stream_kernel_speed(benchmark, record, provider, kernel, tokens, dtype, passes):
     if provider != "eager" and not ON_GPU:
@@ -48,12 +55,21 @@ def test_stream_kernel_speed(benchmark, record, provider, kernel, tokens, dtype,
     y = torch.randn(tokens, C, device=DEVICE, generator=gen).to(dt)
     h = torch.rand(tokens, N, device=DEVICE, generator=gen)
     h_res = torch.rand(tokens, N, N, device=DEVICE, generator=gen)
-    inputs = [x, h] if kernel == "pre_mix" else [x, y, h, h_res]
+    phi = torch.randn(N * C, N * N + 2 * N, device=DEVICE, generator=gen) / (N * C) ** 0.5
+    inputs = {"pre_mix": [x, h], "merge": [x, y, h, h_res],
+              "projection": [x.reshape(tokens, N * C), phi]}[kernel]  # fmt: skip
     if provider == "compile":
         fn = compiled(kernel)
     else:
         backend = "triton" if provider == "triton" else "torch"
-        fn = functools.partial(pre_mix if kernel == "pre_mix" else merge, backend=backend)
+        fn = functools.partial(FUSED[kernel], backend=backend)
+    if kernel == "projection":
+        inner = fn
+
+        def fn(*args):  # one tensor to differentiate: proj and sumsq together
+            proj, ss = inner(*args)
+            return torch.cat([proj, ss.unsqueeze(-1)], dim=-1)
+
     if passes == "fwd":
 
         def run():
@@ -62,8 +78,10 @@ def test_stream_kernel_speed(benchmark, record, provider, kernel, tokens, dtype,
     else:
         for t in inputs:
             t.requires_grad_()
-        out_shape = (tokens, C) if kernel == "pre_mix" else (tokens, N, C)
-        upstream = torch.randn(out_shape, device=DEVICE, generator=gen).to(dt)
+        out_shape = {"pre_mix": (tokens, C), "merge": (tokens, N, C),
+                     "projection": (tokens, N * N + 2 * N + 1)}[kernel]  # fmt: skip
+        upstream = torch.randn(out_shape, device=DEVICE, generator=gen)
+        upstream = upstream if kernel == "projection" else upstream.to(dt)
 
         def run():
             return torch.autograd.grad(fn(*inputs), inputs, upstream)

@@ -55,10 +55,11 @@ def _spills(ptx: str, arch: int) -> int:
 
 
 def _configs():
+    from mhc_kernels.coefficients.triton import shipped_configs as projection_configs
     from mhc_kernels.sinkhorn.triton import shipped_configs as sinkhorn_configs
     from mhc_kernels.streams.triton import shipped_configs as stream_configs
 
-    return [*sinkhorn_configs(), *stream_configs()]
+    return [*sinkhorn_configs(), *stream_configs(), *projection_configs()]
 
 
 def compile_one(index: int, arch: int) -> dict:

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .coefficients import projection
 from .sinkhorn import BACKENDS, sinkhorn_knopp
 from .sinkhorn.reference import ORDER_DIMS
 from .streams import merge, pre_mix
@@ -213,9 +214,10 @@ class HyperConnection(nn.Module):
     def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x: (..., n, C)`` -> ``H_pre (..., n)``, ``H_post (..., n)``, ``H_res (..., n, n)``."""
         n = self.config.n_streams
-        v = x.reshape(*x.shape[:-2], n * self.dim).to(self.config.coeff_dtype)
-        r = torch.sqrt(v.square().mean(dim=-1, keepdim=True) + self.config.rms_eps)
-        proj = (v @ self.phi) / r
+        v = x.reshape(*x.shape[:-2], n * self.dim)
+        proj, sumsq = projection(v, self.phi, self.config.backend)  # one read of the streams
+        r = torch.sqrt(sumsq / (n * self.dim) + self.config.rms_eps).unsqueeze(-1)
+        proj = proj / r
         scale = torch.cat([self.alpha[i].expand(k) for i, k in enumerate((n, n, n * n))])
         logits = proj * scale + self.bias
         pre, post, res = logits.split([n, n, n * n], dim=-1)

@@ -1,0 +1,172 @@
+"""Fused Triton coefficient projection: ``v @ phi`` and ``sum(v^2)`` in one pass over the streams.
+
+Limits: ``phi`` float32 with W = n^2 + 2n <= 128 columns (n <= 10), streams float32/bf16/fp16, any
+K = n*C. Products run in IEEE float32 (no TF32), so results match the reference to fp32 rounding.
+
+Forward reads v (T x K) once and phi (K x W) once per program; writes T x (W + 1) floats. Backward:
+``dv = dproj @ phi^T + 2 v dsumsq`` (one kernel over tokens) and ``dphi = v^T @ dproj`` (one kernel
+over K chunks that walks all tokens: no atomics, deterministic).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..sinkhorn.triton import interpreting
+
+
+@triton.jit
+def _projection_fwd_kernel(v_ptr, phi_ptr, proj_ptr, ss_ptr, T, K, W,
+                           BT: tl.constexpr, BK: tl.constexpr, WP: tl.constexpr):  # fmt: skip
+    tok = tl.program_id(0) * BT + tl.arange(0, BT)
+    t2 = tok.to(tl.int64)[:, None]  # [BT, 1]
+    w2 = tl.arange(0, WP)[None, :]  # [1, WP]
+    acc = tl.zeros((BT, WP), dtype=tl.float32)
+    ss = tl.zeros((BT,), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k_row = k0 + tl.arange(0, BK)
+        v = tl.load(v_ptr + t2 * K + k_row[None, :], mask=(t2 < T) & (k_row[None, :] < K),
+                    other=0.0).to(tl.float32)  # [BT, BK]  # fmt: skip
+        phi = tl.load(phi_ptr + k_row[:, None].to(tl.int64) * W + w2,
+                      mask=(k_row[:, None] < K) & (w2 < W), other=0.0)  # [BK, WP]  # fmt: skip
+        acc += tl.dot(v, phi, input_precision="ieee")
+        ss += tl.sum(v * v, axis=1)
+    tl.store(proj_ptr + t2 * W + w2, acc, mask=(t2 < T) & (w2 < W))
+    tl.store(ss_ptr + tok, ss, mask=tok < T)
+
+
+@triton.jit
+def _projection_dv_kernel(v_ptr, phi_ptr, dproj_ptr, dss_ptr, dv_ptr, T, K, W,
+                          BT: tl.constexpr, BK: tl.constexpr, WP: tl.constexpr):  # fmt: skip
+    tok = tl.program_id(0) * BT + tl.arange(0, BT)
+    t2 = tok.to(tl.int64)[:, None]
+    w2 = tl.arange(0, WP)[None, :]
+    dproj = tl.load(dproj_ptr + t2 * W + w2, mask=(t2 < T) & (w2 < W), other=0.0)  # [BT, WP]
+    dss = tl.load(dss_ptr + tok, mask=tok < T, other=0.0)  # [BT]
+    for k0 in range(0, K, BK):
+        k_row = k0 + tl.arange(0, BK)
+        m = (t2 < T) & (k_row[None, :] < K)
+        v = tl.load(v_ptr + t2 * K + k_row[None, :], mask=m, other=0.0).to(tl.float32)
+        phi = tl.load(phi_ptr + k_row[:, None].to(tl.int64) * W + w2,
+                      mask=(k_row[:, None] < K) & (w2 < W), other=0.0)  # [BK, WP]  # fmt: skip
+        dv = tl.dot(dproj, tl.trans(phi), input_precision="ieee") + 2.0 * v * dss[:, None]
+        tl.store(dv_ptr + t2 * K + k_row[None, :], dv.to(dv_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _projection_dphi_kernel(v_ptr, dproj_ptr, dphi_ptr, T, K, W,
+                            BT: tl.constexpr, BK: tl.constexpr, WP: tl.constexpr):  # fmt: skip
+    k_row = tl.program_id(0) * BK + tl.arange(0, BK)
+    w2 = tl.arange(0, WP)[None, :]
+    acc = tl.zeros((BK, WP), dtype=tl.float32)
+    for t0 in range(0, T, BT):
+        tok = t0 + tl.arange(0, BT)
+        t2 = tok.to(tl.int64)[:, None]
+        v = tl.load(v_ptr + t2 * K + k_row[None, :], mask=(t2 < T) & (k_row[None, :] < K),
+                    other=0.0).to(tl.float32)  # [BT, BK]  # fmt: skip
+        dproj = tl.load(dproj_ptr + t2 * W + w2, mask=(t2 < T) & (w2 < W), other=0.0)
+        acc += tl.dot(tl.trans(v), dproj, input_precision="ieee")  # [BK, WP]
+    tl.store(dphi_ptr + k_row[:, None].to(tl.int64) * W + w2, acc,
+             mask=(k_row[:, None] < K) & (w2 < W))  # fmt: skip
+
+
+BT, BK = 16, 32  # IEEE fp32 dot without tensor cores: larger tiles spill (ptxas -v)
+INTERPRETER_BT = 1024
+NUM_WARPS = 4
+MAX_COLUMNS = 128
+
+
+def _config(W: int) -> tuple[int, int, int]:
+    wp = max(16, triton.next_power_of_2(W))
+    return (INTERPRETER_BT if interpreting() else BT), BK, wp
+
+
+def projection_fwd(v: torch.Tensor, phi: torch.Tensor):
+    T, K = v.shape
+    W = phi.shape[1]
+    if W > MAX_COLUMNS or phi.dtype != torch.float32:
+        raise ValueError(f"the fused projection takes float32 phi with <= {MAX_COLUMNS} columns")
+    proj = torch.empty((T, W), dtype=torch.float32, device=v.device)
+    ss = torch.empty((T,), dtype=torch.float32, device=v.device)
+    bt, bk, wp = _config(W)
+    _projection_fwd_kernel[(triton.cdiv(T, bt),)](v, phi, proj, ss, T, K, W, BT=bt, BK=bk, WP=wp,
+                                                  num_warps=NUM_WARPS)  # fmt: skip
+    return proj, ss
+
+
+def projection_bwd(v, phi, dproj, dss):
+    T, K = v.shape
+    W = phi.shape[1]
+    dv = torch.empty_like(v)
+    dphi = torch.empty_like(phi)
+    bt, bk, wp = _config(W)
+    _projection_dv_kernel[(triton.cdiv(T, bt),)](v, phi, dproj, dss, dv, T, K, W, BT=bt, BK=bk,
+                                                 WP=wp, num_warps=NUM_WARPS)  # fmt: skip
+    _projection_dphi_kernel[(triton.cdiv(K, bk),)](v, dproj, dphi, T, K, W, BT=bt, BK=bk, WP=wp,
+                                                   num_warps=NUM_WARPS)  # fmt: skip
+    return dv, dphi
+
+
+def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
+    """GPU configurations: ``(name, kernel, signature, constexprs, num_warps)`` for n = 2, 4, 8."""
+    for n in (2, 4, 8):
+        wp = max(16, triton.next_power_of_2(n * n + 2 * n))
+        consts = {"BT": BT, "BK": BK, "WP": wp}
+        tail = {"T": "i32", "K": "i32", "W": "i32", **dict.fromkeys(consts, "constexpr")}
+        for dt in dtypes:
+            s, f = f"*{dt}", "*fp32"
+            kernels = {
+                "proj_fwd": (_projection_fwd_kernel, {"v_ptr": s, "phi_ptr": f, "proj_ptr": f,
+                                                      "ss_ptr": f}),
+                "proj_dv": (_projection_dv_kernel, {"v_ptr": s, "phi_ptr": f, "dproj_ptr": f,
+                                                    "dss_ptr": f, "dv_ptr": s}),
+                "proj_dphi": (_projection_dphi_kernel, {"v_ptr": s, "dproj_ptr": f,
+                                                        "dphi_ptr": f}),
+            }  # fmt: skip
+            for name, (kernel, ptrs) in kernels.items():
+                yield f"{name}-W{wp}-{dt}", kernel, {**ptrs, **tail}, consts, NUM_WARPS
+
+
+@torch.library.custom_op("mhc_kernels::projection", mutates_args=())
+def _projection_op(v: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return projection_fwd(v, phi)
+
+
+@_projection_op.register_fake
+def _(v, phi):
+    return v.new_empty((v.shape[0], phi.shape[1]), dtype=torch.float32), v.new_empty(
+        (v.shape[0],), dtype=torch.float32
+    )
+
+
+@torch.library.custom_op("mhc_kernels::projection_bwd", mutates_args=())
+def _projection_bwd_op(v: torch.Tensor, phi: torch.Tensor, dproj: torch.Tensor,
+                       dss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    return projection_bwd(v, phi, dproj, dss)
+
+
+@_projection_bwd_op.register_fake
+def _(v, phi, dproj, dss):
+    return torch.empty_like(v), torch.empty_like(phi)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dproj, dss):
+    v, phi = ctx.saved_tensors
+    dproj = torch.zeros((v.shape[0], phi.shape[1]), device=v.device) if dproj is None else dproj
+    dss = torch.zeros((v.shape[0],), device=v.device) if dss is None else dss
+    return _projection_bwd_op(v, phi, dproj.float().contiguous(), dss.float().contiguous())
+
+
+_projection_op.register_autograd(_backward, setup_context=_setup)
+
+
+def projection_triton(v: torch.Tensor, phi: torch.Tensor):
+    K = v.shape[-1]
+    proj, ss = _projection_op(v.reshape(-1, K).contiguous(), phi.contiguous())
+    return proj.reshape(*v.shape[:-1], phi.shape[1]), ss.reshape(v.shape[:-1])
