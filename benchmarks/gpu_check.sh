@@ -3,7 +3,8 @@
 # natively (no interpreter), the kernel and layer benchmarks (under 5 minutes together) and the
 # large stability suite, and write the results under benchmarks/results/ (and $OUT when set): one
 # gpu-<name>-<time>.json and stability-large/. Needs only torch, triton, numpy, pytest,
-# pytest-benchmark (matplotlib optional; no geomloss, no anndata).  Usage: bash benchmarks/gpu_check.sh
+# pytest-benchmark (matplotlib optional; no geomloss, no anndata). Steps are capped at 150 + 270 +
+# 150 s so the whole check fits one 10-minute device command.  Usage: bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
@@ -16,17 +17,17 @@ work=$(mktemp -d)
 status=0
 
 echo "== kernel tests on $gpu (native)"
-timeout 240 python -m pytest tests/mhc_kernels -q -x -p no:cacheprovider \
+timeout 150 python -m pytest tests/mhc_kernels -q -x -p no:cacheprovider \
   --junitxml="$work/tests.xml" 2>&1 | tail -5 || status=1
 
 echo "== benchmarks"
-timeout 300 python -m pytest benchmarks/test_sinkhorn.py benchmarks/test_layer_overhead.py \
+timeout 270 python -m pytest benchmarks/test_sinkhorn.py benchmarks/test_layer_overhead.py \
   benchmarks/test_streams.py \
   --benchmark-only -q -p no:cacheprovider --benchmark-json="$work/bench.json" \
   --benchmark-columns=median,iqr 2>&1 | tail -60 || status=1
 
 echo "== stability suite, large scale"
-MHC_STABILITY_SCALE=large timeout 300 python -m pytest benchmarks/test_stability.py --benchmark-only \
+MHC_STABILITY_SCALE=large timeout 150 python -m pytest benchmarks/test_stability.py --benchmark-only \
   -q -p no:cacheprovider --benchmark-columns=median 2>&1 | tail -8 || status=1
 
 mkdir -p benchmarks/results

@@ -49,6 +49,8 @@ def traffic(kernel: str, passes: str, tokens: int, element: int) -> int:
 def test_stream_kernel_speed(benchmark, record, provider, kernel, tokens, dtype, passes):
     if provider != "eager" and not ON_GPU:
         pytest.skip(f"{provider} is a GPU provider")
+    if provider == "compile" and (dtype, tokens) != ("fp32", TOKENS[0]):
+        pytest.skip("torch.compile is measured for fp32 at the smaller size only (compile time)")
     dt = DTYPES[dtype]
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.randn(tokens, N, C, device=DEVICE, generator=gen).to(dt)
