@@ -33,7 +33,7 @@ from blocks import MLP, Attention
 from torch import nn
 
 from mhc_kernels import MHCLayer, amax_gain, collapse_streams, expand_streams
-from mhc_kernels.metrics import recorded_h_res
+from mhc_kernels.metrics import loss_spikes, recorded_h_res
 
 VARIANTS = ("plain", "hc", "mhc")
 
@@ -193,23 +193,13 @@ def train(scale: Scale, variant: str, lr: float, device: torch.device, record_ga
     return result
 
 
-def spikes(loss: list[float], window: int = 20, factor: float = 1.5) -> int:
-    """Steps whose loss exceeds ``factor`` x the running median of the previous ``window``."""
-    values = np.asarray(loss)
-    count = 0
-    for i in range(5, len(values)):
-        if values[i] > factor * np.median(values[max(0, i - window) : i]):
-            count += 1
-    return count
-
-
 def summarise(run: dict) -> dict:
     norm = np.asarray(run["series"]["grad_norm"])
     loss = np.asarray(run["series"]["loss"])
     tail = loss[-max(1, len(loss) // 10) :]
     out = {"variant": run["variant"], "lr": run["lr"], "diverged": run["diverged_at"] is not None,
            "diverged_at": run["diverged_at"], "final_loss": float(np.mean(tail)),
-           "loss_spikes": spikes(list(loss)), "grad_norm_median": float(np.median(norm)),
+           "loss_spikes": loss_spikes(loss), "grad_norm_median": float(np.median(norm)),
            "grad_norm_p99": float(np.percentile(norm, 99)), "grad_norm_max": float(norm.max()),
            "seconds": run["seconds"]}  # fmt: skip
     if "final_gains" in run:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 
@@ -68,6 +69,23 @@ def amax_gain(h_res: torch.Tensor | Sequence[torch.Tensor]) -> dict[str, torch.T
         "max_abs_log_col_sum": log_col(h),
         "composite_max_abs_log_col_sum": log_col(comp),
     }
+
+
+def loss_spikes(loss, window: int = 20, factor: float = 1.5) -> int:
+    """Steps whose loss exceeds ``factor`` x the median of the previous ``window`` steps.
+
+    Counting starts once ``min(window, 5)`` earlier steps exist.
+
+    Example:
+        >>> loss_spikes([1.0] * 10 + [2.0] + [1.0] * 5)
+        1
+    """
+    values = np.asarray(loss, dtype=float)
+    start = min(window, 5)
+    return sum(
+        int(values[i] > factor * np.median(values[max(0, i - window) : i]))
+        for i in range(start, len(values))
+    )
 
 
 def recorded_h_res(model: torch.nn.Module) -> list[torch.Tensor]:

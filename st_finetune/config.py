@@ -182,32 +182,17 @@ class RunConfig:
         return Path(self.output_dir) / self.name
 
 
-def _field_types(cls) -> dict[str, object]:
-    return typing.get_type_hints(cls)
-
-
-def _is_section(tp) -> bool:
-    return dataclasses.is_dataclass(tp)
-
-
 def valid_keys(cls=RunConfig, prefix: str = "") -> dict[str, object]:
-    """Every dotted key with its default value."""
+    """Every dotted key with its default value (every section has defaults for all fields)."""
     keys = {}
-    instance = cls() if cls is RunConfig or not _required(cls) else None
+    defaults = cls()
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp = _field_types(cls)[f.name]
-        if _is_section(tp):
-            keys.update(valid_keys(tp, f"{prefix}{f.name}."))
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.update(valid_keys(hints[f.name], f"{prefix}{f.name}."))
         else:
-            keys[f"{prefix}{f.name}"] = getattr(instance, f.name) if instance else None
+            keys[f"{prefix}{f.name}"] = getattr(defaults, f.name)
     return keys
-
-
-def _required(cls) -> bool:
-    return any(
-        f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        for f in dataclasses.fields(cls)
-    )
 
 
 def _suggest(key: str, options) -> str:
@@ -282,7 +267,7 @@ def _coerce(value, tp, key: str):
 def _build(cls, values: dict, prefix: str = ""):
     if not isinstance(values, dict):
         raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
-    hints = _field_types(cls)
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
@@ -290,7 +275,7 @@ def _build(cls, values: dict, prefix: str = ""):
             full = f"{prefix}{key}"
             raise ValueError(f"unknown config key '{full}'{_suggest(full, valid_keys())}")
         tp = hints[key]
-        if _is_section(tp):
+        if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, tp, f"{prefix}{key}")

@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mhc_kernels.metrics import loss_spikes
+
 DEFINITIONS = {
     "energy_distance": "Energy distance between predicted and observed cell sets, "
     "E|x-y| - E|x-x'|/2 - E|y-y'|/2 (Euclidean; 0 for identical distributions). Lower is better.",
@@ -123,9 +125,7 @@ STABILITY_DEFINITIONS = {
 def training_stability(metrics: pd.DataFrame, window: int = 20, factor: float = 1.5) -> dict:
     """Stability statistics of a run's ``metrics.csv`` (see STABILITY_DEFINITIONS)."""
     train = metrics[metrics["split"] == "train"]
-    loss = train["loss"].astype(float).to_numpy()
-    median = pd.Series(loss).shift(1).rolling(window, min_periods=min(window, 5)).median()
-    spikes = int(np.sum(loss > factor * median.to_numpy()))
+    spikes = loss_spikes(train["loss"].astype(float).to_numpy(), window, factor)
     norm = train["grad_norm"].astype(float).dropna().to_numpy()
     if not len(norm):
         norm = np.array([np.nan])

@@ -58,7 +58,7 @@ def setup_logging(run_dir: Path | None = None) -> None:
 def _flat(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
-        if isinstance(value, dict) and key not in ("extra",):
+        if isinstance(value, dict):
             out.update(_flat(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
@@ -79,7 +79,8 @@ def prepare_run_dir(cfg: RunConfig, is_main: bool = True) -> Path:
                 f"resume=true but {run_dir} holds no checkpoints/last.ckpt and config.yaml to resume"
             )
         old, new = _flat(yaml.safe_load(saved.read_text())), _flat(to_dict(cfg))
-        changed = sorted(k for k in new if old.get(k) != new[k] and k not in RESUMABLE_CHANGES)
+        changed = sorted(k for k in old.keys() | new.keys()
+                         if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)  # fmt: skip
         if changed:
             raise ValueError(
                 f"resume=true, but these settings differ from the run's config.yaml: {changed}; "

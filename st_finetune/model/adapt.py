@@ -16,7 +16,7 @@ from torch import nn
 
 from mhc_kernels import MHCConfig
 
-from .backbones import decoder_layers, enable_mhc, unwrap
+from .backbones import enable_mhc
 from .st import STModel, build_mlp
 
 log = logging.getLogger("st_finetune")
@@ -182,11 +182,3 @@ def prepare_for_finetuning(
     if lora.enable:
         add_lora(model, lora)
     return rebuilt, set_trainable(model, rebuilt)
-
-
-def num_decoder_layers(model: STModel) -> int:
-    return len(decoder_layers(model.transformer_backbone))
-
-
-def base_backbone(model: STModel):
-    return unwrap(model.transformer_backbone)

@@ -105,10 +105,6 @@ class STModel(nn.Module):
         )
         self.relu = nn.ReLU() if c.relu_output else nn.Identity()
 
-    @property
-    def predict_residual(self) -> bool:
-        return self.config.predict_residual
-
     def forward(self, batch: dict, padded: bool = True) -> torch.Tensor:
         pert, ctrl = batch["pert_emb"], batch["ctrl_cell_emb"]
         if pert.shape[0] != ctrl.shape[0]:

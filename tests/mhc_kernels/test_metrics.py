@@ -51,3 +51,11 @@ def test_recorded_h_res_from_layers():
 def test_empty_input_is_an_error():
     with pytest.raises(ValueError, match="at least one"):
         amax_gain([])
+
+
+def test_loss_spikes_count_steps_above_the_running_median():
+    from mhc_kernels.metrics import loss_spikes
+
+    assert loss_spikes([1.0] * 30) == 0
+    assert loss_spikes([1.0] * 30 + [3.0] + [1.0] * 9) == 1
+    assert loss_spikes([3.0, 1.0, 1.0, 1.0, 1.0]) == 0  # too early to judge
