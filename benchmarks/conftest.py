@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -47,6 +48,8 @@ def peak_bandwidth_gbs() -> float | None:
 
 
 def commit() -> str:
+    if os.environ.get("MHC_BENCH_COMMIT"):  # set by gpu_check.sh where the copy has no .git
+        return os.environ["MHC_BENCH_COMMIT"]
     here = os.path.dirname(__file__)
     done = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True
@@ -89,11 +92,21 @@ def env_info() -> dict:
 
 
 @pytest.fixture
-def record(benchmark, env_info):
-    """``record(**facts)`` stores the environment and ``facts`` in the benchmark's extra_info."""
+def record(benchmark, env_info, request):
+    """``record(**facts)`` stores the environment and ``facts`` in the benchmark's extra_info.
+
+    With ``MHC_BENCH_JSONL=FILE`` each result is also appended to FILE as it is measured, so a run
+    stopped part-way (gpu_check.sh caps every step) keeps what it finished.
+    """
 
     def _record(**facts):
         benchmark.extra_info.update(env_info)
         benchmark.extra_info.update(facts)
+        path = os.environ.get("MHC_BENCH_JSONL")
+        if path and benchmark.stats is not None:
+            row = {**benchmark.extra_info, "name": request.node.name}
+            row["median_s"] = benchmark.stats.stats.median
+            with open(path, "a") as f:
+                f.write(json.dumps(row, default=str) + "\n")
 
     return _record

@@ -1,51 +1,70 @@
 #!/usr/bin/env bash
 # The prepared GPU check: on a machine with an NVIDIA GPU and no internet, run the kernel tests
-# natively (no interpreter), the kernel and layer benchmarks (under 5 minutes together) and the
-# large stability suite, and write the results under benchmarks/results/ (and $OUT when set): one
-# gpu-<name>-<time>.json and stability-large/. Needs only torch, triton, numpy, pytest,
-# pytest-benchmark (matplotlib optional; no geomloss, no anndata). Steps are capped at 150 + 270 +
-# 150 s so the whole check fits one 10-minute device command.  Usage: bash benchmarks/gpu_check.sh
+# natively (no interpreter), the kernel and layer benchmarks, the large stability suite and the
+# torch.compile baselines, each as its own capped step so that a slow step loses only itself.
+# Needs only torch, triton, numpy, pytest, pytest-benchmark (pytest-xdist and matplotlib used when
+# present; no geomloss, no anndata). Writes benchmarks/results/gpu-<name>-<time>.json (the summary
+# of every step that finished) and benchmarks/results/stability-large/; with $OUT set, also packs
+# everything (logs, one JSON line per measured case, test report) into $OUT/gpu-<name>-<time>.tgz after every
+# step. Steps are capped at 100 + 120 + 100 + 100 + 90 s so the whole check fits one 10-minute
+# device command.  Usage: [MHC_BENCH_COMMIT=<sha>] bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
-  || python -m pip install --quiet --no-deps -e .
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  || python -m pip install --quiet --no-deps -e . >/dev/null 2>&1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
-gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
-stamp=$(date -u +%Y%m%dT%H%M%SZ)
-work=$(mktemp -d)
+gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || exit 1
+name="gpu-${gpu}-$(date -u +%Y%m%dT%H%M%SZ)"
+work="$(mktemp -d)/$name"
+mkdir -p "$work" benchmarks/results
 status=0
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$work/nvidia-smi.csv" 2>&1
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee "$work/versions.txt"
 
-echo "== kernel tests on $gpu (native)"
-timeout 150 python -m pytest tests/mhc_kernels -q -x -p no:cacheprovider \
-  --junitxml="$work/tests.xml" 2>&1 | tail -5 || status=1
+pack() {  # summary of the finished steps, then everything into one archive under $OUT
+  local benches=("$work"/bench-*.jsonl)
+  if [ -e "${benches[0]}" ]; then
+    python benchmarks/summarize.py "${benches[@]}" --out "$work/$name.json" \
+      && cp "$work/$name.json" benchmarks/results/
+  fi
+  cp -r benchmarks/results/stability-large "$work/" 2>/dev/null
+  if [ -n "${OUT:-}" ]; then tar czf "$OUT/$name.tgz" -C "$(dirname "$work")" "$name"; fi
+}
 
-echo "== benchmarks"
-timeout 270 python -m pytest benchmarks/test_sinkhorn.py benchmarks/test_layer_overhead.py \
-  benchmarks/test_streams.py \
-  --benchmark-only -q -p no:cacheprovider --benchmark-json="$work/bench.json" \
-  --benchmark-columns=median,iqr 2>&1 | tail -60 || status=1
+step() {  # step NAME SECONDS COMMAND...: run capped, log to $work/NAME.log, then pack
+  local label=$1 limit=$2
+  shift 2
+  export MHC_BENCH_JSONL="$work/bench-$label.jsonl"
+  echo "== $label (cap ${limit} s)"
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$work/$label.log" 2>&1
+  local rc=$?
+  [ $rc -eq 0 ] || status=1
+  tail -n 25 "$work/$label.log"
+  echo "== $label: exit $rc after $((SECONDS - start)) s"
+  pack
+}
 
-echo "== stability suite, large scale"
-MHC_STABILITY_SCALE=large timeout 150 python -m pytest benchmarks/test_stability.py --benchmark-only \
-  -q -p no:cacheprovider --benchmark-columns=median 2>&1 | tail -8 || status=1
+xdist=()
+python -c "import xdist" 2>/dev/null && xdist=(-n 8)
+bench=(python -m pytest --benchmark-only -q -p no:cacheprovider --benchmark-columns=median,iqr)
 
-mkdir -p benchmarks/results
-result="benchmarks/results/gpu-${gpu}-${stamp}.json"
-python benchmarks/summarize.py "$work/bench.json" --out "$result" || status=1
-python - "$work/tests.xml" "$result" <<'PY'
-import json, sys, xml.etree.ElementTree as ET
-root = ET.parse(sys.argv[1]).getroot()
-suite = root if root.tag == "testsuite" else root.find("testsuite")
-data = json.load(open(sys.argv[2]))
-data["kernel_tests"] = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-json.dump(data, open(sys.argv[2], "w"), indent=1, default=str)
-print(json.dumps({"kernel_tests": data["kernel_tests"], "targets": data["sinkhorn"]["targets"],
-                  "layer_overhead": data["layer_overhead"]}, indent=1))
+step tests 100 python -m pytest tests/mhc_kernels -q -p no:cacheprovider "${xdist[@]}" \
+  -k "not compiles" --junitxml="$work/kernel-tests.xml"
+step sinkhorn 120 "${bench[@]}" benchmarks/test_sinkhorn.py -k "not compile"
+step layer-streams 100 "${bench[@]}" benchmarks/test_layer_overhead.py \
+  benchmarks/test_streams.py -k "not compile"
+MHC_STABILITY_SCALE=large step stability-large 100 "${bench[@]}" benchmarks/test_stability.py
+step compile 90 "${bench[@]}" benchmarks/test_sinkhorn.py benchmarks/test_streams.py \
+  -k "compile"
+
+python - "$work/$name.json" <<'PY'
+import json, sys
+data = json.load(open(sys.argv[1]))
+print(json.dumps({"targets": data["sinkhorn"]["targets"], "layer_overhead": data["layer_overhead"],
+                  "streams": {k: {m: round(v, 3) if isinstance(v, float) else v for m, v in e.items()}
+                              for k, e in data["streams"].items()}}, indent=1, default=str))
 PY
-if [ -n "${OUT:-}" ]; then
-  cp "$result" "$OUT/"
-  cp -r benchmarks/results/stability-large "$OUT/" 2>/dev/null || true
-fi
-echo "wrote $result"
+echo "wrote benchmarks/results/$name.json (exit $status)"
 exit $status

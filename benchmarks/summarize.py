@@ -1,6 +1,9 @@
 """Summarise a ``pytest benchmarks --benchmark-json FILE`` run: medians, speed-ups, targets.
 
-    python benchmarks/summarize.py FILE [--out results.json]
+    python benchmarks/summarize.py FILE [FILE ...] [--out results.json]
+
+Several files (one per pytest run of the same session, as benchmarks/gpu_check.sh writes them) are
+merged into one summary.
 
 Speed-ups compare providers measured in the same run only. Targets are those of the issues
 (FACTS.md §4 for the roofline): they are reported as met or not, never loosened here.
@@ -15,6 +18,10 @@ from collections import defaultdict
 
 
 def load_rows(path: str) -> tuple[dict, list[dict]]:
+    """Rows of a pytest-benchmark JSON file, or of a ``MHC_BENCH_JSONL`` file (one row per line)."""
+    if path.endswith(".jsonl"):
+        with open(path) as f:
+            return {}, [json.loads(line) for line in f if line.strip()]
     with open(path) as f:
         data = json.load(f)
     rows = []
@@ -99,10 +106,14 @@ def streams_summary(rows: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("benchmark_json")
+    parser.add_argument("benchmark_json", nargs="+")
     parser.add_argument("--out", help="write the summary here as JSON (default: stdout)")
     args = parser.parse_args(argv)
-    machine, rows = load_rows(args.benchmark_json)
+    machine, rows = {}, []
+    for path in args.benchmark_json:
+        found_machine, found_rows = load_rows(path)
+        machine = machine or found_machine
+        rows += found_rows
     env_keys = ("device", "torch", "triton", "commit", "peak_bandwidth_gbs")
     env = {k: next((r[k] for r in rows if k in r), None) for k in env_keys}
     summary = {"environment": env, "machine": machine.get("cpu", {}).get("brand_raw")}
