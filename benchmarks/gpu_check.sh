@@ -5,9 +5,11 @@
 # Needs only torch, triton, numpy, pytest, pytest-benchmark (pytest-xdist and matplotlib used when
 # present; no geomloss, no anndata). Writes benchmarks/results/gpu-<name>-<time>.json (the summary
 # of every step that finished) and benchmarks/results/stability-large/; with $OUT set, also packs
-# everything (logs, one JSON line per measured case, test report) into $OUT/gpu-<name>-<time>.tgz after every
-# step. Steps are capped at 100 + 120 + 100 + 100 + 90 s so the whole check fits one 10-minute
-# device command.  Usage: [MHC_BENCH_COMMIT=<sha>] bash benchmarks/gpu_check.sh
+# everything (logs, one JSON line per measured case, test report, profile) into
+# $OUT/gpu-<name>-<time>.tgz after every step. Each step is capped (tests 100 s, Sinkhorn 120, layer + streams 100, profile 60, compile
+# 90, large stability 300): run the steps that fit the device time with MHC_GPU_STEPS (names
+# below; all by default) and narrow the torch.compile cases with MHC_COMPILE_CASES (a pytest -k).
+# Usage: [MHC_BENCH_COMMIT=<sha>] [MHC_GPU_STEPS="tests sinkhorn"] bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
@@ -47,17 +49,21 @@ step() {  # step NAME SECONDS COMMAND...: run capped, log to $work/NAME.log, the
 }
 
 xdist=()
-python -c "import xdist" 2>/dev/null && xdist=(-n 8)
+python -c "import xdist" 2>/dev/null && xdist=(-n "$(nproc)")
 bench=(python -m pytest --benchmark-only -q -p no:cacheprovider --benchmark-columns=median,iqr)
 
-step tests 100 python -m pytest tests/mhc_kernels -q -p no:cacheprovider "${xdist[@]}" \
-  -k "not compiles" --junitxml="$work/kernel-tests.xml"
-step sinkhorn 120 "${bench[@]}" benchmarks/test_sinkhorn.py -k "not compile"
-step layer-streams 100 "${bench[@]}" benchmarks/test_layer_overhead.py \
+want() { [[ " ${MHC_GPU_STEPS:-tests sinkhorn layer-streams profile compile stability-large} " == *" $1 "* ]]; }
+
+want tests && step tests 100 python -m pytest tests/mhc_kernels -q -p no:cacheprovider \
+  "${xdist[@]}" -k "not compiles" --junitxml="$work/kernel-tests.xml"
+want sinkhorn && step sinkhorn 120 "${bench[@]}" benchmarks/test_sinkhorn.py -k "not compile"
+want layer-streams && step layer-streams 100 "${bench[@]}" benchmarks/test_layer_overhead.py \
   benchmarks/test_streams.py -k "not compile"
-MHC_STABILITY_SCALE=large step stability-large 100 "${bench[@]}" benchmarks/test_stability.py
-step compile 90 "${bench[@]}" benchmarks/test_sinkhorn.py benchmarks/test_streams.py \
-  -k "compile"
+want profile && step profile 60 python benchmarks/profile_layer.py --out "$work/profile.txt"
+want compile && step compile 90 "${bench[@]}" benchmarks/test_sinkhorn.py benchmarks/test_streams.py \
+  -k "${MHC_COMPILE_CASES:-compile}"
+want stability-large && MHC_STABILITY_SCALE=large step stability-large 300 "${bench[@]}" \
+  benchmarks/test_stability.py
 
 python - "$work/$name.json" <<'PY'
 import json, sys

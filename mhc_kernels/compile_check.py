@@ -86,10 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 89, 90])
     parser.add_argument("--max-seconds", type=float, default=30.0, help="per-kernel compile limit")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--only", default="", help="compile only kernels whose name has this")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter cannot compile for GPU targets")
-    jobs = [(i, arch) for arch in args.arch for i in range(len(_configs()))]
+    names = [config[0] for config in _configs()]
+    jobs = [(i, arch) for arch in args.arch for i, name in enumerate(names) if args.only in name]
     failures = 0
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for row in pool.map(compile_one, *zip(*jobs, strict=True)):

@@ -114,7 +114,9 @@ class SinkhornRecompute(torch.autograd.Function):
         (logits,) = ctx.saved_tensors
         iters, dims, eps = ctx.config
         cdtype = compute_dtype(logits.dtype)
-        x, g = (to_batch_last(t.to(cdtype)) for t in (logits, grad))
+        # no generator expression here: torch 2.11's dynamo traced one into wrong gradients
+        x = to_batch_last(logits.to(cdtype))
+        g = to_batch_last(grad.to(cdtype))
         dx = from_batch_last(sinkhorn_backward(x, g, iters, dims, eps))
         return dx.to(logits.dtype), None, None, None
 

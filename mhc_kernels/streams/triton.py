@@ -20,138 +20,131 @@ import triton.language as tl
 from ..sinkhorn.triton import interpreting
 
 # --------------------------------------------------------------------------------------- kernels
+# Grid: (token blocks, C blocks). A program owns BT tokens x BC channels of every stream. Tiles are
+# [BT, NP, BC] or [BT, BC] with BC across threads (4 contiguous elements per thread), so sums over
+# streams stay in a thread's registers; streams are unrolled (static_range) and masked past n.
 
 
 @triton.jit
 def _pre_mix_fwd_kernel(x_ptr, h_ptr, out_ptr, T, n, C,
                         BT: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr):  # fmt: skip
     tok = tl.program_id(0) * BT + tl.arange(0, BT)
-    t3 = tok.to(tl.int64)[:, None, None]  # [BT, 1, 1]
-    j3 = tl.arange(0, NP)[None, :, None]
-    h = tl.load(
-        h_ptr + tok.to(tl.int64)[:, None] * n + tl.arange(0, NP)[None, :],
-        mask=(tok[:, None] < T) & (tl.arange(0, NP)[None, :] < n),
-        other=0.0,
-    )  # [BT, NP]
-    for c0 in range(0, C, BC):
-        c3 = c0 + tl.arange(0, BC)[None, None, :]
-        m3 = (t3 < T) & (j3 < n) & (c3 < C)
-        x = tl.load(x_ptr + t3 * n * C + j3 * C + c3, mask=m3, other=0.0).to(tl.float32)
-        out = tl.sum(h[:, :, None] * x, axis=1)  # [BT, BC]
-        c2 = c0 + tl.arange(0, BC)[None, :]
-        tl.store(out_ptr + tok.to(tl.int64)[:, None] * C + c2, out.to(out_ptr.dtype.element_ty),
-                 mask=(tok[:, None] < T) & (c2 < C))  # fmt: skip
+    t64 = tok.to(tl.int64)
+    c2 = tl.program_id(1) * BC + tl.arange(0, BC)[None, :]
+    m2 = (tok[:, None] < T) & (c2 < C)
+    acc = tl.zeros((BT, BC), dtype=tl.float32)
+    for j in tl.static_range(NP):
+        Tj = T * (n > j)  # no tokens in a padded stream (a tensor mask even when n is constexpr)
+        hj = tl.load(h_ptr + t64 * n + j, mask=tok < Tj, other=0.0)  # [BT]
+        xj = tl.load(x_ptr + t64[:, None] * n * C + j * C + c2,
+                     mask=(tok[:, None] < Tj) & (c2 < C), other=0.0)  # fmt: skip
+        acc += hj[:, None] * xj.to(tl.float32)
+    tl.store(out_ptr + t64[:, None] * C + c2, acc.to(out_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
-def _pre_mix_bwd_kernel(x_ptr, h_ptr, g_ptr, dx_ptr, dh_ptr, T, n, C,
+def _pre_mix_bwd_kernel(x_ptr, h_ptr, g_ptr, dx_ptr, dh_part_ptr, T, n, C,
                         BT: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+    # dx[t, j, c] = h[t, j] g[t, c];  dh[t, j] = sum_c g[t, c] x[t, j, c] (this program's C part)
     tok = tl.program_id(0) * BT + tl.arange(0, BT)
-    t3 = tok.to(tl.int64)[:, None, None]
-    j3 = tl.arange(0, NP)[None, :, None]
-    h_mask = (tok[:, None] < T) & (tl.arange(0, NP)[None, :] < n)
-    h_offs = tok.to(tl.int64)[:, None] * n + tl.arange(0, NP)[None, :]
-    h = tl.load(h_ptr + h_offs, mask=h_mask, other=0.0)  # [BT, NP]
-    dh = tl.zeros((BT, NP), dtype=tl.float32)
-    for c0 in range(0, C, BC):
-        c3 = c0 + tl.arange(0, BC)[None, None, :]
-        m3 = (t3 < T) & (j3 < n) & (c3 < C)
-        c2 = c0 + tl.arange(0, BC)[None, :]
-        g = tl.load(
-            g_ptr + tok.to(tl.int64)[:, None] * C + c2,
-            mask=(tok[:, None] < T) & (c2 < C),
-            other=0.0,
-        ).to(tl.float32)  # [BT, BC]
-        x = tl.load(x_ptr + t3 * n * C + j3 * C + c3, mask=m3, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + t3 * n * C + j3 * C + c3,
-                 (h[:, :, None] * g[:, None, :]).to(dx_ptr.dtype.element_ty), mask=m3)  # fmt: skip
-        dh += tl.sum(g[:, None, :] * x, axis=2)
-    tl.store(dh_ptr + h_offs, dh, mask=h_mask)
+    t64 = tok.to(tl.int64)
+    c2 = tl.program_id(1) * BC + tl.arange(0, BC)[None, :]
+    m2 = (tok[:, None] < T) & (c2 < C)
+    part = dh_part_ptr + tl.program_id(1).to(tl.int64) * T * n
+    g = tl.load(g_ptr + t64[:, None] * C + c2, mask=m2, other=0.0).to(tl.float32)  # [BT, BC]
+    for j in tl.static_range(NP):
+        Tj = T * (n > j)
+        m2j = (tok[:, None] < Tj) & (c2 < C)
+        hj = tl.load(h_ptr + t64 * n + j, mask=tok < Tj, other=0.0)
+        offs = t64[:, None] * n * C + j * C + c2
+        xj = tl.load(x_ptr + offs, mask=m2j, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + offs, (hj[:, None] * g).to(dx_ptr.dtype.element_ty), mask=m2j)
+        tl.store(part + t64 * n + j, tl.sum(g * xj, axis=1), mask=tok < Tj)
 
 
 @triton.jit
 def _merge_fwd_kernel(x_ptr, y_ptr, hpost_ptr, hres_ptr, out_ptr, T, n, C,
                       BT: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+    # out[t, i, c] = sum_j h_res[t, i, j] x[t, j, c] + h_post[t, i] y[t, c]
     tok = tl.program_id(0) * BT + tl.arange(0, BT)
-    tl64 = tok.to(tl.int64)
+    t64 = tok.to(tl.int64)
+    t3 = t64[:, None, None]
     i2 = tl.arange(0, NP)[None, :]
-    hpost = tl.load(hpost_ptr + tl64[:, None] * n + i2, mask=(tok[:, None] < T) & (i2 < n),
-                    other=0.0)  # [BT, NP]  # fmt: skip
     i3 = tl.arange(0, NP)[None, :, None]
-    j3 = tl.arange(0, NP)[None, None, :]
-    t3 = tl64[:, None, None]
-    hres = tl.load(hres_ptr + t3 * n * n + i3 * n + j3, mask=(t3 < T) & (i3 < n) & (j3 < n),
-                   other=0.0)  # [BT, NP(i), NP(j)]  # fmt: skip
-    for c0 in range(0, C, BC):
-        c3 = c0 + tl.arange(0, BC)[None, None, :]
-        m3 = (t3 < T) & (i3 < n) & (c3 < C)
-        x = tl.load(x_ptr + t3 * n * C + i3 * C + c3, mask=m3, other=0.0).to(
-            tl.float32
-        )  # [BT, NP(j), BC]
-        c2 = c0 + tl.arange(0, BC)[None, :]
-        y = tl.load(y_ptr + tl64[:, None] * C + c2, mask=(tok[:, None] < T) & (c2 < C),
-                    other=0.0).to(tl.float32)  # [BT, BC]  # fmt: skip
-        mixed = tl.sum(hres[:, :, :, None] * x[:, None, :, :], axis=2)  # [BT, NP(i), BC]
-        out = mixed + hpost[:, :, None] * y[:, None, :]
-        tl.store(out_ptr + t3 * n * C + i3 * C + c3, out.to(out_ptr.dtype.element_ty), mask=m3)
+    c2 = tl.program_id(1) * BC + tl.arange(0, BC)[None, :]
+    c3 = c2[:, None, :]
+    m2 = (tok[:, None] < T) & (c2 < C)
+    mi = (tok[:, None] < T) & (i2 < n)  # [BT, NP]
+    hpost = tl.load(hpost_ptr + t64[:, None] * n + i2, mask=mi, other=0.0)
+    y = tl.load(y_ptr + t64[:, None] * C + c2, mask=m2, other=0.0).to(tl.float32)
+    acc = hpost[:, :, None] * y[:, None, :]  # [BT, NP, BC]
+    for j in tl.static_range(NP):
+        Tj = T * (n > j)
+        hcol = tl.load(hres_ptr + t64[:, None] * n * n + i2 * n + j,
+                       mask=(tok[:, None] < Tj) & (i2 < n), other=0.0)  # fmt: skip
+        xj = tl.load(x_ptr + t64[:, None] * n * C + j * C + c2,
+                     mask=(tok[:, None] < Tj) & (c2 < C), other=0.0)  # fmt: skip
+        acc += hcol[:, :, None] * xj.to(tl.float32)[:, None, :]
+    m3 = (t3 < T) & (i3 < n) & (c3 < C)
+    tl.store(out_ptr + t3 * n * C + i3 * C + c3, acc.to(out_ptr.dtype.element_ty), mask=m3)
 
 
 @triton.jit
-def _merge_bwd_kernel(x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_ptr, dhpost_ptr,
-                      dhres_ptr, T, n, C,
+def _merge_bwd_kernel(x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_ptr, dhpost_part_ptr,
+                      dhres_part_ptr, T, n, C,
                       BT: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+    # dx[t, j] = sum_i h_res[t, i, j] g[t, i];  dy[t] = sum_i h_post[t, i] g[t, i]
+    # dh_res[t, i, j] = sum_c g[t, i, c] x[t, j, c];  dh_post[t, i] = sum_c g[t, i, c] y[t, c]
     tok = tl.program_id(0) * BT + tl.arange(0, BT)
-    tl64 = tok.to(tl.int64)
+    t64 = tok.to(tl.int64)
+    t3 = t64[:, None, None]
     i2 = tl.arange(0, NP)[None, :]
-    p_mask = (tok[:, None] < T) & (i2 < n)
-    hpost = tl.load(hpost_ptr + tl64[:, None] * n + i2, mask=p_mask, other=0.0)  # [BT, NP]
     i3 = tl.arange(0, NP)[None, :, None]
-    j3 = tl.arange(0, NP)[None, None, :]
-    t3 = tl64[:, None, None]
-    r_mask = (t3 < T) & (i3 < n) & (j3 < n)
-    r_offs = t3 * n * n + i3 * n + j3
-    hres = tl.load(hres_ptr + r_offs, mask=r_mask, other=0.0)  # [BT, NP(i), NP(j)]
-    dhres = tl.zeros((BT, NP, NP), dtype=tl.float32)
-    dhpost = tl.zeros((BT, NP), dtype=tl.float32)
-    for c0 in range(0, C, BC):
-        c3 = c0 + tl.arange(0, BC)[None, None, :]
-        m3 = (t3 < T) & (i3 < n) & (c3 < C)
-        s_offs = t3 * n * C + i3 * C + c3
-        x = tl.load(x_ptr + s_offs, mask=m3, other=0.0).to(tl.float32)  # [BT, NP(j), BC]
-        g = tl.load(g_ptr + s_offs, mask=m3, other=0.0).to(tl.float32)  # [BT, NP(i), BC]
-        c2 = c0 + tl.arange(0, BC)[None, :]
-        m2 = (tok[:, None] < T) & (c2 < C)
-        y = tl.load(y_ptr + tl64[:, None] * C + c2, mask=m2, other=0.0).to(tl.float32)
-        dx = tl.sum(hres[:, :, :, None] * g[:, :, None, :], axis=1)  # [BT, NP(j), BC]
-        tl.store(dx_ptr + s_offs, dx.to(dx_ptr.dtype.element_ty), mask=m3)
-        dy = tl.sum(hpost[:, :, None] * g, axis=1)  # [BT, BC]
-        tl.store(dy_ptr + tl64[:, None] * C + c2, dy.to(dy_ptr.dtype.element_ty), mask=m2)
-        dhres += tl.sum(g[:, :, None, :] * x[:, None, :, :], axis=3)
-        dhpost += tl.sum(g * y[:, None, :], axis=2)
-    tl.store(dhres_ptr + r_offs, dhres, mask=r_mask)
-    tl.store(dhpost_ptr + tl64[:, None] * n + i2, dhpost, mask=p_mask)
+    c2 = tl.program_id(1) * BC + tl.arange(0, BC)[None, :]
+    c3 = c2[:, None, :]
+    m2 = (tok[:, None] < T) & (c2 < C)
+    mi = (tok[:, None] < T) & (i2 < n)
+    m3 = (t3 < T) & (i3 < n) & (c3 < C)
+    cpart = tl.program_id(1).to(tl.int64) * T
+    g = tl.load(g_ptr + t3 * n * C + i3 * C + c3, mask=m3, other=0.0).to(tl.float32)  # [BT,NP,BC]
+    hpost = tl.load(hpost_ptr + t64[:, None] * n + i2, mask=mi, other=0.0)
+    y = tl.load(y_ptr + t64[:, None] * C + c2, mask=m2, other=0.0).to(tl.float32)
+    dy = tl.sum(hpost[:, :, None] * g, axis=1)
+    tl.store(dy_ptr + t64[:, None] * C + c2, dy.to(dy_ptr.dtype.element_ty), mask=m2)
+    tl.store(dhpost_part_ptr + (cpart + t64[:, None]) * n + i2, tl.sum(g * y[:, None, :], axis=2),
+             mask=mi)  # fmt: skip
+    for j in tl.static_range(NP):
+        Tj = T * (n > j)
+        mij = (tok[:, None] < Tj) & (i2 < n)
+        m2j = (tok[:, None] < Tj) & (c2 < C)
+        hcol = tl.load(hres_ptr + t64[:, None] * n * n + i2 * n + j, mask=mij, other=0.0)
+        offs = t64[:, None] * n * C + j * C + c2
+        dxj = tl.sum(hcol[:, :, None] * g, axis=1)  # [BT, BC]
+        tl.store(dx_ptr + offs, dxj.to(dx_ptr.dtype.element_ty), mask=m2j)
+        xj = tl.load(x_ptr + offs, mask=m2j, other=0.0).to(tl.float32)
+        dcol = tl.sum(g * xj[:, None, :], axis=2)  # [BT, NP]: dh_res[t, :, j]
+        tl.store(dhres_part_ptr + (cpart + t64[:, None]) * n * n + i2 * n + j, dcol, mask=mij)
 
 
 # -------------------------------------------------------------------------------------- launchers
 
-BLOCK_C = 64
-GPU_TILE_ELEMS = 2048  # elements of the largest temporary, [BT, NP, NP, BLOCK_C]; no spills at 2048
-INTERPRETER_TILE_ELEMS = 2**18
-MAX_GPU_TOKENS = 16  # n = 1 merge backward spills at 32 tokens per program
+GPU_BLOCK_C = 512  # 4 contiguous elements per thread at 4 warps
+GPU_TILE_ELEMS = 2048  # [BT, NP, BC] tile: 16 floats per thread (4096 spilled in one case)
+INTERPRETER_TILE_ELEMS = 2**18  # the interpreter's cost is per program: few, large programs
 NUM_WARPS = 4
 
 
-def launch_config(tokens: int, n: int) -> tuple[int, int, int]:
-    """``(BT, NP, BLOCK_C)``: tokens per program, padded n, C chunk."""
+def launch_config(tokens: int, n: int, C: int) -> tuple[int, int, int]:
+    """``(BT, NP, BC)``: tokens and channels per program, padded n."""
     np2 = triton.next_power_of_2(n)
-    bt = _tokens_per_program(np2, INTERPRETER_TILE_ELEMS if interpreting() else GPU_TILE_ELEMS)
-    return min(triton.next_power_of_2(max(tokens, 1)), bt), np2, BLOCK_C
+    budget = INTERPRETER_TILE_ELEMS if interpreting() else GPU_TILE_ELEMS
+    bc = min(triton.next_power_of_2(C), budget if interpreting() else GPU_BLOCK_C)
+    bt = max(1, budget // (np2 * bc))
+    return min(triton.next_power_of_2(max(tokens, 1)), bt), np2, bc
 
 
-def _tokens_per_program(np2: int, budget: int) -> int:
-    cap = None if budget == INTERPRETER_TILE_ELEMS else MAX_GPU_TOKENS
-    bt = triton.next_power_of_2(max(1, budget // (np2 * np2 * BLOCK_C)))
-    return min(bt, cap) if cap else bt
+def _grid(T: int, C: int, bt: int, bc: int) -> tuple[int, int]:
+    return triton.cdiv(T, bt), triton.cdiv(C, bc)
 
 
 def _check(x: torch.Tensor, n: int):
@@ -163,64 +156,70 @@ def pre_mix_fwd(x, h):
     T, n, C = x.shape
     _check(x, n)
     out = torch.empty((T, C), dtype=x.dtype, device=x.device)
-    bt, np2, bc = launch_config(T, n)
-    _pre_mix_fwd_kernel[(triton.cdiv(T, bt),)](x, h, out, T, n, C, BT=bt, NP=np2, BC=bc,
-                                               num_warps=NUM_WARPS)  # fmt: skip
+    bt, np2, bc = launch_config(T, n, C)
+    _pre_mix_fwd_kernel[_grid(T, C, bt, bc)](x, h, out, T, n, C, BT=bt, NP=np2, BC=bc,
+                                             num_warps=NUM_WARPS)  # fmt: skip
     return out
 
 
 def pre_mix_bwd(x, h, g):
     T, n, C = x.shape
+    bt, np2, bc = launch_config(T, n, C)
+    grid = _grid(T, C, bt, bc)
     dx = torch.empty_like(x)
-    dh = torch.empty((T, n), dtype=torch.float32, device=x.device)
-    bt, np2, bc = launch_config(T, n)
-    _pre_mix_bwd_kernel[(triton.cdiv(T, bt),)](x, h, g, dx, dh, T, n, C, BT=bt, NP=np2, BC=bc,
-                                               num_warps=NUM_WARPS)  # fmt: skip
-    return dx, dh
+    dh = torch.empty((grid[1], T, n), dtype=torch.float32, device=x.device)  # per C block
+    _pre_mix_bwd_kernel[grid](x, h, g, dx, dh, T, n, C, BT=bt, NP=np2, BC=bc,
+                              num_warps=NUM_WARPS)  # fmt: skip
+    return dx, dh.sum(0)
 
 
 def merge_fwd(x, y, h_post, h_res):
     T, n, C = x.shape
     _check(x, n)
     out = torch.empty_like(x)
-    bt, np2, bc = launch_config(T, n)
-    _merge_fwd_kernel[(triton.cdiv(T, bt),)](x, y, h_post, h_res, out, T, n, C, BT=bt, NP=np2,
-                                             BC=bc, num_warps=NUM_WARPS)  # fmt: skip
+    bt, np2, bc = launch_config(T, n, C)
+    _merge_fwd_kernel[_grid(T, C, bt, bc)](x, y, h_post, h_res, out, T, n, C, BT=bt, NP=np2,
+                                           BC=bc, num_warps=NUM_WARPS)  # fmt: skip
     return out
 
 
 def merge_bwd(x, y, h_post, h_res, g):
     T, n, C = x.shape
+    bt, np2, bc = launch_config(T, n, C)
+    grid = _grid(T, C, bt, bc)
     dx, dy = torch.empty_like(x), torch.empty_like(y)
-    dh_post = torch.empty((T, n), dtype=torch.float32, device=x.device)
-    dh_res = torch.empty((T, n, n), dtype=torch.float32, device=x.device)
-    bt, np2, bc = launch_config(T, n)
-    _merge_bwd_kernel[(triton.cdiv(T, bt),)](x, y, h_post, h_res, g, dx, dy, dh_post, dh_res,
-                                             T, n, C, BT=bt, NP=np2, BC=bc,
-                                             num_warps=NUM_WARPS)  # fmt: skip
-    return dx, dy, dh_post, dh_res
+    dh_post = torch.empty((grid[1], T, n), dtype=torch.float32, device=x.device)  # per C block
+    dh_res = torch.empty((grid[1], T, n, n), dtype=torch.float32, device=x.device)
+    _merge_bwd_kernel[grid](x, y, h_post, h_res, g, dx, dy, dh_post, dh_res, T, n, C,
+                            BT=bt, NP=np2, BC=bc, num_warps=NUM_WARPS)  # fmt: skip
+    return dx, dy, dh_post.sum(0), dh_res.sum(0)
 
 
 def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
-    """Every GPU configuration the launchers can pick: ``(name, kernel, signature, consts, warps)``."""
+    """Every GPU configuration the launchers can pick: ``(name, kernel, signature, consts, warps)``.
+
+    The full-width C block (C >= 512) for each padded n; narrower C uses smaller blocks of the same
+    kernels with fewer registers.
+    """
     for np2 in (1, 2, 4, 8):
-        bt = _tokens_per_program(np2, GPU_TILE_ELEMS)
-        consts = {"BT": bt, "NP": np2, "BC": BLOCK_C}
+        bt, _, bc = launch_config(2**20, np2, 2**20) if not interpreting() else (1, np2, 512)
+        consts = {"BT": bt, "NP": np2, "BC": bc}
         tail = {"T": "i32", "n": "i32", "C": "i32", **dict.fromkeys(consts, "constexpr")}
         for dt in dtypes:
             s, f = f"*{dt}", "*fp32"
             kernels = {
                 "pre_mix_fwd": (_pre_mix_fwd_kernel, {"x_ptr": s, "h_ptr": f, "out_ptr": s}),
                 "pre_mix_bwd": (_pre_mix_bwd_kernel, {"x_ptr": s, "h_ptr": f, "g_ptr": s,
-                                                      "dx_ptr": s, "dh_ptr": f}),
+                                                      "dx_ptr": s, "dh_part_ptr": f}),
                 "merge_fwd": (_merge_fwd_kernel, {"x_ptr": s, "y_ptr": s, "hpost_ptr": f,
                                                   "hres_ptr": f, "out_ptr": s}),
                 "merge_bwd": (_merge_bwd_kernel, {"x_ptr": s, "y_ptr": s, "hpost_ptr": f,
                                                   "hres_ptr": f, "g_ptr": s, "dx_ptr": s,
-                                                  "dy_ptr": s, "dhpost_ptr": f, "dhres_ptr": f}),
+                                                  "dy_ptr": s, "dhpost_part_ptr": f,
+                                                  "dhres_part_ptr": f}),
             }  # fmt: skip
             for name, (kernel, ptrs) in kernels.items():
-                yield f"{name}-NP{np2}-BT{bt}-{dt}", kernel, {**ptrs, **tail}, consts, NUM_WARPS
+                yield f"{name}-NP{np2}-BT{bt}-BC{bc}-{dt}", kernel, {**ptrs, **tail}, consts, NUM_WARPS
 
 
 # ------------------------------------------------------------------------------ autograd (ops)
