@@ -219,7 +219,13 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
                                                   "dhres_part_ptr": f}),
             }  # fmt: skip
             for name, (kernel, ptrs) in kernels.items():
-                yield f"{name}-NP{np2}-BT{bt}-BC{bc}-{dt}", kernel, {**ptrs, **tail}, consts, NUM_WARPS
+                yield (
+                    f"{name}-NP{np2}-BT{bt}-BC{bc}-{dt}",
+                    kernel,
+                    {**ptrs, **tail},
+                    consts,
+                    NUM_WARPS,
+                )
 
 
 # ------------------------------------------------------------------------------ autograd (ops)
