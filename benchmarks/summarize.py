@@ -47,7 +47,7 @@ def sinkhorn_summary(rows: list[dict]) -> dict:
                 entry[f"{fast}_vs_{slow}"] = times[slow] / times[fast]
         cases.append(entry)
     targets = {}
-    key = {r["name"]: r for r in rows if r.get("provider") == "triton"}
+    key = {r["name"]: r for r in rows if r.get("provider") == "triton" and "batch" in r}
     for row in key.values():
         if (row["n"], row["dtype"], row["batch"]) == (4, "fp32", 2**20):
             targets[f"triton_{row['passes']}_roofline_ratio"] = row.get("roofline_ratio")

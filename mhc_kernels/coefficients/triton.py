@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._autograd import compiled_or_eager, eager_function
 from ..sinkhorn.triton import interpreting
 
 
@@ -156,17 +157,23 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _backward(ctx, dproj, dss):
-    v, phi = ctx.saved_tensors
-    dproj = torch.zeros((v.shape[0], phi.shape[1]), device=v.device) if dproj is None else dproj
-    dss = torch.zeros((v.shape[0],), device=v.device) if dss is None else dss
-    return _projection_bwd_op(v, phi, dproj.float().contiguous(), dss.float().contiguous())
+def _backward_with(bwd):
+    def backward(ctx, dproj, dss):
+        v, phi = ctx.saved_tensors
+        dproj = torch.zeros((v.shape[0], phi.shape[1]), device=v.device) if dproj is None else dproj
+        dss = torch.zeros((v.shape[0],), device=v.device) if dss is None else dss
+        return bwd(v, phi, dproj.float().contiguous(), dss.float().contiguous())
+
+    return backward
 
 
-_projection_op.register_autograd(_backward, setup_context=_setup)
+_projection_op.register_autograd(_backward_with(_projection_bwd_op), setup_context=_setup)
+_projection = compiled_or_eager(
+    _projection_op, eager_function(projection_fwd, _setup, _backward_with(projection_bwd))
+)
 
 
 def projection_triton(v: torch.Tensor, phi: torch.Tensor):
     K = v.shape[-1]
-    proj, ss = _projection_op(v.reshape(-1, K).contiguous(), phi.contiguous())
+    proj, ss = _projection(v.reshape(-1, K).contiguous(), phi.contiguous())
     return proj.reshape(*v.shape[:-1], phi.shape[1]), ss.reshape(v.shape[:-1])

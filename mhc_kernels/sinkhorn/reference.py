@@ -107,16 +107,17 @@ class SinkhornRecompute(torch.autograd.Function):
         out = from_batch_last(sinkhorn_forward(x, iters, dims, eps))
         ctx.save_for_backward(logits)
         ctx.config = (iters, dims, eps)
-        return out.to(logits.dtype)
+        # a fresh tensor, never a view of an intermediate: under torch.compile, torch 2.11 routes
+        # the gradient of an output that aliases an intermediate to the wrong slot (zero gradients;
+        # pytorch/pytorch#180642). The copy is one pass over P against 2 * iters for the iterations.
+        return out.to(logits.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (logits,) = ctx.saved_tensors
         iters, dims, eps = ctx.config
         cdtype = compute_dtype(logits.dtype)
-        # no generator expression here: torch 2.11's dynamo traced one into wrong gradients
-        x = to_batch_last(logits.to(cdtype))
-        g = to_batch_last(grad.to(cdtype))
+        x, g = to_batch_last(logits.to(cdtype)), to_batch_last(grad.to(cdtype))
         dx = from_batch_last(sinkhorn_backward(x, g, iters, dims, eps))
         return dx.to(logits.dtype), None, None, None
 

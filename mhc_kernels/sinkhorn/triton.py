@@ -4,11 +4,8 @@ The maths is in ``reference.py``; these kernels run the same recurrence, operati
 
 Limits. Matrices up to 16x16 are the design point (any n works; tiles are padded to the next power
 of two, so register use grows as n^2). Input float32, float16 or bfloat16, iterations in float32.
-Each program is persistent: it walks over blocks of ``BLOCK`` matrices, so every matrix is read once
-and written once. Up to 4x4 the tile is batch-last, ``[NP, NP, BLOCK]``: matrices across threads,
-each thread's whole matrices in its registers, so the 2 * iters row and column sums never leave a
-thread (no shuffles, no shared memory). From 8x8 a whole matrix per thread spills registers, and the
-tile is batch-first, ``[BLOCK, NP, NP]``, one matrix spread over several threads.
+Each program is persistent: it walks over blocks of ``BLOCK`` matrices, each held as a
+``[BLOCK, NP, NP]`` tile, so every matrix is read once and written once.
 
 Memory/compute trade-off. Forward: reads X, writes P; nothing saved. Backward: reads X and dL/dP,
 recomputes the forward once while writing its ``2 * iters`` normaliser vectors to a per-program
@@ -27,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._autograd import compiled_or_eager, eager_function
 from .reference import ORDER_DIMS
 
 # --------------------------------------------------------------------------------------- kernels
@@ -34,7 +32,7 @@ from .reference import ORDER_DIMS
 
 @triton.jit
 def _kernel_matrix(x, FIRST: tl.constexpr):
-    # x: one tile; shift along the first-normalised axis, fully -inf lines give zeros
+    # x: [BLOCK, NP, NP]; shift along the first-normalised axis, fully -inf lines give zeros
     shift = tl.max(x, axis=FIRST)
     shift = tl.where(shift == float("-inf"), 0.0, shift)
     return tl.exp(x - tl.expand_dims(shift, FIRST))
@@ -42,38 +40,8 @@ def _kernel_matrix(x, FIRST: tl.constexpr):
 
 @triton.jit
 def _normalise(a, AXIS: tl.constexpr, eps):
-    s = tl.sum(a, axis=AXIS) + eps  # one normaliser per line
+    s = tl.sum(a, axis=AXIS) + eps  # [BLOCK, NP]
     return a * tl.expand_dims(1.0 / s, AXIS), s  # NP divisions per matrix instead of NP^2
-
-
-@triton.jit
-def _tile(blk, BLOCK: tl.constexpr, NP: tl.constexpr, BATCH_LAST: tl.constexpr):
-    """Index tensors (mats, rows, cols) of one tile: [NP, NP, BLOCK] batch-last or [BLOCK, NP, NP].
-
-    Batch-last puts the matrices across threads and each thread's matrices in its registers, so the
-    row and column sums never leave a thread (NP <= 8). Batch-first spreads one matrix over threads
-    (NP = 16, where a whole matrix per thread would not fit in registers).
-    """
-    m = (blk * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-    if BATCH_LAST:
-        mats = m[None, None, :]
-        rows = tl.arange(0, NP)[:, None, None]
-        cols = tl.arange(0, NP)[None, :, None]
-    else:
-        mats = m[:, None, None]
-        rows = tl.arange(0, NP)[None, :, None]
-        cols = tl.arange(0, NP)[None, None, :]
-    return mats, rows, cols
-
-
-@triton.jit
-def _scratch_offsets(BLOCK: tl.constexpr, NP: tl.constexpr, BATCH_LAST: tl.constexpr):
-    # a normaliser vector of every matrix in the tile: [NP, BLOCK] or [BLOCK, NP], contiguous
-    if BATCH_LAST:
-        offs = tl.arange(0, NP)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-    else:
-        offs = tl.arange(0, BLOCK)[:, None] * NP + tl.arange(0, NP)[None, :]
-    return offs
 
 
 @triton.jit
@@ -82,16 +50,17 @@ def _sinkhorn_fwd_kernel(
     stride_xb, stride_xr, stride_xc,
     iters, eps,
     FIRST: tl.constexpr, SECOND: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr,
-    BATCH_LAST: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     num_blocks = tl.cdiv(num_mats, BLOCK)
+    rows = tl.arange(0, NP)[None, :, None]
+    cols = tl.arange(0, NP)[None, None, :]
     for blk in range(pid, num_blocks, tl.num_programs(0)):
-        mats, rows, cols = _tile(blk, BLOCK, NP, BATCH_LAST)
+        mats = (blk * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)[:, None, None]  # [BLOCK, 1, 1]
         mask = (mats < num_mats) & (rows < n) & (cols < n)
         x_offs = mats * stride_xb + rows * stride_xr + cols * stride_xc
         x = tl.load(x_ptr + x_offs, mask=mask, other=float("-inf")).to(tl.float32)
-        a = _kernel_matrix(x, FIRST)
+        a = _kernel_matrix(x, FIRST)  # [BLOCK, NP, NP]
         for _ in range(iters):
             a, _s = _normalise(a, FIRST, eps)
             a, _s = _normalise(a, SECOND, eps)
@@ -106,15 +75,16 @@ def _sinkhorn_bwd_kernel(
     stride_gb, stride_gr, stride_gc,
     iters, eps,
     FIRST: tl.constexpr, SECOND: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr,
-    BATCH_LAST: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     num_blocks = tl.cdiv(num_mats, BLOCK)
-    # this program's scratch slot: 2 * iters normaliser vectors of BLOCK * NP floats
+    rows = tl.arange(0, NP)[None, :, None]
+    cols = tl.arange(0, NP)[None, None, :]
+    # this program's scratch slot: [2 * iters, BLOCK, NP] normalisers
     slot = scratch_ptr + pid.to(tl.int64) * (2 * iters * BLOCK * NP)
-    s_offs = _scratch_offsets(BLOCK, NP, BATCH_LAST)
+    s_offs = tl.arange(0, BLOCK)[:, None] * NP + tl.arange(0, NP)[None, :]  # [BLOCK, NP]
     for blk in range(pid, num_blocks, tl.num_programs(0)):
-        mats, rows, cols = _tile(blk, BLOCK, NP, BATCH_LAST)
+        mats = (blk * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)[:, None, None]
         mask = (mats < num_mats) & (rows < n) & (cols < n)
         x_offs = mats * stride_xb + rows * stride_xr + cols * stride_xc
         x = tl.load(x_ptr + x_offs, mask=mask, other=float("-inf")).to(tl.float32)
@@ -143,8 +113,7 @@ def _sinkhorn_bwd_kernel(
 
 # -------------------------------------------------------------------------------------- launchers
 
-GPU_MATS_PER_THREAD = {1: 16, 2: 4, 4: 1}  # batch-last tiles: 16 floats per thread
-GPU_TILE_ELEMS = 2048  # batch-first tiles (n = 8): [BLOCK, 8, 8], 16 floats per thread at 4 warps
+GPU_TILE_ELEMS = 2048  # elements of one [BLOCK, NP, NP] tile on a GPU (16 per thread at 4 warps)
 GPU_TILE_ELEMS_N16 = 1024  # 16x16 matrices: larger tiles or 4+ warps spill a few bytes (ptxas -v)
 INTERPRETER_TILE_ELEMS = 2**16  # the interpreter's cost is per program step: use huge tiles
 NUM_WARPS = 4
@@ -154,15 +123,8 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _batch_last(np2: int) -> bool:
-    return np2 <= 4  # at n = 8 a whole matrix per thread spills under Triton 3.6 (ptxas -v)
-
-
-def _gpu_block(np2: int) -> int:
-    if _batch_last(np2):
-        return 32 * NUM_WARPS * GPU_MATS_PER_THREAD[np2]
-    tile = GPU_TILE_ELEMS_N16 if np2 >= 16 else GPU_TILE_ELEMS
-    return max(1, tile // (np2 * np2))
+def _gpu_tile(np2: int) -> int:
+    return GPU_TILE_ELEMS_N16 if np2 >= 16 else GPU_TILE_ELEMS
 
 
 def _num_warps(np2: int) -> int:
@@ -172,11 +134,8 @@ def _num_warps(np2: int) -> int:
 def launch_config(num_mats: int, n: int, device: torch.device) -> tuple[int, int, int]:
     """``(BLOCK, NP, programs)`` for ``num_mats`` matrices of size ``n`` on ``device``."""
     np2 = triton.next_power_of_2(n)
-    if interpreting():
-        block = max(1, INTERPRETER_TILE_ELEMS // (np2 * np2))
-    else:
-        block = _gpu_block(np2)
-    block = min(block, triton.next_power_of_2(num_mats))
+    tile = INTERPRETER_TILE_ELEMS if interpreting() else _gpu_tile(np2)
+    block = max(1, min(tile // (np2 * np2), triton.next_power_of_2(num_mats)))
     num_blocks = triton.cdiv(num_mats, block)
     if device.type == "cuda":
         max_programs = 8 * torch.cuda.get_device_properties(device).multi_processor_count
@@ -185,10 +144,9 @@ def launch_config(num_mats: int, n: int, device: torch.device) -> tuple[int, int
     return block, np2, max(1, min(num_blocks, max_programs))
 
 
-def _order_axes(order: str, np2: int) -> tuple[int, int]:
-    # tensor dims (-2, -1) are tile axes (0, 1) batch-last, (1, 2) batch-first
-    base = 2 if _batch_last(np2) else 3
-    return tuple(base + d for d in ORDER_DIMS[order])
+def _order_axes(order: str) -> tuple[int, int]:
+    # tensor dims (-2, -1) are tile axes (1, 2)
+    return tuple(3 + d for d in ORDER_DIMS[order])
 
 
 def sinkhorn_fwd(x: torch.Tensor, iters: int, order: str, eps: float) -> torch.Tensor:
@@ -198,11 +156,10 @@ def sinkhorn_fwd(x: torch.Tensor, iters: int, order: str, eps: float) -> torch.T
     if num_mats == 0:
         return out
     block, np2, programs = launch_config(num_mats, n, x.device)
-    first, second = _order_axes(order, np2)
+    first, second = _order_axes(order)
     _sinkhorn_fwd_kernel[(programs,)](
         x, out, num_mats, n, *x.stride(), iters, eps,
-        FIRST=first, SECOND=second, BLOCK=block, NP=np2, BATCH_LAST=_batch_last(np2),
-        num_warps=_num_warps(np2),
+        FIRST=first, SECOND=second, BLOCK=block, NP=np2, num_warps=_num_warps(np2),
     )  # fmt: skip
     return out
 
@@ -217,11 +174,10 @@ def sinkhorn_bwd(
         return dx
     block, np2, programs = launch_config(num_mats, n, x.device)
     scratch = torch.empty(programs * 2 * iters * block * np2, dtype=torch.float32, device=x.device)
-    first, second = _order_axes(order, np2)
+    first, second = _order_axes(order)
     _sinkhorn_bwd_kernel[(programs,)](
         x, grad, dx, scratch, num_mats, n, *x.stride(), *grad.stride(), iters, eps,
-        FIRST=first, SECOND=second, BLOCK=block, NP=np2, BATCH_LAST=_batch_last(np2),
-        num_warps=_num_warps(np2),
+        FIRST=first, SECOND=second, BLOCK=block, NP=np2, num_warps=_num_warps(np2),
     )  # fmt: skip
     return dx
 
@@ -232,12 +188,11 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16"), orders=tuple(ORDER_DIMS)):
     Yields ``(name, kernel, signature, constexprs, num_warps)``.
     """
     for np2 in (1, 2, 4, 8, 16):
-        block = _gpu_block(np2)
+        block = max(1, _gpu_tile(np2) // (np2 * np2))
         for dtype in dtypes:
             for order in orders:
-                first, second = _order_axes(order, np2)
-                consts = {"FIRST": first, "SECOND": second, "BLOCK": block, "NP": np2,
-                          "BATCH_LAST": _batch_last(np2)}  # fmt: skip
+                first, second = _order_axes(order)
+                consts = {"FIRST": first, "SECOND": second, "BLOCK": block, "NP": np2}
                 ints = dict.fromkeys(["num_mats", "n"], "i32")
                 x_strides = dict.fromkeys(["stride_xb", "stride_xr", "stride_xc"], "i32")
                 g_strides = dict.fromkeys(["stride_gb", "stride_gr", "stride_gc"], "i32")
@@ -251,7 +206,8 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16"), orders=tuple(ORDER_DIMS)):
 
 
 # ------------------------------------------------------------------- autograd (as custom ops)
-# Custom ops keep torch.compile from tracing into the launchers (no graph breaks).
+# Custom ops keep torch.compile from tracing into the launchers (no graph breaks); eager calls skip
+# their dispatch cost (mhc_kernels/_autograd.py).
 
 
 @torch.library.custom_op("mhc_kernels::sinkhorn_fwd", mutates_args=())
@@ -282,12 +238,18 @@ def _setup_context(ctx, inputs, output):
     ctx.config = (iters, order, eps)
 
 
-def _backward(ctx, grad):
-    (x,) = ctx.saved_tensors
-    return _sinkhorn_bwd_op(x, grad, *ctx.config), None, None, None
+def _backward_with(bwd):
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return bwd(x, grad, *ctx.config), None, None, None
+
+    return backward
 
 
-_sinkhorn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_sinkhorn_fwd_op.register_autograd(_backward_with(_sinkhorn_bwd_op), setup_context=_setup_context)
+_sinkhorn = compiled_or_eager(
+    _sinkhorn_fwd_op, eager_function(sinkhorn_fwd, _setup_context, _backward_with(sinkhorn_bwd))
+)
 
 
 def sinkhorn_knopp_triton(
@@ -295,5 +257,5 @@ def sinkhorn_knopp_triton(
 ) -> torch.Tensor:
     """Triton Sinkhorn-Knopp; arguments as :func:`mhc_kernels.sinkhorn_knopp` (validated there)."""
     n = logits.shape[-1]
-    out = _sinkhorn_fwd_op(logits.reshape(-1, n, n), iters, order, eps)
+    out = _sinkhorn(logits.reshape(-1, n, n), iters, order, eps)
     return out.reshape(logits.shape)

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._autograd import compiled_or_eager, eager_function
 from ..sinkhorn.triton import interpreting
 
 # --------------------------------------------------------------------------------------- kernels
@@ -256,12 +257,18 @@ def _pre_mix_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _pre_mix_backward(ctx, g):
-    x, h = ctx.saved_tensors
-    return _pre_mix_bwd_op(x, h, g.contiguous())
+def _pre_mix_backward_with(bwd):
+    def backward(ctx, g):
+        x, h = ctx.saved_tensors
+        return bwd(x, h, g.contiguous())
+
+    return backward
 
 
-_pre_mix_op.register_autograd(_pre_mix_backward, setup_context=_pre_mix_setup)
+_pre_mix_op.register_autograd(_pre_mix_backward_with(_pre_mix_bwd_op), setup_context=_pre_mix_setup)
+_pre_mix = compiled_or_eager(
+    _pre_mix_op, eager_function(pre_mix_fwd, _pre_mix_setup, _pre_mix_backward_with(pre_mix_bwd))
+)
 
 
 @torch.library.custom_op("mhc_kernels::merge", mutates_args=())
@@ -292,22 +299,28 @@ def _merge_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _merge_backward(ctx, g):
-    return _merge_bwd_op(*ctx.saved_tensors, g.contiguous())
+def _merge_backward_with(bwd):
+    def backward(ctx, g):
+        return bwd(*ctx.saved_tensors, g.contiguous())
+
+    return backward
 
 
-_merge_op.register_autograd(_merge_backward, setup_context=_merge_setup)
+_merge_op.register_autograd(_merge_backward_with(_merge_bwd_op), setup_context=_merge_setup)
+_merge = compiled_or_eager(
+    _merge_op, eager_function(merge_fwd, _merge_setup, _merge_backward_with(merge_bwd))
+)
 
 
 def pre_mix_triton(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     n, C = x.shape[-2:]
-    out = _pre_mix_op(x.reshape(-1, n, C).contiguous(), h_pre.reshape(-1, n).float().contiguous())
+    out = _pre_mix(x.reshape(-1, n, C).contiguous(), h_pre.reshape(-1, n).float().contiguous())
     return out.reshape(*x.shape[:-2], C)
 
 
 def merge_triton(x, y, h_post, h_res):
     n, C = x.shape[-2:]
-    out = _merge_op(x.reshape(-1, n, C).contiguous(), y.reshape(-1, C).to(x.dtype).contiguous(),
+    out = _merge(x.reshape(-1, n, C).contiguous(), y.reshape(-1, C).to(x.dtype).contiguous(),
                     h_post.reshape(-1, n).float().contiguous(),
                     h_res.reshape(-1, n, n).float().contiguous())  # fmt: skip
     return out.reshape(x.shape)

@@ -1,0 +1,41 @@
+"""Two front doors for each fused kernel: a custom op for torch.compile, a plain Function for eager.
+
+``torch.library.custom_op`` keeps torch.compile from tracing into the Triton launchers (no graph
+breaks), but its dispatch costs about 120 us per forward + backward on this project's 2-core CPU
+machine (a plain ``torch.autograd.Function`` costs about 4 us; both measured with no-op launchers),
+and an mHC layer makes four such calls per connection. So eager code calls the launchers through a
+Function built from the same context and backward helpers, and code being compiled calls the op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def eager_function(forward: Callable, setup_context: Callable, backward: Callable) -> Callable:
+    """``Function.apply`` running ``forward`` directly, with ``register_autograd``-style helpers."""
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = forward(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    Eager.__name__ = f"Eager_{getattr(forward, '__name__', 'kernel')}"
+    return Eager.apply
+
+
+def compiled_or_eager(op: Callable, eager: Callable) -> Callable:
+    """Call ``op`` while torch.compile traces, ``eager`` otherwise."""
+
+    def call(*args):
+        return op(*args) if torch.compiler.is_compiling() else eager(*args)
+
+    return call
