@@ -13,7 +13,7 @@ clipping is applied, so instabilities show) and, for HC/mHC, the single-layer an
 gains of the token-averaged H_res. At the end, gains against layer index as in the paper's figures.
 
 Scales: ``small`` (CPU, a few minutes: 24 blocks = 48 wrapped sub-layers, width 64) and ``large``
-(GPU: 32 blocks, width 256, sequences of 128, 200 steps); ``MHC_STABILITY_SCALE`` picks one.
+(GPU: 32 blocks, width 256, sequences of 128, 300 steps); ``MHC_STABILITY_SCALE`` picks one.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ SCALES = {
         heads=8,
         seq=128,
         batch=32,
-        steps=600,
+        steps=300,
         vocab=64,
         lrs=(3e-4, 1e-3, 3e-3),
     ),  # fmt: skip
