@@ -58,12 +58,13 @@ def test_more_than_eight_streams(device):
     torch.testing.assert_close(pre_mix(x, h), pre_mix(x, h, backend="torch"))
 
 
-def test_layer_with_fused_kernels_matches_the_reference_layer(device):
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recomputed"])
+def test_layer_with_fused_kernels_matches_the_reference_layer(recompute, device):
     from mhc_kernels import MHCLayer
 
     torch.manual_seed(0)
     branch = torch.nn.Sequential(torch.nn.RMSNorm(32), torch.nn.Linear(32, 32)).to(device)
-    fused = MHCLayer(branch, 32, 4, backend="triton").to(device)
+    fused = MHCLayer(branch, 32, 4, backend="triton", recompute=recompute).to(device)
     ref = MHCLayer(branch, 32, 4, backend="torch").to(device)
     ref.load_state_dict(fused.state_dict())
     x = torch.randn(3, 10, 4, 32, device=device, requires_grad=True)
