@@ -77,13 +77,15 @@ def layer_summary(rows: list[dict]) -> dict:
     """Overhead of mHC over the plain residual, per block width and dtype (same run)."""
     times: dict[tuple, dict[str, float]] = defaultdict(dict)
     for row in rows:
-        if row.get("variant") in ("plain", "mhc") and "cells" in row:
+        if row.get("variant") and "cells" in row:
             times[(row["dim"], row["dtype"])][row["variant"]] = row["median_s"]
-    return {
-        f"C{dim}-{dtype}": {**t, "overhead": t["mhc"] / t["plain"] - 1}
-        for (dim, dtype), t in sorted(times.items())
-        if len(t) == 2
-    }
+    out = {}
+    for (dim, dtype), t in sorted(times.items()):
+        if "plain" in t:
+            extra = {f"overhead_{v}" if v != "mhc" else "overhead": s / t["plain"] - 1
+                     for v, s in t.items() if v != "plain"}  # fmt: skip
+            out[f"C{dim}-{dtype}"] = {**t, **extra}
+    return out
 
 
 def streams_summary(rows: list[dict]) -> dict:

@@ -30,10 +30,11 @@ class PlainBlock(nn.Module):
 
 
 class MHCBlock(nn.Module):
-    def __init__(self, dim, heads, recompute=False):
+    def __init__(self, dim, heads, recompute=False, backend="auto"):
         super().__init__()
-        self.attn = MHCLayer(Attention(dim, heads), dim, N_STREAMS, recompute=recompute)
-        self.mlp = MHCLayer(SwiGLU(dim, 4 * dim), dim, N_STREAMS, recompute=recompute)
+        kw = {"recompute": recompute, "backend": backend}
+        self.attn = MHCLayer(Attention(dim, heads), dim, N_STREAMS, **kw)
+        self.mlp = MHCLayer(SwiGLU(dim, 4 * dim), dim, N_STREAMS, **kw)
 
     def forward(self, x):
         h = expand_streams(x, N_STREAMS)  # in a model: once before the first block
@@ -42,10 +43,18 @@ class MHCBlock(nn.Module):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"] if ON_GPU else ["fp32"])
 @pytest.mark.parametrize("dim,heads", [(512, 8), (1488, 12)], ids=["C512", "C1488"])
-@pytest.mark.parametrize("variant", ["plain", "mhc"])
+@pytest.mark.parametrize("variant", ["plain", "mhc", "mhc_all_triton"])
 def test_block_fwd_bwd(benchmark, record, variant, dim, heads, dtype):
+    """``mhc``: the default backends; ``mhc_all_triton``: every fused kernel, the opt-in
+    projection and coefficient epilogue included (GPU only)."""
+    if variant == "mhc_all_triton" and not ON_GPU:
+        pytest.skip("the fused kernels run natively only on a GPU")
     torch.manual_seed(0)
-    block = (PlainBlock if variant == "plain" else MHCBlock)(dim, heads).to(DEVICE)
+    if variant == "plain":
+        block = PlainBlock(dim, heads).to(DEVICE)
+    else:
+        backend = "triton" if variant == "mhc_all_triton" else "auto"
+        block = MHCBlock(dim, heads, backend=backend).to(DEVICE)
     sets = 16 if ON_GPU else 1
     x = torch.randn(sets, CELLS, dim, device=DEVICE)
     autocast = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=dtype == "bf16")

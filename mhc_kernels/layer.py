@@ -50,7 +50,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .coefficients import projection
+from .coefficients import epilogue, projection
 from .sinkhorn import BACKENDS, sinkhorn_knopp
 from .sinkhorn.reference import ORDER_DIMS
 from .streams import merge, pre_mix
@@ -215,12 +215,11 @@ class HyperConnection(nn.Module):
         """``x: (..., n, C)`` -> ``H_pre (..., n)``, ``H_post (..., n)``, ``H_res (..., n, n)``."""
         n = self.config.n_streams
         v = x.reshape(*x.shape[:-2], n * self.dim)
-        proj, sumsq = projection(v, self.phi, self.config.backend)  # one read of the streams
-        r = torch.sqrt(sumsq / (n * self.dim) + self.config.rms_eps).unsqueeze(-1)
-        proj = proj / r
-        scale = torch.cat([self.alpha[i].expand(k) for i, k in enumerate((n, n, n * n))])
-        logits = proj * scale + self.bias
-        pre, post, res = logits.split([n, n, n * n], dim=-1)
+        backend = self.config.backend
+        proj, sumsq = projection(v, self.phi, backend)  # one read of the streams
+        pre, post, res = epilogue(
+            proj, sumsq, self.alpha, self.bias, n, n * self.dim, self.config.rms_eps, backend
+        )  # scale, bias, gates
         res = res.unflatten(-1, (n, n))
         if self.config.constraint == "sinkhorn":
             res = sinkhorn_knopp(
@@ -230,7 +229,7 @@ class HyperConnection(nn.Module):
                 eps=self.config.eps,
                 backend=self.config.backend,
             )
-        return torch.sigmoid(pre), 2 * torch.sigmoid(post), res
+        return pre, post, res
 
     def connect(self, x: torch.Tensor, branch, *args, **kwargs) -> torch.Tensor:
         """``x: (..., n, C)`` -> ``(..., n, C)``: ``H_res x + H_post^T branch(H_pre x, *args)``."""

@@ -7,7 +7,7 @@ import os
 import torch
 
 from ..sinkhorn import BACKEND_ENV, resolve_backend
-from .reference import projection_reference
+from .reference import epilogue_reference, projection_reference
 
 
 def projection(v: torch.Tensor, phi: torch.Tensor, backend: str = "auto"):
@@ -31,4 +31,33 @@ def projection(v: torch.Tensor, phi: torch.Tensor, backend: str = "auto"):
     return projection_reference(v, phi)
 
 
-__all__ = ["projection", "projection_reference"]
+def epilogue(
+    proj: torch.Tensor,
+    sumsq: torch.Tensor,
+    alpha: torch.Tensor,
+    bias: torch.Tensor,
+    n: int,
+    features: int,
+    rms_eps: float,
+    backend: str = "auto",
+):
+    """The coefficients from the projection: ``(H_pre, H_post, H_res logits)``, see
+    :func:`epilogue_reference` for the formula. Triton does it in one kernel each way (float32
+    only) instead of about a dozen small PyTorch operations; like :func:`projection`, ``auto`` stays
+    on PyTorch until the kernel has been measured on a GPU.
+
+    Example:
+        >>> pre, post, res = epilogue(torch.zeros(2, 8), torch.ones(2), torch.ones(3),
+        ...                           torch.zeros(8), n=2, features=4, rms_eps=0.0)
+        >>> pre.tolist(), post.tolist(), res.shape
+        ([[0.5, 0.5], [0.5, 0.5]], [[1.0, 1.0], [1.0, 1.0]], torch.Size([2, 4]))
+    """
+    explicit = backend != "auto" or os.environ.get(BACKEND_ENV, "auto") != "auto"
+    if explicit and resolve_backend(backend, proj.device) == "triton":
+        from .triton import epilogue_triton
+
+        return epilogue_triton(proj, sumsq, alpha, bias, n, features, rms_eps)
+    return epilogue_reference(proj, sumsq, alpha, bias, n, features, rms_eps)
+
+
+__all__ = ["epilogue", "epilogue_reference", "projection", "projection_reference"]

@@ -17,3 +17,23 @@ def projection_reference(v: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tens
     """``(v @ phi, sum(v^2))`` in the dtype of ``phi``."""
     v = v.to(phi.dtype)
     return v @ phi, v.square().sum(dim=-1)
+
+
+def epilogue_reference(
+    proj: torch.Tensor,
+    sumsq: torch.Tensor,
+    alpha: torch.Tensor,
+    bias: torch.Tensor,
+    n: int,
+    features: int,
+    rms_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scale, bias and gates of the coefficients: ``proj: (..., W)``, ``sumsq: (...)`` ->
+    ``H_pre = sigmoid(z_pre)``, ``H_post = 2 sigmoid(z_post)``, ``z_res: (..., n*n)`` (Sinkhorn's
+    input), where ``z = alpha_part * proj / r + bias`` and ``r = sqrt(sumsq / features + rms_eps)``.
+    """
+    r = torch.sqrt(sumsq / features + rms_eps).unsqueeze(-1)
+    scale = torch.cat([alpha[i].expand(k) for i, k in enumerate((n, n, n * n))])
+    z = proj / r * scale + bias
+    pre, post, res = z.split([n, n, n * n], dim=-1)
+    return torch.sigmoid(pre), 2 * torch.sigmoid(post), res

@@ -73,6 +73,64 @@ def _projection_dphi_kernel(v_ptr, dproj_ptr, dphi_ptr, T, K, W,
              mask=(k_row[:, None] < K) & (w2 < W))  # fmt: skip
 
 
+@triton.jit
+def _epilogue_fwd_kernel(proj_ptr, ss_ptr, alpha_ptr, bias_ptr, pre_ptr, post_ptr, res_ptr,
+                         T, n, W, inv_features, rms_eps,
+                         BT: tl.constexpr, WP: tl.constexpr):  # fmt: skip
+    # z = alpha[part(w)] * proj / r + bias: sigmoid for pre, 2 sigmoid for post, z for res
+    tok = tl.program_id(0) * BT + tl.arange(0, BT)
+    t2 = tok.to(tl.int64)[:, None]
+    w = tl.arange(0, WP)
+    w2 = w[None, :]
+    m = (t2 < T) & (w2 < W)
+    p = tl.load(proj_ptr + t2 * W + w2, mask=m, other=0.0)
+    r = tl.sqrt(tl.load(ss_ptr + tok, mask=tok < T, other=1.0) * inv_features + rms_eps)
+    part = (w >= n).to(tl.int32) + (w >= 2 * n).to(tl.int32)
+    scale = tl.load(alpha_ptr + part, mask=w < W, other=0.0)
+    z = p / r[:, None] * scale[None, :] + tl.load(bias_ptr + w, mask=w < W, other=0.0)[None, :]
+    sig = tl.sigmoid(z)
+    tl.store(pre_ptr + t2 * n + w2, sig, mask=m & (w2 < n))
+    tl.store(post_ptr + t2 * n + (w2 - n), 2.0 * sig, mask=m & (w2 >= n) & (w2 < 2 * n))
+    tl.store(res_ptr + t2 * (n * n) + (w2 - 2 * n), z, mask=m & (w2 >= 2 * n))
+
+
+@triton.jit
+def _epilogue_bwd_kernel(proj_ptr, ss_ptr, alpha_ptr, bias_ptr, gpre_ptr, gpost_ptr, gres_ptr,
+                         dproj_ptr, dss_ptr, dbias_part_ptr, dalpha_part_ptr,
+                         T, n, W, inv_features, rms_eps,
+                         BT: tl.constexpr, WP: tl.constexpr):  # fmt: skip
+    # recompute z, then gz = dL/dz; dproj = gz * scale / r; dr = -sum_w gz * z_dyn / r with
+    # z_dyn = scale * proj / r; dss = dr / (2 r) / features; per-program sums over tokens of gz
+    # (-> dbias) and, per part, of gz * proj / r (-> dalpha); the caller adds the programs' sums
+    pid = tl.program_id(0)
+    tok = pid * BT + tl.arange(0, BT)
+    t2 = tok.to(tl.int64)[:, None]
+    w = tl.arange(0, WP)
+    w2 = w[None, :]
+    m = (t2 < T) & (w2 < W)
+    p = tl.load(proj_ptr + t2 * W + w2, mask=m, other=0.0)
+    r = tl.sqrt(tl.load(ss_ptr + tok, mask=tok < T, other=1.0) * inv_features + rms_eps)
+    part = (w >= n).to(tl.int32) + (w >= 2 * n).to(tl.int32)
+    scale = tl.load(alpha_ptr + part, mask=w < W, other=0.0)
+    q = p / r[:, None]
+    z = q * scale[None, :] + tl.load(bias_ptr + w, mask=w < W, other=0.0)[None, :]
+    sig = tl.sigmoid(z)
+    m_pre = m & (w2 < n)
+    m_post = m & (w2 >= n) & (w2 < 2 * n)
+    m_res = m & (w2 >= 2 * n)
+    g_pre = tl.load(gpre_ptr + t2 * n + w2, mask=m_pre, other=0.0)
+    g_post = tl.load(gpost_ptr + t2 * n + (w2 - n), mask=m_post, other=0.0)
+    g_res = tl.load(gres_ptr + t2 * (n * n) + (w2 - 2 * n), mask=m_res, other=0.0)
+    gz = (g_pre + 2.0 * g_post) * sig * (1.0 - sig) + g_res  # the masks keep the parts apart
+    tl.store(dproj_ptr + t2 * W + w2, gz * scale[None, :] / r[:, None], mask=m)
+    dr = -tl.sum(gz * q * scale[None, :], axis=1) / r
+    tl.store(dss_ptr + tok, dr / (2.0 * r) * inv_features, mask=tok < T)
+    tl.store(dbias_part_ptr + pid * W + w, tl.sum(gz, axis=0), mask=w < W)
+    gq = tl.sum(gz * q, axis=0)  # [WP]
+    for k in tl.static_range(3):
+        tl.store(dalpha_part_ptr + pid * 3 + k, tl.sum(tl.where(part == k, gq, 0.0), axis=0))
+
+
 BT, BK = 16, 32  # IEEE fp32 dot without tensor cores: larger tiles spill (ptxas -v)
 INTERPRETER_BT = 1024
 NUM_WARPS = 4
@@ -110,8 +168,48 @@ def projection_bwd(v, phi, dproj, dss):
     return dv, dphi
 
 
+EPILOGUE_TILE = 1024  # [BT, WP] floats per program (2048 spilled in the backward, ptxas -v)
+INTERPRETER_EPILOGUE_BT = 1024
+
+
+def _epilogue_config(W: int) -> tuple[int, int]:
+    wp = max(16, triton.next_power_of_2(W))
+    bt = INTERPRETER_EPILOGUE_BT if interpreting() else max(1, EPILOGUE_TILE // wp)
+    return bt, wp
+
+
+def epilogue_fwd(proj, ss, alpha, bias, n: int, features: int, rms_eps: float):
+    T, W = proj.shape
+    if any(t.dtype != torch.float32 for t in (proj, ss, alpha, bias)):
+        raise ValueError("the fused coefficient epilogue takes float32 inputs (coeff_dtype)")
+    pre = torch.empty((T, n), dtype=torch.float32, device=proj.device)
+    post = torch.empty((T, n), dtype=torch.float32, device=proj.device)
+    res = torch.empty((T, n * n), dtype=torch.float32, device=proj.device)
+    bt, wp = _epilogue_config(W)
+    _epilogue_fwd_kernel[(triton.cdiv(T, bt),)](proj, ss, alpha, bias, pre, post, res, T, n, W,
+                                                1.0 / features, rms_eps, BT=bt, WP=wp,
+                                                num_warps=NUM_WARPS)  # fmt: skip
+    return pre, post, res
+
+
+def epilogue_bwd(proj, ss, alpha, bias, g_pre, g_post, g_res, n: int, features: int,
+                 rms_eps: float):  # fmt: skip
+    T, W = proj.shape
+    bt, wp = _epilogue_config(W)
+    programs = triton.cdiv(T, bt)
+    dproj = torch.empty_like(proj)
+    dss = torch.empty_like(ss)
+    dbias = torch.empty((programs, W), dtype=torch.float32, device=proj.device)
+    dalpha = torch.empty((programs, 3), dtype=torch.float32, device=proj.device)
+    _epilogue_bwd_kernel[(programs,)](proj, ss, alpha, bias, g_pre, g_post, g_res, dproj, dss,
+                                      dbias, dalpha, T, n, W, 1.0 / features, rms_eps, BT=bt,
+                                      WP=wp, num_warps=NUM_WARPS)  # fmt: skip
+    return dproj, dss, dalpha.sum(0), dbias.sum(0)
+
+
 def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
-    """GPU configurations: ``(name, kernel, signature, constexprs, num_warps)`` for n = 2, 4, 8."""
+    """GPU configurations: ``(name, kernel, signature, constexprs, num_warps)`` for n = 2, 4, 8
+    (the projection per stream dtype; the float32 epilogue once per n)."""
     for n in (2, 4, 8):
         wp = max(16, triton.next_power_of_2(n * n + 2 * n))
         consts = {"BT": BT, "BK": BK, "WP": wp}
@@ -128,6 +226,18 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
             }  # fmt: skip
             for name, (kernel, ptrs) in kernels.items():
                 yield f"{name}-W{wp}-{dt}", kernel, {**ptrs, **tail}, consts, NUM_WARPS
+        bt, _ = _epilogue_config(n * n + 2 * n) if not interpreting() else (1, wp)
+        consts = {"BT": bt, "WP": wp}
+        tail = {"T": "i32", "n": "i32", "W": "i32", "inv_features": "fp32", "rms_eps": "fp32",
+                **dict.fromkeys(consts, "constexpr")}  # fmt: skip
+        f = "*fp32"
+        fwd = dict.fromkeys(["proj_ptr", "ss_ptr", "alpha_ptr", "bias_ptr", "pre_ptr", "post_ptr",
+                             "res_ptr"], f)  # fmt: skip
+        bwd = dict.fromkeys(["proj_ptr", "ss_ptr", "alpha_ptr", "bias_ptr", "gpre_ptr",
+                             "gpost_ptr", "gres_ptr", "dproj_ptr", "dss_ptr", "dbias_part_ptr",
+                             "dalpha_part_ptr"], f)  # fmt: skip
+        yield f"epilogue_fwd-W{wp}-BT{bt}", _epilogue_fwd_kernel, {**fwd, **tail}, consts, NUM_WARPS
+        yield f"epilogue_bwd-W{wp}-BT{bt}", _epilogue_bwd_kernel, {**bwd, **tail}, consts, NUM_WARPS
 
 
 @torch.library.custom_op("mhc_kernels::projection", mutates_args=())
@@ -177,3 +287,60 @@ def projection_triton(v: torch.Tensor, phi: torch.Tensor):
     K = v.shape[-1]
     proj, ss = _projection(v.reshape(-1, K).contiguous(), phi.contiguous())
     return proj.reshape(*v.shape[:-1], phi.shape[1]), ss.reshape(v.shape[:-1])
+
+
+@torch.library.custom_op("mhc_kernels::coefficient_epilogue", mutates_args=())
+def _epilogue_op(proj: torch.Tensor, ss: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor,
+                 n: int, features: int, rms_eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    return epilogue_fwd(proj, ss, alpha, bias, n, features, rms_eps)
+
+
+@_epilogue_op.register_fake
+def _(proj, ss, alpha, bias, n, features, rms_eps):
+    T = proj.shape[0]
+    return proj.new_empty((T, n)), proj.new_empty((T, n)), proj.new_empty((T, n * n))
+
+
+@torch.library.custom_op("mhc_kernels::coefficient_epilogue_bwd", mutates_args=())
+def _epilogue_bwd_op(proj: torch.Tensor, ss: torch.Tensor, alpha: torch.Tensor,
+                     bias: torch.Tensor, g_pre: torch.Tensor, g_post: torch.Tensor,
+                     g_res: torch.Tensor, n: int, features: int, rms_eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    return epilogue_bwd(proj, ss, alpha, bias, g_pre, g_post, g_res, n, features, rms_eps)
+
+
+@_epilogue_bwd_op.register_fake
+def _(proj, ss, alpha, bias, g_pre, g_post, g_res, n, features, rms_eps):
+    return (torch.empty_like(proj), torch.empty_like(ss), torch.empty_like(alpha),
+            torch.empty_like(bias))  # fmt: skip
+
+
+def _epilogue_setup(ctx, inputs, output):
+    proj, ss, alpha, bias, *config = inputs
+    ctx.save_for_backward(proj, ss, alpha, bias)
+    ctx.config = tuple(config)
+
+
+def _epilogue_backward_with(bwd):
+    def backward(ctx, g_pre, g_post, g_res):
+        grads = [g.contiguous() for g in (g_pre, g_post, g_res)]
+        return *bwd(*ctx.saved_tensors, *grads, *ctx.config), None, None, None
+
+    return backward
+
+
+_epilogue_op.register_autograd(_epilogue_backward_with(_epilogue_bwd_op),
+                               setup_context=_epilogue_setup)  # fmt: skip
+_epilogue = compiled_or_eager(
+    _epilogue_op,
+    eager_function(epilogue_fwd, _epilogue_setup, _epilogue_backward_with(epilogue_bwd)),
+)
+
+
+def epilogue_triton(proj, sumsq, alpha, bias, n: int, features: int, rms_eps: float):
+    W = proj.shape[-1]
+    lead = proj.shape[:-1]
+    pre, post, res = _epilogue(proj.reshape(-1, W).contiguous(), sumsq.reshape(-1).contiguous(),
+                               alpha.contiguous(), bias.contiguous(), n, features, rms_eps)  # fmt: skip
+    return pre.reshape(*lead, n), post.reshape(*lead, n), res.reshape(*lead, n * n)

@@ -3,17 +3,16 @@
 import torch
 
 from mhc_kernels import sinkhorn_knopp
-from mhc_kernels.coefficients import projection
+from mhc_kernels.coefficients import epilogue, projection
 from mhc_kernels.streams import merge, pre_mix
 
 
-def layer_like(x, phi, logits):
+def layer_like(x, phi, alpha, bias):
     """Every fused kernel once, the way a connection chains them."""
     n, C = x.shape[-2:]
     proj, ss = projection(x.flatten(-2), phi, "triton")
-    h_res = sinkhorn_knopp(logits + proj[..., : n * n].unflatten(-1, (n, n)), 3, backend="triton")
-    h_pre = torch.sigmoid(proj[..., n * n : n * n + n])
-    h_post = 2 * torch.sigmoid(proj[..., n * n + n :])
+    h_pre, h_post, res = epilogue(proj, ss, alpha, bias, n, n * C, 1e-6, "triton")
+    h_res = sinkhorn_knopp(res.unflatten(-1, (n, n)), 3, backend="triton")
     y = pre_mix(x, h_pre, "triton") * ss[..., None].rsqrt()
     return merge(x, y, h_post, h_res, "triton")
 
@@ -22,13 +21,15 @@ def test_torch_compile_fullgraph_through_the_custom_ops_matches_eager(device):
     n, C = 4, 24
     x = torch.randn(6, n, C, device=device, requires_grad=True)
     phi = (torch.randn(n * C, n * n + 2 * n, device=device) / C).requires_grad_()
-    logits = torch.randn(n, n, device=device)
+    alpha = torch.rand(3, device=device, requires_grad=True)
+    bias = torch.randn(n * n + 2 * n, device=device, requires_grad=True)
+    params = (x, phi, alpha, bias)
     upstream = torch.randn(6, n, C, device=device)
     compiled = torch.compile(layer_like, fullgraph=True, backend="aot_eager")
-    out_c = compiled(x, phi, logits)
-    grads_c = torch.autograd.grad(out_c, (x, phi), upstream)
-    out_e = layer_like(x, phi, logits)
-    grads_e = torch.autograd.grad(out_e, (x, phi), upstream)
+    out_c = compiled(*params)
+    grads_c = torch.autograd.grad(out_c, params, upstream)
+    out_e = layer_like(*params)
+    grads_e = torch.autograd.grad(out_e, params, upstream)
     torch.testing.assert_close(out_c, out_e)
     for got, want in zip(grads_c, grads_e, strict=True):
         torch.testing.assert_close(got, want)

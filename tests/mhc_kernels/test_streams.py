@@ -105,3 +105,35 @@ def test_coefficient_projection_matches_the_reference(n, C, dtype, device):
     for name, g, r, e in zip(["proj", "sumsq", "dv", "dphi"], got, ref, exact, strict=True):
         bound = 4 * (r - e).abs().max() + floor * e.abs().max()
         assert (g - e).abs().max() <= bound, f"{name}: {(g - e).abs().max():.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("T", [37, 2100], ids=lambda t: f"T{t}")  # 2100: several programs
+@pytest.mark.parametrize("n", [1, 2, 4, 8], ids=lambda n: f"n{n}")
+def test_coefficient_epilogue_matches_the_reference(n, T, device):
+    from mhc_kernels.coefficients import epilogue
+
+    W, features = n * n + 2 * n, n * 96
+    gen = torch.Generator(device=device).manual_seed(2)
+
+    def draw(*shape, scale=1.0):
+        return torch.randn(*shape, device=device, generator=gen) * scale
+
+    inputs = [draw(T, W, scale=3), (draw(T).abs() + 0.1) * features, draw(3), draw(W)]
+    upstream = [draw(T, n), draw(T, n), draw(T, n * n)]
+
+    def run(backend, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in inputs]
+        outs = epilogue(*leaves, n=n, features=features, rms_eps=1e-6, backend=backend)
+        loss = sum((o * u.to(dtype)).sum() for o, u in zip(outs, upstream, strict=True))
+        return [t.double() for t in (*outs, *torch.autograd.grad(loss, leaves))]
+
+    got, ref, exact = (
+        run("triton", torch.float32),
+        run("torch", torch.float32),
+        run("torch", torch.float64),
+    )
+    names = ["pre", "post", "res", "dproj", "dsumsq", "dalpha", "dbias"]
+    for name, g, r, e in zip(names, got, ref, exact, strict=True):
+        # the parameter gradients sum over T tokens: allow fp32 rounding of such a sum
+        bound = 4 * (r - e).abs().max() + T**0.5 * 2**-24 * e.abs().max() + 1e-7
+        assert (g - e).abs().max() <= bound, f"{name}: {(g - e).abs().max():.3g} > {bound:.3g}"
