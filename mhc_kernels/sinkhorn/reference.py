@@ -107,9 +107,10 @@ class SinkhornRecompute(torch.autograd.Function):
         out = from_batch_last(sinkhorn_forward(x, iters, dims, eps))
         ctx.save_for_backward(logits)
         ctx.config = (iters, dims, eps)
-        # a fresh tensor, never a view of an intermediate: under torch.compile, torch 2.11 routes
-        # the gradient of an output that aliases an intermediate to the wrong slot (zero gradients;
-        # pytorch/pytorch#180642). The copy is one pass over P against 2 * iters for the iterations.
+        # a fresh tensor (``.to`` with an unchanged dtype returns its input): under torch.compile,
+        # torch 2.11 can route the gradient of an output that is the same tensor as a forward
+        # intermediate to the wrong slot, giving zero gradients (pytorch/pytorch#180642, fixed in
+        # 2.12). The copy is one pass over P against 2 * iters passes for the iterations.
         return out.to(logits.dtype, copy=True)
 
     @staticmethod
