@@ -1,0 +1,83 @@
+"""Sweep the Triton Sinkhorn kernels' launch parameters on a GPU: tile size, warps, programs.
+
+    python benchmarks/sweep_sinkhorn.py [--n 4] [--batch 20 14] [--out FILE]
+
+For each batch (2^k matrices of n x n, fp32, 20 iterations) times the forward and the backward
+kernel alone (``triton.testing.do_bench``, median ms) for every combination of matrices per tile,
+warps and programs per SM, and prints them fastest first next to the shipped choice. The kernels
+are the shipped ones; only the launch parameters vary. Needs a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from mhc_kernels.sinkhorn import triton as sk
+
+
+def time_config(x, grad, block, warps, per_sm, iters=20):
+    num_mats, n = x.shape[0], x.shape[-1]
+    np2 = triton.next_power_of_2(n)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    programs = max(1, min(triton.cdiv(num_mats, block), per_sm * sms))
+    first, second = sk._order_axes("col_row")
+    out = torch.empty_like(x)
+    dx = torch.empty_like(x)
+    scratch = torch.empty(programs * 2 * iters * block * np2, device=x.device)
+    consts = {"FIRST": first, "SECOND": second, "BLOCK": block, "NP": np2, "num_warps": warps}
+
+    def fwd():
+        sk._sinkhorn_fwd_kernel[(programs,)](x, out, num_mats, n, *x.stride(), iters, 1e-12,
+                                             **consts)  # fmt: skip
+
+    def bwd():
+        sk._sinkhorn_bwd_kernel[(programs,)](x, grad, dx, scratch, num_mats, n, *x.stride(),
+                                             *grad.stride(), iters, 1e-12, **consts)  # fmt: skip
+
+    timing = {"warmup": 5, "rep": 20, "return_mode": "median"}  # ms
+    return do_bench(fwd, **timing), do_bench(bwd, **timing)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--batch", type=int, nargs="+", default=[20, 14], help="log2 of the batch")
+    parser.add_argument("--out", help="also write the rows here as JSON")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("the sweep needs a GPU")
+    rows = []
+    for exponent in args.batch:
+        x = torch.randn(2**exponent, args.n, args.n, device="cuda") * 2
+        grad = torch.randn_like(x)
+        shipped = sk.launch_config(x.shape[0], args.n, x.device)[0]
+        for block, warps, per_sm in itertools.product((32, 64, 128, 256, 512), (1, 2, 4, 8),
+                                                      (2, 4, 8, 16, 64)):  # fmt: skip
+            if block * args.n * args.n // (32 * warps) > 64:  # > 64 floats per thread spills
+                continue
+            try:
+                fwd_ms, bwd_ms = time_config(x, grad, block, warps, per_sm)
+            except Exception as error:  # a configuration that fails to compile or launch
+                print(f"skip block={block} warps={warps}: {type(error).__name__}", file=sys.stderr)
+                continue
+            rows.append({"batch": 2**exponent, "n": args.n, "block": block, "warps": warps,
+                         "programs_per_sm": per_sm, "fwd_ms": fwd_ms, "bwd_ms": bwd_ms,
+                         "shipped_block": shipped})  # fmt: skip
+        best = sorted((r for r in rows if r["batch"] == 2**exponent), key=lambda r: r["fwd_ms"])
+        for r in best[:12]:
+            print(json.dumps(r))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
