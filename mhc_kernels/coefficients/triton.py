@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .._autograd import compiled_or_eager, eager_function
+from .._host import cdiv, next_power_of_2
 from ..sinkhorn.triton import interpreting
 
 
@@ -138,7 +139,7 @@ MAX_COLUMNS = 128
 
 
 def _config(W: int) -> tuple[int, int, int]:
-    wp = max(16, triton.next_power_of_2(W))
+    wp = max(16, next_power_of_2(W))
     return (INTERPRETER_BT if interpreting() else BT), BK, wp
 
 
@@ -150,7 +151,7 @@ def projection_fwd(v: torch.Tensor, phi: torch.Tensor):
     proj = torch.empty((T, W), dtype=torch.float32, device=v.device)
     ss = torch.empty((T,), dtype=torch.float32, device=v.device)
     bt, bk, wp = _config(W)
-    _projection_fwd_kernel[(triton.cdiv(T, bt),)](v, phi, proj, ss, T, K, W, BT=bt, BK=bk, WP=wp,
+    _projection_fwd_kernel[(cdiv(T, bt),)](v, phi, proj, ss, T, K, W, BT=bt, BK=bk, WP=wp,
                                                   num_warps=NUM_WARPS)  # fmt: skip
     return proj, ss
 
@@ -161,9 +162,9 @@ def projection_bwd(v, phi, dproj, dss):
     dv = torch.empty_like(v)
     dphi = torch.empty_like(phi)
     bt, bk, wp = _config(W)
-    _projection_dv_kernel[(triton.cdiv(T, bt),)](v, phi, dproj, dss, dv, T, K, W, BT=bt, BK=bk,
+    _projection_dv_kernel[(cdiv(T, bt),)](v, phi, dproj, dss, dv, T, K, W, BT=bt, BK=bk,
                                                  WP=wp, num_warps=NUM_WARPS)  # fmt: skip
-    _projection_dphi_kernel[(triton.cdiv(K, bk),)](v, dproj, dphi, T, K, W, BT=bt, BK=bk, WP=wp,
+    _projection_dphi_kernel[(cdiv(K, bk),)](v, dproj, dphi, T, K, W, BT=bt, BK=bk, WP=wp,
                                                    num_warps=NUM_WARPS)  # fmt: skip
     return dv, dphi
 
@@ -173,7 +174,7 @@ INTERPRETER_EPILOGUE_BT = 1024
 
 
 def _epilogue_config(W: int) -> tuple[int, int]:
-    wp = max(16, triton.next_power_of_2(W))
+    wp = max(16, next_power_of_2(W))
     bt = INTERPRETER_EPILOGUE_BT if interpreting() else max(1, EPILOGUE_TILE // wp)
     return bt, wp
 
@@ -186,7 +187,7 @@ def epilogue_fwd(proj, ss, alpha, bias, n: int, features: int, rms_eps: float):
     post = torch.empty((T, n), dtype=torch.float32, device=proj.device)
     res = torch.empty((T, n * n), dtype=torch.float32, device=proj.device)
     bt, wp = _epilogue_config(W)
-    _epilogue_fwd_kernel[(triton.cdiv(T, bt),)](proj, ss, alpha, bias, pre, post, res, T, n, W,
+    _epilogue_fwd_kernel[(cdiv(T, bt),)](proj, ss, alpha, bias, pre, post, res, T, n, W,
                                                 1.0 / features, rms_eps, BT=bt, WP=wp,
                                                 num_warps=NUM_WARPS)  # fmt: skip
     return pre, post, res
@@ -196,7 +197,7 @@ def epilogue_bwd(proj, ss, alpha, bias, g_pre, g_post, g_res, n: int, features: 
                  rms_eps: float):  # fmt: skip
     T, W = proj.shape
     bt, wp = _epilogue_config(W)
-    programs = triton.cdiv(T, bt)
+    programs = cdiv(T, bt)
     dproj = torch.empty_like(proj)
     dss = torch.empty_like(ss)
     dbias = torch.empty((programs, W), dtype=torch.float32, device=proj.device)
@@ -211,7 +212,7 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
     """GPU configurations: ``(name, kernel, signature, constexprs, num_warps)`` for n = 2, 4, 8
     (the projection per stream dtype; the float32 epilogue once per n)."""
     for n in (2, 4, 8):
-        wp = max(16, triton.next_power_of_2(n * n + 2 * n))
+        wp = max(16, next_power_of_2(n * n + 2 * n))
         consts = {"BT": BT, "BK": BK, "WP": wp}
         tail = {"T": "i32", "K": "i32", "W": "i32", **dict.fromkeys(consts, "constexpr")}
         for dt in dtypes:

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .._autograd import compiled_or_eager, eager_function
+from .._host import cdiv, next_power_of_2
 from .reference import ORDER_DIMS
 
 # --------------------------------------------------------------------------------------- kernels
@@ -133,10 +134,10 @@ def _num_warps(np2: int) -> int:
 
 def launch_config(num_mats: int, n: int, device: torch.device) -> tuple[int, int, int]:
     """``(BLOCK, NP, programs)`` for ``num_mats`` matrices of size ``n`` on ``device``."""
-    np2 = triton.next_power_of_2(n)
+    np2 = next_power_of_2(n)
     tile = INTERPRETER_TILE_ELEMS if interpreting() else _gpu_tile(np2)
-    block = max(1, min(tile // (np2 * np2), triton.next_power_of_2(num_mats)))
-    num_blocks = triton.cdiv(num_mats, block)
+    block = max(1, min(tile // (np2 * np2), next_power_of_2(num_mats)))
+    num_blocks = cdiv(num_mats, block)
     if device.type == "cuda":
         max_programs = 8 * torch.cuda.get_device_properties(device).multi_processor_count
     else:

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .._autograd import compiled_or_eager, eager_function
+from .._host import cdiv, next_power_of_2
 from ..sinkhorn.triton import interpreting
 
 # --------------------------------------------------------------------------------------- kernels
@@ -137,15 +138,15 @@ NUM_WARPS = 4
 
 def launch_config(tokens: int, n: int, C: int) -> tuple[int, int, int]:
     """``(BT, NP, BC)``: tokens and channels per program, padded n."""
-    np2 = triton.next_power_of_2(n)
+    np2 = next_power_of_2(n)
     budget = INTERPRETER_TILE_ELEMS if interpreting() else GPU_TILE_ELEMS
-    bc = min(triton.next_power_of_2(C), budget if interpreting() else GPU_BLOCK_C)
+    bc = min(next_power_of_2(C), budget if interpreting() else GPU_BLOCK_C)
     bt = max(1, budget // (np2 * bc))
-    return min(triton.next_power_of_2(max(tokens, 1)), bt), np2, bc
+    return min(next_power_of_2(max(tokens, 1)), bt), np2, bc
 
 
 def _grid(T: int, C: int, bt: int, bc: int) -> tuple[int, int]:
-    return triton.cdiv(T, bt), triton.cdiv(C, bc)
+    return cdiv(T, bt), cdiv(C, bc)
 
 
 def _check(x: torch.Tensor, n: int):

@@ -1,0 +1,76 @@
+"""Host (Python + dispatch) time of one MHCLayer forward+backward, kernels replaced by no-ops.
+
+    python benchmarks/host_overhead.py
+
+A small mHC layer is dispatch-bound on a GPU (profile_layer.py: about twice as much host time as
+GPU time per block), so the host cost of the Triton path matters by itself. This script measures it
+on any machine: under ``TRITON_INTERPRET=1`` every Triton kernel launch is replaced by a no-op, so
+what remains is the Python, autograd and launcher work around the kernels (tiny tensors: 2 x 4
+tokens, n = 4, C = 8). It times four paths, median of 5 repeats of 400 steps each:
+the PyTorch reference (real ops), the Triton path through ``torch.library`` custom ops with the
+coefficient epilogue in PyTorch (how the GPU runs of 2026-11-26 ran), the eager autograd Functions
+with the PyTorch epilogue, and the eager Functions with the fused epilogue (the current path).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+
+import torch  # noqa: E402
+import triton.runtime.interpreter as interpreter  # noqa: E402
+
+import mhc_kernels.layer as layer_module  # noqa: E402
+from mhc_kernels import MHCLayer  # noqa: E402
+from mhc_kernels.coefficients.reference import epilogue_reference  # noqa: E402
+
+
+def no_launch(self, grid):
+    return lambda *args, **kwargs: None
+
+
+def time_steps(layer, x, compiling: bool = False, steps: int = 400, repeats: int = 5) -> float:
+    """Median seconds per forward+backward; ``compiling`` routes calls to the custom ops."""
+    real = torch.compiler.is_compiling
+    torch.compiler.is_compiling = (lambda: True) if compiling else real
+    try:
+
+        def step():
+            torch.autograd.grad(layer(x).sum(), [x, *layer.parameters()])
+
+        for _ in range(50):
+            step()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            times.append((time.perf_counter() - start) / steps)
+        return statistics.median(times)
+    finally:
+        torch.compiler.is_compiling = real
+
+
+def main() -> None:
+    interpreter.InterpretedFunction.__getitem__ = no_launch
+    torch.manual_seed(0)
+    branch = torch.nn.Linear(8, 8)
+    x = torch.randn(2, 4, 4, 8, requires_grad=True)
+    fused_epilogue = layer_module.epilogue
+    torch_epilogue = lambda *args: epilogue_reference(*args[:-1])  # noqa: E731 (drop backend)
+    rows = [("PyTorch reference (real ops)", "torch", fused_epilogue, False)]
+    rows += [("Triton via custom ops, PyTorch epilogue", "triton", torch_epilogue, True)]
+    rows += [("Triton via eager Functions, PyTorch epilogue", "triton", torch_epilogue, False)]
+    rows += [("Triton via eager Functions, fused epilogue", "triton", fused_epilogue, False)]
+    for label, backend, epilogue, compiling in rows:
+        layer_module.epilogue = epilogue
+        seconds = time_steps(MHCLayer(branch, 8, 4, backend=backend), x, compiling)
+        print(f"{label:48s} {seconds * 1e6:8.0f} us per forward+backward")
+    layer_module.epilogue = fused_epilogue
+
+
+if __name__ == "__main__":
+    main()
