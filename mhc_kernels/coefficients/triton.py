@@ -5,7 +5,11 @@ K = n*C. Products run in IEEE float32 (no TF32), so results match the reference 
 
 Forward reads v (T x K) once and phi (K x W) once per program; writes T x (W + 1) floats. Backward:
 ``dv = dproj @ phi^T + 2 v dsumsq`` (one kernel over tokens) and ``dphi = v^T @ dproj`` (one kernel
-over K chunks that walks all tokens: no atomics, deterministic).
+over K chunks that walks all tokens: no atomics, deterministic). On an H200 this backward is
+1.5-2.5x slower than cuBLAS, so ``projection(..., backend="auto")`` does not use it.
+
+The epilogue kernels turn ``(proj, sumsq)`` into the gates and H_res logits (scale, bias, sigmoid)
+in one pass each way, with the parameter gradients summed per program and then over programs.
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
 """Fused Triton stream mixing: pre-mix and post/residual merge, forward and backward.
 
-Limits: n up to 8 (tiles pad n to a power of two), any C (chunks of ``BLOCK_C`` with masks; a
-multiple of 8 keeps loads vectorised); streams float32/float16/bfloat16, coefficients float32.
-Each program owns ``BLOCK_T`` tokens, keeps their coefficients in registers and walks C in chunks.
+Limits: n up to 8 (padded to a power of two, padded streams masked), any C (blocks of up to 512
+with masks; a multiple of 8 keeps loads vectorised); streams float32/float16/bfloat16,
+coefficients float32. The grid is (token blocks, C blocks): a program owns BT tokens x BC channels
+of every stream, loads those tokens' coefficients, and unrolls the streams so that sums over
+streams stay in each thread's registers (BC runs across threads).
 
 Traffic per token (the fused layer's point, paper §4.3): pre-mix reads n*C, writes C; merge reads
 (n + 1)*C, writes n*C. Backward: pre-mix reads (n + 1)*C and writes n*C plus n coefficient
-gradients; merge reads (2n + 1)*C and writes (n + 1)*C plus n^2 + n coefficient gradients. The
-coefficient gradients reduce over C inside the program (no atomics), so nothing but C-length rows
-and n^2 + 2n floats per token ever leave a program.
+gradients; merge reads (2n + 1)*C and writes (n + 1)*C plus n^2 + n coefficient gradients. Each
+program writes its C block's share of the coefficient gradients; the launcher adds the C blocks'
+shares (C / 512 of them: no atomics, deterministic). Measured on an H200: benchmarks/README.md.
 """
 
 from __future__ import annotations
