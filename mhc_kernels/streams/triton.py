@@ -136,6 +136,7 @@ GPU_BLOCK_C = 512  # 4 contiguous elements per thread at 4 warps
 GPU_TILE_ELEMS = 2048  # [BT, NP, BC] tile: 16 floats per thread (4096 spilled in one case)
 INTERPRETER_TILE_ELEMS = 2**18  # the interpreter's cost is per program: few, large programs
 NUM_WARPS = 4
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def launch_config(tokens: int, n: int, C: int) -> tuple[int, int, int]:
@@ -203,28 +204,35 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
     """Every GPU configuration the launchers can pick: ``(name, kernel, signature, consts, warps)``.
 
     The full-width C block (C >= 512) for each padded n; narrower C uses smaller blocks of the same
-    kernels with fewer registers.
+    kernels with fewer registers. The merge takes the branch output ``y`` in its own dtype, so it
+    is compiled for every (stream dtype, branch dtype) pair.
     """
     for np2 in (1, 2, 4, 8):
         bt, _, bc = launch_config(2**20, np2, 2**20) if not interpreting() else (1, np2, 512)
         consts = {"BT": bt, "NP": np2, "BC": bc}
         tail = {"T": "i32", "n": "i32", "C": "i32", **dict.fromkeys(consts, "constexpr")}
+        f = "*fp32"
         for dt in dtypes:
-            s, f = f"*{dt}", "*fp32"
+            s = f"*{dt}"
             kernels = {
-                "pre_mix_fwd": (_pre_mix_fwd_kernel, {"x_ptr": s, "h_ptr": f, "out_ptr": s}),
-                "pre_mix_bwd": (_pre_mix_bwd_kernel, {"x_ptr": s, "h_ptr": f, "g_ptr": s,
-                                                      "dx_ptr": s, "dh_part_ptr": f}),
-                "merge_fwd": (_merge_fwd_kernel, {"x_ptr": s, "y_ptr": s, "hpost_ptr": f,
-                                                  "hres_ptr": f, "out_ptr": s}),
-                "merge_bwd": (_merge_bwd_kernel, {"x_ptr": s, "y_ptr": s, "hpost_ptr": f,
-                                                  "hres_ptr": f, "g_ptr": s, "dx_ptr": s,
-                                                  "dy_ptr": s, "dhpost_part_ptr": f,
-                                                  "dhres_part_ptr": f}),
+                f"pre_mix_fwd-{dt}": (_pre_mix_fwd_kernel, {"x_ptr": s, "h_ptr": f, "out_ptr": s}),
+                f"pre_mix_bwd-{dt}": (_pre_mix_bwd_kernel, {"x_ptr": s, "h_ptr": f, "g_ptr": s,
+                                                            "dx_ptr": s, "dh_part_ptr": f}),
             }  # fmt: skip
+            for ydt in dtypes:
+                y = f"*{ydt}"
+                tag = dt if ydt == dt else f"{dt}-y{ydt}"
+                kernels[f"merge_fwd-{tag}"] = (
+                    _merge_fwd_kernel,
+                    {"x_ptr": s, "y_ptr": y, "hpost_ptr": f, "hres_ptr": f, "out_ptr": s},
+                )
+                kernels[f"merge_bwd-{tag}"] = (_merge_bwd_kernel, {
+                    "x_ptr": s, "y_ptr": y, "hpost_ptr": f, "hres_ptr": f, "g_ptr": s,
+                    "dx_ptr": s, "dy_ptr": y, "dhpost_part_ptr": f, "dhres_part_ptr": f})  # fmt: skip
             for name, (kernel, ptrs) in kernels.items():
+                kind, tag = name.split("-", 1)
                 yield (
-                    f"{name}-NP{np2}-BT{bt}-BC{bc}-{dt}",
+                    f"{kind}-NP{np2}-BT{bt}-BC{bc}-{tag}",
                     kernel,
                     {**ptrs, **tail},
                     consts,
@@ -323,7 +331,10 @@ def pre_mix_triton(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
 
 def merge_triton(x, y, h_post, h_res):
     n, C = x.shape[-2:]
-    out = _merge(x.reshape(-1, n, C).contiguous(), y.reshape(-1, C).to(x.dtype).contiguous(),
+    # y keeps its dtype (a bf16 branch output under autocast is read as is: no fp32 copy is made
+    # and saved for backward); its gradient comes back in that dtype
+    y = y if y.dtype in KERNEL_DTYPES else y.to(x.dtype)
+    out = _merge(x.reshape(-1, n, C).contiguous(), y.reshape(-1, C).contiguous(),
                     h_post.reshape(-1, n).float().contiguous(),
                     h_res.reshape(-1, n, n).float().contiguous())  # fmt: skip
     return out.reshape(x.shape)

@@ -14,14 +14,15 @@ def grads(fn, inputs, upstream):
     return [out.double(), *(g.double() for g in torch.autograd.grad(out, inputs, upstream))]
 
 
-def assert_close_to_reference(fn, inputs, upstream_shape, device, dtype):
-    """Fused vs reference, both against the float64 reference: error within 4x the reference's."""
+def assert_close_to_reference(fn, inputs, upstream_shape, device, dtype, rounding=None):
+    """Fused vs reference, both against the float64 reference: error within 4x the reference's
+    (plus one rounding to ``rounding``, the lowest-precision dtype involved; default ``dtype``)."""
     upstream = torch.randn(upstream_shape, device=device).to(dtype)
     got = grads(lambda *t: fn(*t, backend="triton"), inputs, upstream)
     ref = grads(lambda *t: fn(*t, backend="torch"), inputs, upstream)
     exact = grads(lambda *t: fn(*t, backend="torch"),
                   [t.double() for t in inputs], upstream.double())  # fmt: skip
-    floor = max(1e-6, torch.finfo(dtype).eps)  # one rounding of a low-precision output
+    floor = max(1e-6, torch.finfo(rounding or dtype).eps)  # one rounding of a low-precision output
     for name, g, r, e in zip(["out", *range(len(inputs))], got, ref, exact, strict=True):
         scale = e.abs().max().clamp_min(1e-30)
         bound = 4 * (r - e).abs().max() + floor * scale
@@ -40,6 +41,25 @@ def test_pre_mix_and_merge_match_the_reference(n, C, dtype, device):
     h_res = torch.rand(T, n, n, device=device)
     assert_close_to_reference(pre_mix, [x, h_pre], (T, C), device, dt)
     assert_close_to_reference(merge, [x, y, h_post, h_res], (T, n, C), device, dt)
+
+
+@pytest.mark.parametrize("x_dtype,y_dtype", [("fp32", "bf16"), ("bf16", "fp32"), ("fp32", "fp16")])
+def test_merge_takes_the_branch_output_in_its_own_dtype(x_dtype, y_dtype, device):
+    T, n, C = 37, 4, 72
+    x = torch.randn(T, n, C, device=device).to(DTYPES[x_dtype])
+    y = torch.randn(T, C, device=device).to(DTYPES[y_dtype])
+    h_post, h_res = 2 * torch.rand(T, n, device=device), torch.rand(T, n, n, device=device)
+    rounding = max((DTYPES[x_dtype], DTYPES[y_dtype]), key=lambda d: torch.finfo(d).eps)
+    inputs = [x, y, h_post, h_res]
+    assert_close_to_reference(merge, inputs, (T, n, C), device, DTYPES[x_dtype], rounding)
+    # nothing but the inputs themselves is saved: no copy of y in the streams' dtype
+    saved = []
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = merge(*leaves, backend="triton")
+    assert {t.dtype for t in saved if t.dim() == 2 and t.shape[-1] == C} == {DTYPES[y_dtype]}
+    (dy,) = torch.autograd.grad(out, leaves[1], torch.ones_like(out))
+    assert dy.dtype == DTYPES[y_dtype]
 
 
 def test_leading_shapes_and_dtypes(device):
