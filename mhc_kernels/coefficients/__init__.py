@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from ..sinkhorn import BACKEND_ENV, resolve_backend
+from ..sinkhorn import resolve_backend
 from .reference import epilogue_reference, projection_reference
 
 
@@ -23,11 +21,10 @@ def projection(v: torch.Tensor, phi: torch.Tensor, backend: str = "auto"):
         >>> proj.shape, sumsq.tolist()
         (torch.Size([3, 24]), [8.0, 8.0, 8.0])
     """
-    if backend != "auto" or os.environ.get(BACKEND_ENV, "auto") != "auto":
-        if resolve_backend(backend, v.device) == "triton":
-            from .triton import projection_triton
+    if resolve_backend(backend, v.device, auto_triton=False) == "triton":
+        from .triton import projection_triton
 
-            return projection_triton(v, phi)
+        return projection_triton(v, phi)
     return projection_reference(v, phi)
 
 
@@ -52,8 +49,7 @@ def epilogue(
         >>> pre.tolist(), post.tolist(), res.shape
         ([[0.5, 0.5], [0.5, 0.5]], [[1.0, 1.0], [1.0, 1.0]], torch.Size([2, 4]))
     """
-    explicit = backend != "auto" or os.environ.get(BACKEND_ENV, "auto") != "auto"
-    if explicit and resolve_backend(backend, proj.device) == "triton":
+    if resolve_backend(backend, proj.device, auto_triton=False) == "triton":
         from .triton import epilogue_triton
 
         return epilogue_triton(proj, sumsq, alpha, bias, n, features, rms_eps)

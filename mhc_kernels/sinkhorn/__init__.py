@@ -36,8 +36,12 @@ def triton_can_run(device: torch.device) -> tuple[bool, str]:
     )
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn ``"auto"`` (or the ``MHC_BACKEND`` environment variable) into a concrete backend."""
+def resolve_backend(backend: str, device: torch.device, *, auto_triton: bool = True) -> str:
+    """Turn ``"auto"`` (or the ``MHC_BACKEND`` environment variable) into a concrete backend.
+
+    ``auto_triton=False`` is for kernels that run only when asked for: then ``"auto"`` with no
+    ``MHC_BACKEND`` is ``"torch"`` even on a GPU.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -46,7 +50,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {forced!r}")
         backend = forced
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        on_gpu = device.type == "cuda" and triton_available()
+        return "triton" if auto_triton and on_gpu else "torch"
     if backend == "triton":
         ok, why = triton_can_run(device)
         if not ok:

@@ -196,6 +196,18 @@ def test_auto_without_triton_uses_the_reference(monkeypatch):
     assert sk.resolve_backend("auto", torch.device("cuda")) == "torch"
 
 
+def test_opt_in_kernels_run_only_when_asked_for(monkeypatch):
+    import mhc_kernels.sinkhorn as sk
+
+    monkeypatch.setattr(sk, "triton_available", lambda: True)
+    monkeypatch.delenv("MHC_BACKEND", raising=False)
+    gpu = torch.device("cuda")
+    assert sk.resolve_backend("auto", gpu) == "triton"
+    assert sk.resolve_backend("auto", gpu, auto_triton=False) == "torch"
+    monkeypatch.setenv("MHC_BACKEND", "triton")
+    assert sk.resolve_backend("auto", gpu, auto_triton=False) == "triton"
+
+
 def test_package_imports_and_runs_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
