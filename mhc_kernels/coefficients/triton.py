@@ -79,10 +79,12 @@ def _projection_dphi_kernel(v_ptr, dproj_ptr, dphi_ptr, T, K, W,
 
 
 @triton.jit
-def _epilogue_fwd_kernel(proj_ptr, ss_ptr, alpha_ptr, bias_ptr, pre_ptr, post_ptr, res_ptr,
-                         T, n, W, inv_features, rms_eps,
-                         BT: tl.constexpr, WP: tl.constexpr):  # fmt: skip
-    # z = alpha[part(w)] * proj / r + bias: sigmoid for pre, 2 sigmoid for post, z for res
+def _epilogue_logits(proj_ptr, ss_ptr, alpha_ptr, bias_ptr, T, n, W, inv_features, rms_eps,
+                     BT: tl.constexpr, WP: tl.constexpr):  # fmt: skip
+    """This program's tile: z = alpha[part(w)] * proj / r + bias with r = sqrt(ss / K + eps).
+
+    Returns the indices, the mask, r, each column's scale and the normalised projection q too.
+    """
     tok = tl.program_id(0) * BT + tl.arange(0, BT)
     t2 = tok.to(tl.int64)[:, None]
     w = tl.arange(0, WP)
@@ -90,9 +92,21 @@ def _epilogue_fwd_kernel(proj_ptr, ss_ptr, alpha_ptr, bias_ptr, pre_ptr, post_pt
     m = (t2 < T) & (w2 < W)
     p = tl.load(proj_ptr + t2 * W + w2, mask=m, other=0.0)
     r = tl.sqrt(tl.load(ss_ptr + tok, mask=tok < T, other=1.0) * inv_features + rms_eps)
-    part = (w >= n).to(tl.int32) + (w >= 2 * n).to(tl.int32)
+    part = (w >= n).to(tl.int32) + (w >= 2 * n).to(tl.int32)  # 0 pre, 1 post, 2 res
     scale = tl.load(alpha_ptr + part, mask=w < W, other=0.0)
-    z = p / r[:, None] * scale[None, :] + tl.load(bias_ptr + w, mask=w < W, other=0.0)[None, :]
+    q = p / r[:, None]
+    z = q * scale[None, :] + tl.load(bias_ptr + w, mask=w < W, other=0.0)[None, :]
+    return tok, t2, w, w2, m, r, part, scale, q, z
+
+
+@triton.jit
+def _epilogue_fwd_kernel(proj_ptr, ss_ptr, alpha_ptr, bias_ptr, pre_ptr, post_ptr, res_ptr,
+                         T, n, W, inv_features, rms_eps,
+                         BT: tl.constexpr, WP: tl.constexpr):  # fmt: skip
+    # sigmoid(z) for pre, 2 sigmoid(z) for post, z for res
+    tok, t2, w, w2, m, r, part, scale, q, z = _epilogue_logits(
+        proj_ptr, ss_ptr, alpha_ptr, bias_ptr, T, n, W, inv_features, rms_eps, BT, WP
+    )
     sig = tl.sigmoid(z)
     tl.store(pre_ptr + t2 * n + w2, sig, mask=m & (w2 < n))
     tl.store(post_ptr + t2 * n + (w2 - n), 2.0 * sig, mask=m & (w2 >= n) & (w2 < 2 * n))
@@ -108,17 +122,9 @@ def _epilogue_bwd_kernel(proj_ptr, ss_ptr, alpha_ptr, bias_ptr, gpre_ptr, gpost_
     # z_dyn = scale * proj / r; dss = dr / (2 r) / features; per-program sums over tokens of gz
     # (-> dbias) and, per part, of gz * proj / r (-> dalpha); the caller adds the programs' sums
     pid = tl.program_id(0)
-    tok = pid * BT + tl.arange(0, BT)
-    t2 = tok.to(tl.int64)[:, None]
-    w = tl.arange(0, WP)
-    w2 = w[None, :]
-    m = (t2 < T) & (w2 < W)
-    p = tl.load(proj_ptr + t2 * W + w2, mask=m, other=0.0)
-    r = tl.sqrt(tl.load(ss_ptr + tok, mask=tok < T, other=1.0) * inv_features + rms_eps)
-    part = (w >= n).to(tl.int32) + (w >= 2 * n).to(tl.int32)
-    scale = tl.load(alpha_ptr + part, mask=w < W, other=0.0)
-    q = p / r[:, None]
-    z = q * scale[None, :] + tl.load(bias_ptr + w, mask=w < W, other=0.0)[None, :]
+    tok, t2, w, w2, m, r, part, scale, q, z = _epilogue_logits(
+        proj_ptr, ss_ptr, alpha_ptr, bias_ptr, T, n, W, inv_features, rms_eps, BT, WP
+    )
     sig = tl.sigmoid(z)
     m_pre = m & (w2 < n)
     m_post = m & (w2 >= n) & (w2 < 2 * n)
