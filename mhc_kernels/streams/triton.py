@@ -30,12 +30,30 @@ from ..sinkhorn.triton import interpreting
 
 
 @triton.jit
+def _token_channel_tile(T, C, BT: tl.constexpr, BC: tl.constexpr):
+    """This program's tokens (``tok``, int64 ``t64``), channels ``c2: [1, BC]``, mask ``[BT, BC]``."""
+    tok = tl.program_id(0) * BT + tl.arange(0, BT)
+    c2 = tl.program_id(1) * BC + tl.arange(0, BC)[None, :]
+    return tok, tok.to(tl.int64), c2, (tok[:, None] < T) & (c2 < C)
+
+
+@triton.jit
+def _stream_tile(tok, t64, c2, T, n, C, NP: tl.constexpr):
+    """Stream indices ``i2: [1, NP]`` and their ``[BT, NP]`` mask; the ``[BT, NP, BC]`` offsets'
+    factors ``t3, i3, c3`` and mask."""
+    i2 = tl.arange(0, NP)[None, :]
+    i3 = tl.arange(0, NP)[None, :, None]
+    t3 = t64[:, None, None]
+    c3 = c2[:, None, :]
+    mi = (tok[:, None] < T) & (i2 < n)
+    m3 = (t3 < T) & (i3 < n) & (c3 < C)
+    return i2, mi, t3, i3, c3, m3
+
+
+@triton.jit
 def _pre_mix_fwd_kernel(x_ptr, h_ptr, out_ptr, T, n, C,
                         BT: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr):  # fmt: skip
-    tok = tl.program_id(0) * BT + tl.arange(0, BT)
-    t64 = tok.to(tl.int64)
-    c2 = tl.program_id(1) * BC + tl.arange(0, BC)[None, :]
-    m2 = (tok[:, None] < T) & (c2 < C)
+    tok, t64, c2, m2 = _token_channel_tile(T, C, BT, BC)
     acc = tl.zeros((BT, BC), dtype=tl.float32)
     for j in tl.static_range(NP):
         Tj = T * (n > j)  # no tokens in a padded stream (a tensor mask even when n is constexpr)
@@ -50,10 +68,7 @@ def _pre_mix_fwd_kernel(x_ptr, h_ptr, out_ptr, T, n, C,
 def _pre_mix_bwd_kernel(x_ptr, h_ptr, g_ptr, dx_ptr, dh_part_ptr, T, n, C,
                         BT: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr):  # fmt: skip
     # dx[t, j, c] = h[t, j] g[t, c];  dh[t, j] = sum_c g[t, c] x[t, j, c] (this program's C part)
-    tok = tl.program_id(0) * BT + tl.arange(0, BT)
-    t64 = tok.to(tl.int64)
-    c2 = tl.program_id(1) * BC + tl.arange(0, BC)[None, :]
-    m2 = (tok[:, None] < T) & (c2 < C)
+    tok, t64, c2, m2 = _token_channel_tile(T, C, BT, BC)
     part = dh_part_ptr + tl.program_id(1).to(tl.int64) * T * n
     g = tl.load(g_ptr + t64[:, None] * C + c2, mask=m2, other=0.0).to(tl.float32)  # [BT, BC]
     for j in tl.static_range(NP):
@@ -70,15 +85,8 @@ def _pre_mix_bwd_kernel(x_ptr, h_ptr, g_ptr, dx_ptr, dh_part_ptr, T, n, C,
 def _merge_fwd_kernel(x_ptr, y_ptr, hpost_ptr, hres_ptr, out_ptr, T, n, C,
                       BT: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr):  # fmt: skip
     # out[t, i, c] = sum_j h_res[t, i, j] x[t, j, c] + h_post[t, i] y[t, c]
-    tok = tl.program_id(0) * BT + tl.arange(0, BT)
-    t64 = tok.to(tl.int64)
-    t3 = t64[:, None, None]
-    i2 = tl.arange(0, NP)[None, :]
-    i3 = tl.arange(0, NP)[None, :, None]
-    c2 = tl.program_id(1) * BC + tl.arange(0, BC)[None, :]
-    c3 = c2[:, None, :]
-    m2 = (tok[:, None] < T) & (c2 < C)
-    mi = (tok[:, None] < T) & (i2 < n)  # [BT, NP]
+    tok, t64, c2, m2 = _token_channel_tile(T, C, BT, BC)
+    i2, mi, t3, i3, c3, m3 = _stream_tile(tok, t64, c2, T, n, C, NP)
     hpost = tl.load(hpost_ptr + t64[:, None] * n + i2, mask=mi, other=0.0)
     y = tl.load(y_ptr + t64[:, None] * C + c2, mask=m2, other=0.0).to(tl.float32)
     acc = hpost[:, :, None] * y[:, None, :]  # [BT, NP, BC]
@@ -89,7 +97,6 @@ def _merge_fwd_kernel(x_ptr, y_ptr, hpost_ptr, hres_ptr, out_ptr, T, n, C,
         xj = tl.load(x_ptr + t64[:, None] * n * C + j * C + c2,
                      mask=(tok[:, None] < Tj) & (c2 < C), other=0.0)  # fmt: skip
         acc += hcol[:, :, None] * xj.to(tl.float32)[:, None, :]
-    m3 = (t3 < T) & (i3 < n) & (c3 < C)
     tl.store(out_ptr + t3 * n * C + i3 * C + c3, acc.to(out_ptr.dtype.element_ty), mask=m3)
 
 
@@ -99,16 +106,8 @@ def _merge_bwd_kernel(x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_ptr, 
                       BT: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr):  # fmt: skip
     # dx[t, j] = sum_i h_res[t, i, j] g[t, i];  dy[t] = sum_i h_post[t, i] g[t, i]
     # dh_res[t, i, j] = sum_c g[t, i, c] x[t, j, c];  dh_post[t, i] = sum_c g[t, i, c] y[t, c]
-    tok = tl.program_id(0) * BT + tl.arange(0, BT)
-    t64 = tok.to(tl.int64)
-    t3 = t64[:, None, None]
-    i2 = tl.arange(0, NP)[None, :]
-    i3 = tl.arange(0, NP)[None, :, None]
-    c2 = tl.program_id(1) * BC + tl.arange(0, BC)[None, :]
-    c3 = c2[:, None, :]
-    m2 = (tok[:, None] < T) & (c2 < C)
-    mi = (tok[:, None] < T) & (i2 < n)
-    m3 = (t3 < T) & (i3 < n) & (c3 < C)
+    tok, t64, c2, m2 = _token_channel_tile(T, C, BT, BC)
+    i2, mi, t3, i3, c3, m3 = _stream_tile(tok, t64, c2, T, n, C, NP)
     cpart = tl.program_id(1).to(tl.int64) * T
     g = tl.load(g_ptr + t3 * n * C + i3 * C + c3, mask=m3, other=0.0).to(tl.float32)  # [BT,NP,BC]
     hpost = tl.load(hpost_ptr + t64[:, None] * n + i2, mask=mi, other=0.0)
