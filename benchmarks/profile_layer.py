@@ -14,12 +14,10 @@ import argparse
 import sys
 
 import torch
+from test_layer_overhead import MHCBlock, PlainBlock  # beside this script: on sys.path
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, __import__("os").path.dirname(__file__))
-from test_layer_overhead import MHCBlock, PlainBlock  # noqa: E402
-
-from mhc_kernels import sinkhorn_knopp  # noqa: E402
+from mhc_kernels import sinkhorn_knopp
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")

@@ -18,6 +18,7 @@ Set ``TRITON_INTERPRET=1`` before importing this module to run the kernels on CP
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -120,7 +121,10 @@ INTERPRETER_TILE_ELEMS = 2**16  # the interpreter's cost is per program step: us
 NUM_WARPS = 4
 
 
+@functools.cache
 def interpreting() -> bool:
+    """Whether the kernels run under Triton's interpreter: decided once, as ``@triton.jit`` decided
+    it when this module was imported (not re-read from the environment on every launch)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
