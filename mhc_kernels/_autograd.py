@@ -39,3 +39,12 @@ def compiled_or_eager(op: Callable, eager: Callable) -> Callable:
         return op(*args) if torch.compiler.is_compiling() else eager(*args)
 
     return call
+
+
+def differentiable(op, bwd_op, forward: Callable, bwd: Callable, setup_context: Callable,
+                   backward_with: Callable) -> Callable:  # fmt: skip
+    """Both front doors of one kernel pair: registers ``backward_with(bwd_op)`` as the custom op's
+    autograd and returns the caller, ``op`` under torch.compile and otherwise a Function running
+    ``forward`` and ``backward_with(bwd)`` (the launchers themselves)."""
+    op.register_autograd(backward_with(bwd_op), setup_context=setup_context)
+    return compiled_or_eager(op, eager_function(forward, setup_context, backward_with(bwd)))

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._autograd import compiled_or_eager, eager_function
+from .._autograd import differentiable
 from .._host import cdiv, next_power_of_2
 from ..sinkhorn.triton import interpreting
 
@@ -288,10 +288,8 @@ def _backward_with(bwd):
     return backward
 
 
-_projection_op.register_autograd(_backward_with(_projection_bwd_op), setup_context=_setup)
-_projection = compiled_or_eager(
-    _projection_op, eager_function(projection_fwd, _setup, _backward_with(projection_bwd))
-)
+_projection = differentiable(_projection_op, _projection_bwd_op, projection_fwd, projection_bwd,
+                            _setup, _backward_with)  # fmt: skip
 
 
 def projection_triton(v: torch.Tensor, phi: torch.Tensor):
@@ -341,12 +339,8 @@ def _epilogue_backward_with(bwd):
     return backward
 
 
-_epilogue_op.register_autograd(_epilogue_backward_with(_epilogue_bwd_op),
-                               setup_context=_epilogue_setup)  # fmt: skip
-_epilogue = compiled_or_eager(
-    _epilogue_op,
-    eager_function(epilogue_fwd, _epilogue_setup, _epilogue_backward_with(epilogue_bwd)),
-)
+_epilogue = differentiable(_epilogue_op, _epilogue_bwd_op, epilogue_fwd, epilogue_bwd,
+                          _epilogue_setup, _epilogue_backward_with)  # fmt: skip
 
 
 def epilogue_triton(proj, sumsq, alpha, bias, n: int, features: int, rms_eps: float):

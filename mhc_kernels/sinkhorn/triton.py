@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._autograd import compiled_or_eager, eager_function
+from .._autograd import differentiable
 from .._host import cdiv, next_power_of_2
 from .reference import ORDER_DIMS
 
@@ -251,10 +251,8 @@ def _backward_with(bwd):
     return backward
 
 
-_sinkhorn_fwd_op.register_autograd(_backward_with(_sinkhorn_bwd_op), setup_context=_setup_context)
-_sinkhorn = compiled_or_eager(
-    _sinkhorn_fwd_op, eager_function(sinkhorn_fwd, _setup_context, _backward_with(sinkhorn_bwd))
-)
+_sinkhorn = differentiable(_sinkhorn_fwd_op, _sinkhorn_bwd_op, sinkhorn_fwd, sinkhorn_bwd,
+                          _setup_context, _backward_with)  # fmt: skip
 
 
 def sinkhorn_knopp_triton(

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._autograd import compiled_or_eager, eager_function
+from .._autograd import differentiable
 from .._host import cdiv, next_power_of_2
 from ..sinkhorn.triton import interpreting
 
@@ -275,10 +275,8 @@ def _pre_mix_backward_with(bwd):
     return backward
 
 
-_pre_mix_op.register_autograd(_pre_mix_backward_with(_pre_mix_bwd_op), setup_context=_pre_mix_setup)
-_pre_mix = compiled_or_eager(
-    _pre_mix_op, eager_function(pre_mix_fwd, _pre_mix_setup, _pre_mix_backward_with(pre_mix_bwd))
-)
+_pre_mix = differentiable(_pre_mix_op, _pre_mix_bwd_op, pre_mix_fwd, pre_mix_bwd, _pre_mix_setup,
+                          _pre_mix_backward_with)  # fmt: skip
 
 
 @torch.library.custom_op("mhc_kernels::merge", mutates_args=())
@@ -316,10 +314,8 @@ def _merge_backward_with(bwd):
     return backward
 
 
-_merge_op.register_autograd(_merge_backward_with(_merge_bwd_op), setup_context=_merge_setup)
-_merge = compiled_or_eager(
-    _merge_op, eager_function(merge_fwd, _merge_setup, _merge_backward_with(merge_bwd))
-)
+_merge = differentiable(_merge_op, _merge_bwd_op, merge_fwd, merge_bwd, _merge_setup,
+                        _merge_backward_with)  # fmt: skip
 
 
 def pre_mix_triton(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
