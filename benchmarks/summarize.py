@@ -82,8 +82,7 @@ def layer_summary(rows: list[dict]) -> dict:
     out = {}
     for (dim, dtype), t in sorted(times.items()):
         if "plain" in t:
-            extra = {f"overhead_{v}" if v != "mhc" else "overhead": s / t["plain"] - 1
-                     for v, s in t.items() if v != "plain"}  # fmt: skip
+            extra = {f"overhead_{v}": s / t["plain"] - 1 for v, s in t.items() if v != "plain"}
             out[f"C{dim}-{dtype}"] = {**t, **extra}
     return out
 
