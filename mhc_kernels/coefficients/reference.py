@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import torch
 
+from ..sinkhorn.reference import autocast_exempt
 
+
+@autocast_exempt
 def projection_reference(v: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(v @ phi, sum(v^2))`` in the dtype of ``phi``."""
     v = v.to(phi.dtype)

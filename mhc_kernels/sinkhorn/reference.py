@@ -34,6 +34,8 @@ matrices). Only the input is saved for backward.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # The axis pair (first, second) each order normalises, for matrices stored as (..., rows, cols):
@@ -44,6 +46,26 @@ ORDER_DIMS = {"col_row": (-2, -1), "row_col": (-1, -2)}
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Iterations run in float32, or float64 for float64 input (used by gradcheck)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def autocast_exempt(fn):
+    """Run a reference op with autocast off on its first argument's device.
+
+    A reference's dtypes are its contract (sums in float32 for bf16 streams, coefficients in
+    float32, FACTS.md section 1), but autocast runs matmuls, ``einsum`` included, in bf16: the
+    projection and the stream sums would silently lose precision under a mixed-precision trainer.
+    Autocast is left alone when it is off (the check is the only cost).
+    """
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        device = args[0].device.type
+        if torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return call
 
 
 def to_batch_last(x: torch.Tensor) -> torch.Tensor:

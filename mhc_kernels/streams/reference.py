@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import torch
 
-from ..sinkhorn.reference import compute_dtype
+from ..sinkhorn.reference import autocast_exempt, compute_dtype
 
 
+@autocast_exempt
 def pre_mix_reference(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     """``x: (..., n, C)``, ``h_pre: (..., n)`` -> ``(..., C)``."""
     dt = compute_dtype(x.dtype)
     return torch.einsum("...j,...jc->...c", h_pre.to(dt), x.to(dt)).to(x.dtype)
 
 
+@autocast_exempt
 def merge_reference(
     x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor
 ) -> torch.Tensor:

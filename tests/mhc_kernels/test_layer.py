@@ -180,6 +180,18 @@ def test_low_precision_streams_keep_a_float32_coefficient_path(dtype):
     assert torch.isfinite(layer.phi.grad).all() and layer.phi.grad.abs().max() > 0
 
 
+def test_autocast_leaves_the_coefficients_and_stream_sums_in_float32():
+    """A bf16 mixed-precision trainer runs the branch in bf16; the projection and the stream
+    mixing (matmul and einsum, which autocast would lower to bf16) stay float32 (FACTS.md §1)."""
+    torch.manual_seed(0)
+    layer = MHCLayer(nn.Identity(), dim=32, n_streams=4, backend="torch")
+    x = torch.randn(4, 8, 4, 32)
+    expected = layer.coefficients(x), layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer.coefficients(x), layer(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("shape", [(4, 8), (1, 4, 8), (2, 3, 5, 4, 8)], ids=str)
 def test_odd_shapes(shape):
     layer = MHCLayer(Block(8), dim=8, n_streams=4)
