@@ -87,6 +87,20 @@ def layer_summary(rows: list[dict]) -> dict:
     return out
 
 
+def memory_summary(rows: list[dict]) -> dict:
+    """Activation memory of the 6-layer stack per dtype: saved bytes (and GPU step peaks) in MB
+    and their ratios to the plain residual (target <= 1.2 with recomputation)."""
+    out = {}
+    for row in rows:
+        if "saved_bytes" in row:
+            ratios = {k: round(v, 3) for k, v in row.items() if k.endswith("_vs_plain")}
+            saved = {k: round(v / 1e6, 1) for k, v in row["saved_bytes"].items()}
+            peak = {k: round(v / 1e6, 1) for k, v in row.get("peak_step_bytes", {}).items()}
+            out[f"C{row['dim']}-L{row['layers']}-{row['dtype']}"] = {
+                "saved_MB": saved, "peak_step_MB": peak, **ratios}  # fmt: skip
+    return out
+
+
 def streams_summary(rows: list[dict]) -> dict:
     """Fused stream kernels: time per provider, speed-ups and roofline ratio (same run)."""
     cases: dict[tuple, dict] = defaultdict(dict)
@@ -120,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"environment": env, "machine": machine.get("cpu", {}).get("brand_raw")}
     summary["sinkhorn"] = sinkhorn_summary(rows)
     summary["layer_overhead"] = layer_summary(rows)
+    summary["activation_memory"] = memory_summary(rows)
     summary["streams"] = streams_summary(rows)
     summary["rows"] = rows
     text = json.dumps(summary, indent=1, default=str)

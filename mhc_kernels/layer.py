@@ -50,6 +50,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import recompute
 from .coefficients import epilogue, projection
 from .sinkhorn import BACKENDS, sinkhorn_knopp
 from .sinkhorn.reference import ORDER_DIMS
@@ -77,9 +78,12 @@ class MHCConfig:
         backend: Sinkhorn backend, ``"auto"``, ``"torch"`` or ``"triton"``.
         identity_gap: diagonal logit gap of H_res under ``init="identity"``; ``None`` picks
             ``log(9 (n - 1))`` (diagonal 0.9).
-        recompute: keep only the streams and the branch output for backward and recompute the
-            coefficients, pre-mix and merge there (paper §4.3.2): less activation memory for one
-            more pass over the cheap parts of the layer.
+        recompute: keep only the stream input, the branch output and the coefficients for
+            backward and re-run the coefficients, pre-mix and merge there (paper §4.3.2): less
+            activation memory for one more pass over the cheap parts of the layer.
+        recompute_block: with ``recompute``, the number of consecutive connections that share one
+            kept stream input (the paper's L_r): the others are rebuilt in backward from it
+            (:mod:`mhc_kernels.recompute`). 1 keeps every connection's stream input.
     """
 
     n_streams: int = 4
@@ -94,6 +98,7 @@ class MHCConfig:
     backend: str = "auto"
     identity_gap: float | None = None
     recompute: bool = False
+    recompute_block: int = 1
 
     def __post_init__(self):
         def check(name, ok, allowed):
@@ -118,6 +123,12 @@ class MHCConfig:
         check("rms_eps", self.rms_eps >= 0, "a float >= 0")
         check("coeff_dtype", self.coeff_dtype in COEFF_DTYPES, "torch.float32 or torch.float64")
         check("backend", self.backend in BACKENDS, f"one of {BACKENDS}")
+        check("recompute", isinstance(self.recompute, bool), "True or False")
+        check(
+            "recompute_block",
+            is_int(self.recompute_block) and self.recompute_block >= 1,
+            "an integer >= 1",
+        )
         check(
             "identity_gap",
             self.identity_gap is None or math.isfinite(self.identity_gap),
@@ -213,12 +224,16 @@ class HyperConnection(nn.Module):
 
     def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x: (..., n, C)`` -> ``H_pre (..., n)``, ``H_post (..., n)``, ``H_res (..., n, n)``."""
+        return self.coefficients_from(x, self.phi, self.bias, self.alpha)
+
+    def coefficients_from(self, x, phi, bias, alpha):
+        """:meth:`coefficients` with the given parameters (recomputation passes detached ones)."""
         n = self.config.n_streams
         v = x.reshape(*x.shape[:-2], n * self.dim)
         backend = self.config.backend
-        proj, sumsq = projection(v, self.phi, backend)  # one read of the streams
+        proj, sumsq = projection(v, phi, backend)  # one read of the streams
         pre, post, res = epilogue(
-            proj, sumsq, self.alpha, self.bias, n, n * self.dim, self.config.rms_eps, backend
+            proj, sumsq, alpha, bias, n, n * self.dim, self.config.rms_eps, backend
         )  # scale, bias, gates
         res = res.unflatten(-1, (n, n))
         if self.config.constraint == "sinkhorn":
@@ -241,23 +256,37 @@ class HyperConnection(nn.Module):
             )
         backend = self.config.backend
         if self.config.recompute and torch.is_grad_enabled():
-            # keep only x, y and the (n^2 + 2n per token) coefficients; recompute the rest
+            if not torch.compiler.is_compiling():
+                out, h_res = recompute.connect(self, x, branch, *args, **kwargs)
+                self._record(h_res)
+                return out
+            # torch.compile cannot trace a backward that re-runs autograd: checkpoint each part
+            # (each connection keeps its stream input, as with recompute_block=1)
             h_pre, h_post, h_res = checkpoint(self.coefficients, x, use_reentrant=False)
             branch_in = checkpoint(pre_mix, x, h_pre, backend, use_reentrant=False)
-        else:
-            h_pre, h_post, h_res = self.coefficients(x)
-            branch_in = pre_mix(x, h_pre, backend)
+            self._record(h_res)
+            y = self.run_branch(branch, branch_in, *args, **kwargs)
+            return checkpoint(merge, x, y, h_post, h_res, backend, use_reentrant=False)
+        h_pre, h_post, h_res = self.coefficients(x)
+        self._record(h_res)
+        y = self.run_branch(branch, pre_mix(x, h_pre, backend), *args, **kwargs)
+        return merge(x, y, h_post, h_res, backend)
+
+    def _record(self, h_res: torch.Tensor) -> None:
         if self.record_h_res:
+            n = self.config.n_streams
             self.last_h_res = h_res.detach().reshape(-1, n, n).mean(dim=0)
+
+    @staticmethod
+    def run_branch(branch, branch_in: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``branch(branch_in, *args, **kwargs)``, which must return a tensor."""
         y = branch(branch_in, *args, **kwargs)
         if not isinstance(y, torch.Tensor):
             raise TypeError(
                 f"the wrapped branch must return a tensor of shape (..., C), got {type(y).__name__}; "
                 "wrap a module that returns a tuple so that it returns its first element"
             )
-        if self.config.recompute and torch.is_grad_enabled():
-            return checkpoint(merge, x, y, h_post, h_res, backend, use_reentrant=False)
-        return merge(x, y, h_post, h_res, backend)
+        return y
 
     def extra_repr(self) -> str:
         c = self.config

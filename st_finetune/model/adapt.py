@@ -66,6 +66,11 @@ class MHCSettings:
         init: ``"identity"`` (reproduces the pretrained model at step 0) or ``"paper"``.
         alpha_init: initial gates.
         backend: Sinkhorn backend (``"auto"``, ``"torch"``, ``"triton"``).
+        recompute: activation memory traded for compute: 0 keeps every activation; ``k >= 1``
+            re-runs the connections' coefficients, pre-mix and merge in backward and keeps one
+            stream input per ``k`` consecutive connections (:mod:`mhc_kernels.recompute`; 3 suits
+            ST-Tahoe's 12 connections). Results are the same.
+        extra: further :class:`mhc_kernels.MHCConfig` fields.
     """
 
     enable: bool = False
@@ -75,12 +80,19 @@ class MHCSettings:
     init: str = "identity"
     alpha_init: float = 0.01
     backend: str = "auto"
+    recompute: int = 0
     extra: dict = field(default_factory=dict)
 
     def mhc_config(self) -> MHCConfig:
+        k = self.recompute
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(
+                f"mhc.recompute must be an integer >= 0 (0: keep every activation, k: keep one "
+                f"stream input per k connections), got {k!r}"
+            )
         return MHCConfig(n_streams=self.n_streams, sinkhorn_iters=self.sinkhorn_iters,
                          init=self.init, alpha_init=self.alpha_init, backend=self.backend,
-                         **self.extra)  # fmt: skip
+                         recompute=k > 0, recompute_block=max(k, 1), **self.extra)  # fmt: skip
 
 
 def adapt_heads(model: STModel, input_dim: int, pert_names: list[str],

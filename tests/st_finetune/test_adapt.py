@@ -105,3 +105,29 @@ def test_mhc_layers_subset_and_out_of_range(model_folder):
         prepare_for_finetuning(model, input_dim=12, pert_names=PERTS, pretrained_perts=info.pert_names,
                                lora=LoraSettings(enable=False),
                                mhc=MHCSettings(enable=True, layers=[5]))  # fmt: skip
+
+
+def test_mhc_recomputation_gives_the_same_gradients(model_folder):
+    """``mhc.recompute = k``: one kept stream per k connections, same loss and gradients."""
+    _, folder = model_folder
+    lora = LoraSettings(enable=True, r=4, alpha=8, dropout=0.0)
+    grads = []
+    for k in (0, 3):
+        torch.manual_seed(0)  # the same LoRA initialisation
+        model, info = load_pretrained(folder)
+        prepare_for_finetuning(model, input_dim=12, pert_names=PERTS,
+                               pretrained_perts=info.pert_names, lora=lora,
+                               mhc=MHCSettings(enable=True, recompute=k))  # fmt: skip
+        with torch.no_grad():  # streams that differ, so every part of mHC is live
+            for name, p in model.named_parameters():
+                if "hc." in name or "lora_B" in name:
+                    p.add_(0.05 * torch.randn_like(p))
+        model.train()
+        upstream = torch.randn(16, 12, generator=torch.Generator().manual_seed(0))
+        (model(batch_for(model.config)) * upstream).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+    with pytest.raises(ValueError, match="mhc.recompute"):
+        MHCSettings(enable=True, recompute=-1).mhc_config()

@@ -1,0 +1,145 @@
+"""Activation recomputation for a chain of mHC connections (paper §4.3.2).
+
+Without recomputation a connection keeps, for its backward, its n-stream input ``x_l`` (n * C values
+per token in the streams' dtype), its branch output ``y_l``, its coefficients and every
+intermediate of the coefficient path. A plain residual keeps none of these; ``x_l`` alone is
+16 * C bytes per token for n = 4 fp32 streams, most of what mHC adds.
+
+Consecutive connections are tied by their merge, ``x_{l+1} = H_res,l x_l + H_post,l^T y_l``, and
+``y_l``, ``H_post,l``, ``H_res,l`` are kept anyway (the merge's backward needs them). So a block of
+``block`` consecutive connections keeps only the stream input of its first connection; the backward
+rebuilds the others by re-running the merges from it, and every connection re-runs its coefficients
+and pre-mix from its (kept or rebuilt) input in its own backward.
+
+Kept per connection: ``y_l`` and the n^2 + 2n coefficients per token (and whatever the branch keeps
+for itself), plus one stream per block. While the backward walks through a block, up to ``block``
+rebuilt streams are alive at once; each is dropped after the last backward that reads it (the
+connection's coefficient and pre-mix backward). The paper picks ``block ~ sqrt(n L / (n + 2))`` for
+``L`` connections. ``block = 1`` keeps every connection's stream input (recomputation within the
+connection only).
+
+A rebuilt stream is the forward's, bit for bit (the same kernels on the same inputs), so gradients
+equal those without recomputation. The connection's operations ignore autocast (float32 coefficient
+math, :func:`mhc_kernels.sinkhorn.reference.autocast_exempt`), so no autocast state is replayed.
+
+How a stream finds its recipe: the merge's output tensor carries it as an attribute. A consumer
+that receives anything else (the first connection's input, a view, a stream changed in place since
+the merge, the output of a plain residual in between) keeps the tensor it was given.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .streams import merge, pre_mix
+
+_ATTRIBUTE = "_mhc_rebuild"
+
+
+class _Rebuild:
+    """How the backward gets one stream back: re-run the merge that produced it (``merge_node``,
+    the merge's autograd node) from that merge's saved inputs."""
+
+    __slots__ = ("merge_node", "depth", "version", "value")
+
+    def __init__(self, merge_node, depth: int, version: int):
+        self.merge_node, self.depth, self.version = merge_node, depth, version
+        self.value: torch.Tensor | None = None
+
+    def get(self) -> torch.Tensor:
+        if self.value is None:
+            node = self.merge_node
+            y, h_post, h_res = node.saved_tensors[-3:]
+            with torch.no_grad():
+                self.value = merge(_stream_input(node), y, h_post, h_res, node.backend)
+        return self.value
+
+    def release(self) -> None:
+        self.value = None
+
+
+def _rebuild_of(x: torch.Tensor) -> _Rebuild | None:
+    rebuild = getattr(x, _ATTRIBUTE, None)
+    return rebuild if rebuild is not None and rebuild.version == x._version else None
+
+
+def _stream_input(ctx) -> torch.Tensor:
+    """The stream input of the Function whose context is ``ctx``: kept (first saved tensor) or
+    rebuilt."""
+    return ctx.saved_tensors[0] if ctx.rebuild is None else ctx.rebuild.get()
+
+
+def _save(ctx, x: torch.Tensor, *others: torch.Tensor) -> None:
+    ctx.rebuild = _rebuild_of(x)
+    ctx.save_for_backward(*(others if ctx.rebuild is not None else (x, *others)))
+
+
+def _grads(outputs, inputs, upstream) -> tuple[torch.Tensor | None, ...]:
+    """Gradients for ``inputs`` (``None`` for those that do not require one)."""
+    wanted = [t for t in inputs if t.requires_grad]
+    grads = iter(torch.autograd.grad(outputs, wanted, upstream, allow_unused=True))
+    return tuple(next(grads) if t.requires_grad else None for t in inputs)
+
+
+def _detached(tensors, needs) -> list[torch.Tensor]:
+    return [t.detach().requires_grad_(need) for t, need in zip(tensors, needs, strict=True)]
+
+
+class _CoefficientsAndPreMix(torch.autograd.Function):
+    """``x -> (H_pre x, H_post, H_res)`` keeping only the parameters and (unless it can be rebuilt)
+    ``x``; the backward re-runs the coefficients and the pre-mix."""
+
+    @staticmethod
+    def forward(ctx, connection, x, phi, bias, alpha):
+        ctx.connection = connection
+        _save(ctx, x, phi, bias, alpha)
+        h_pre, h_post, h_res = connection.coefficients_from(x, phi, bias, alpha)
+        return pre_mix(x, h_pre, connection.config.backend), h_post, h_res
+
+    @staticmethod
+    def backward(ctx, g_in, g_post, g_res):
+        inputs = _detached((_stream_input(ctx), *ctx.saved_tensors[-3:]), ctx.needs_input_grad[1:])
+        with torch.enable_grad():
+            h_pre, h_post, h_res = ctx.connection.coefficients_from(*inputs)
+            branch_in = pre_mix(inputs[0], h_pre, ctx.connection.config.backend)
+        grads = _grads((branch_in, h_post, h_res), inputs, (g_in, g_post, g_res))
+        if ctx.rebuild is not None:
+            ctx.rebuild.release()  # the last backward that reads this stream
+        return None, *grads
+
+
+class _Merge(torch.autograd.Function):
+    """``H_res x + H_post^T y`` keeping ``y``, the coefficients and (unless it can be rebuilt)
+    ``x``; the backward re-runs the merge."""
+
+    @staticmethod
+    def forward(ctx, backend, last_reader, x, y, h_post, h_res):
+        ctx.backend, ctx.last_reader = backend, last_reader
+        _save(ctx, x, y, h_post, h_res)
+        return merge(x, y, h_post, h_res, backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs = _detached((_stream_input(ctx), *ctx.saved_tensors[-3:]), ctx.needs_input_grad[2:])
+        with torch.enable_grad():
+            out = merge(*inputs, ctx.backend)
+        grads = _grads(out, inputs, grad)
+        if ctx.rebuild is not None and ctx.last_reader:
+            ctx.rebuild.release()
+        return None, None, *grads
+
+
+def connect(connection, x: torch.Tensor, branch, *args, **kwargs):
+    """``connection.connect`` with recomputation: returns ``(output, H_res)``."""
+    branch_in, h_post, h_res = _CoefficientsAndPreMix.apply(
+        connection, x, connection.phi, connection.bias, connection.alpha
+    )
+    y = connection.run_branch(branch, branch_in, *args, **kwargs)
+    rebuild = _rebuild_of(x)
+    # the coefficient backward reads x after the merge's; when it is not on the graph (frozen
+    # parameters, x without gradient) the merge's backward is the last one that reads x
+    out = _Merge.apply(connection.config.backend, not h_post.requires_grad, x, y, h_post, h_res)
+    depth = 1 + (rebuild.depth if rebuild is not None else 0)
+    if depth < connection.config.recompute_block and out.grad_fn is not None:
+        setattr(out, _ATTRIBUTE, _Rebuild(out.grad_fn, depth, out._version))
+    return out, h_res

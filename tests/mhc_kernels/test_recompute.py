@@ -1,0 +1,190 @@
+"""Recomputation across a chain of connections (mhc_kernels.recompute, paper §4.3.2): the same
+outputs and gradients as keeping everything, one kept stream per block, rebuilt streams dropped."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mhc_kernels import MHCLayer, recompute
+
+C, N, LAYERS = 16, 4, 6
+
+
+def make_stack(backend="torch", dtype=torch.float32, **options):
+    torch.manual_seed(1)
+    layers = [
+        MHCLayer(
+            nn.Sequential(nn.LayerNorm(C), nn.Linear(C, C)).to(dtype),
+            C,
+            N,
+            init="paper",
+            backend=backend,
+            **options,
+        )  # fmt: skip
+        for _ in range(LAYERS)
+    ]
+    for layer in layers:  # a live dynamic term in every coefficient
+        nn.init.normal_(layer.phi, std=0.3)
+        layer.alpha.data.fill_(0.5)
+    return layers
+
+
+def run(layers, x):
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+def outputs_and_grads(layers, x, upstream):
+    x = x.detach().requires_grad_()
+    out = run(layers, x)
+    params = [p for layer in layers for p in layer.parameters()]
+    return [out, *torch.autograd.grad(out, [x, *params], upstream)]
+
+
+def saved_storage_bytes(fn):
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("block", [1, 2, 4, LAYERS, 100])
+def test_outputs_and_every_gradient_equal_keeping_everything(block):
+    x, upstream = torch.randn(3, 5, N, C), torch.randn(3, 5, N, C)
+    expected = outputs_and_grads(make_stack(), x, upstream)
+    got = outputs_and_grads(make_stack(recompute=True, recompute_block=block), x, upstream)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_low_precision_streams_and_fused_kernels(backend, dtype, device):
+    """Either backend rebuilds the streams (Triton: interpreter on CPU), bf16 streams included.
+    Gradients of a stream sum the same terms in another order (the coefficient and pre-mix parts
+    arrive together), so the bound is the float64 reference's: within twice the error of the
+    run that keeps everything, plus one rounding."""
+    x, upstream = torch.randn(2, 7, N, C, device=device), torch.randn(2, 7, N, C, device=device)
+
+    def results(backend, dt, **options):
+        layers = [layer.to(device) for layer in make_stack(backend, dt, **options)]
+        if dt == torch.float64:  # coefficients too
+            layers = [layer.double() for layer in layers]
+        return [t.double() for t in outputs_and_grads(layers, x.to(dt), upstream.to(dt))]
+
+    exact = results("torch", torch.float64)
+    kept = results(backend, dtype)
+    lean = results(backend, dtype, recompute=True, recompute_block=3)
+    for i, (g, k, e) in enumerate(zip(lean, kept, exact, strict=True)):
+        bound = 2 * (k - e).abs().max() + torch.finfo(dtype).eps * e.abs().max()
+        assert (g - e).abs().max() <= bound, f"output/gradient {i}"
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 4])
+def test_one_stream_is_kept_per_block(block):
+    x = torch.randn(3, 5, N, C, requires_grad=True)
+    stream_bytes = x.numel() * x.element_size()
+    every = saved_storage_bytes(lambda: run(make_stack(recompute=True), x))
+    lean = saved_storage_bytes(lambda: run(make_stack(recompute=True, recompute_block=block), x))
+    assert every - lean == (LAYERS - math.ceil(LAYERS / block)) * stream_bytes
+    assert every < saved_storage_bytes(lambda: run(make_stack(), x))
+
+
+def rebuilds(outputs):
+    return [r for r in (getattr(t, recompute._ATTRIBUTE, None) for t in outputs) if r is not None]
+
+
+def alive(objects):
+    return sum(r.value is not None for r in objects)
+
+
+@pytest.mark.parametrize("block", [2, 3, 4])
+def test_backward_holds_at_most_block_minus_one_rebuilt_streams(block, monkeypatch):
+    layers = make_stack(recompute=True, recompute_block=block)
+    outputs, h = [], torch.randn(2, 3, N, C, requires_grad=True)
+    for layer in layers:
+        h = layer(h)
+        outputs.append(h)
+    objects = rebuilds(outputs)
+    assert len(objects) == LAYERS - math.ceil(LAYERS / block) + (LAYERS % block != 0)
+    peak, get = [], recompute._Rebuild.get
+    monkeypatch.setattr(
+        recompute._Rebuild, "get", lambda self: (get(self), peak.append(alive(objects)))[0]
+    )
+    h.square().sum().backward(retain_graph=True)
+    assert max(peak) == block - 1 and alive(objects) == 0
+    first = [p.grad.clone() for p in layers[0].parameters()]
+    for layer in layers:
+        layer.zero_grad()
+    h.square().sum().backward()  # rebuilt again after the release
+    for p, g in zip(layers[0].parameters(), first, strict=True):
+        torch.testing.assert_close(p.grad, g)
+    with pytest.raises(RuntimeError, match="second time"):
+        h.square().sum().backward()
+
+
+def test_frozen_connections_training_only_the_branches():
+    """Like LoRA without trainable mHC: the merge's backward is the last reader of each stream."""
+    x, upstream = torch.randn(3, 5, N, C), torch.randn(3, 5, N, C)
+    stacks = [make_stack(), make_stack(recompute=True, recompute_block=3)]
+    grads = []
+    for layers in stacks:
+        for layer in layers:
+            for p in (layer.phi, layer.bias, layer.alpha):
+                p.requires_grad_(False)
+        outputs, h = [], x
+        for layer in layers:
+            h = layer(h)
+            outputs.append(h)
+        branch = [p for layer in layers for p in layer.branch.parameters()]
+        grads.append(torch.autograd.grad(h, branch, upstream))
+        assert alive(rebuilds(outputs)) == 0
+    for g, e in zip(*grads, strict=True):
+        torch.testing.assert_close(g, e)
+
+
+def test_streams_changed_between_connections_are_kept_not_rebuilt():
+    """An in-place change, a view or a plain residual in between: the next connection keeps what
+    it was given, and the gradients stay right."""
+
+    def mixed(layers, x):
+        x = layers[0](layers[1](x))
+        x.mul_(0.5)  # in place: the merge's recipe no longer gives this tensor
+        x = layers[2](x).clone()  # another op: no recipe at all
+        x = layers[3](x)
+        x = layers[4](x.view(x.shape))  # a view
+        return layers[5](x)
+
+    x, upstream = torch.randn(3, 5, N, C), torch.randn(3, 5, N, C)
+    results = []
+    for layers in (make_stack(), make_stack(recompute=True, recompute_block=LAYERS)):
+        xg = x.clone().requires_grad_()
+        out = mixed(layers, xg)
+        params = [p for layer in layers for p in layer.parameters()]
+        results.append([out, *torch.autograd.grad(out, [xg, *params], upstream)])
+    for g, e in zip(*results, strict=True):
+        torch.testing.assert_close(g, e)
+
+
+def test_no_recomputation_without_gradients():
+    layers = make_stack(recompute=True, recompute_block=3)
+    with torch.no_grad():
+        out = run(layers, torch.randn(2, N, C))
+    assert out.grad_fn is None and not hasattr(out, recompute._ATTRIBUTE)
+
+
+def test_recording_h_res_works_with_recomputation():
+    layer = make_stack(recompute=True, recompute_block=2)[0]
+    layer.record_h_res = True
+    x = torch.randn(2, 3, N, C)
+    layer(x.requires_grad_())
+    _, _, h_res = layer.coefficients(x)
+    torch.testing.assert_close(layer.last_h_res, h_res.detach().reshape(-1, N, N).mean(0))
