@@ -8,8 +8,9 @@ on any machine: under ``TRITON_INTERPRET=1`` every Triton kernel launch is repla
 what remains is the Python, autograd and launcher work around the kernels (tiny tensors: 2 x 4
 tokens, n = 4, C = 8). It times four paths, median of 5 repeats of 400 steps each:
 the PyTorch reference (real ops), the Triton path through ``torch.library`` custom ops with the
-coefficient epilogue in PyTorch (how the GPU runs of 2026-11-26 ran), the eager autograd Functions
-with the PyTorch epilogue, and the eager Functions with the fused epilogue (the current path).
+coefficient epilogue in PyTorch and Sinkhorn as its own kernel (how the GPU runs of 2026-11-26
+ran), the eager autograd Functions with that split, and the eager Functions with the fused epilogue
+(scale, bias, gates and Sinkhorn in one kernel each way; opt-in).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch  # noqa: E402
 import triton.runtime.interpreter as interpreter  # noqa: E402
 
 import mhc_kernels.layer as layer_module  # noqa: E402
-from mhc_kernels import MHCLayer  # noqa: E402
+from mhc_kernels import MHCLayer, sinkhorn_knopp  # noqa: E402
 from mhc_kernels.coefficients.reference import epilogue_reference  # noqa: E402
 
 
@@ -54,16 +55,23 @@ def time_steps(layer, x, compiling: bool = False, steps: int = 400, repeats: int
         torch.compiler.is_compiling = real
 
 
+def split_epilogue(proj, ss, alpha, bias, n, features, rms_eps, backend, sinkhorn):
+    """The epilogue in PyTorch, then Sinkhorn's own kernel."""
+    pre, post, res = epilogue_reference(proj, ss, alpha, bias, n, features, rms_eps)
+    iters, order, eps = sinkhorn
+    return pre, post, sinkhorn_knopp(res.unflatten(-1, (n, n)), iters, order=order, eps=eps,
+                                     backend=backend)  # fmt: skip
+
+
 def main() -> None:
     interpreter.InterpretedFunction.__getitem__ = no_launch
     torch.manual_seed(0)
     branch = torch.nn.Linear(8, 8)
     x = torch.randn(2, 4, 4, 8, requires_grad=True)
     fused_epilogue = layer_module.epilogue
-    torch_epilogue = lambda *args: epilogue_reference(*args[:-1])  # noqa: E731 (drop backend)
     rows = [("PyTorch reference (real ops)", "torch", fused_epilogue, False)]
-    rows += [("Triton via custom ops, PyTorch epilogue", "triton", torch_epilogue, True)]
-    rows += [("Triton via eager Functions, PyTorch epilogue", "triton", torch_epilogue, False)]
+    rows += [("Triton via custom ops, split epilogue", "triton", split_epilogue, True)]
+    rows += [("Triton via eager Functions, split epilogue", "triton", split_epilogue, False)]
     rows += [("Triton via eager Functions, fused epilogue", "triton", fused_epilogue, False)]
     for label, backend, epilogue, compiling in rows:
         layer_module.epilogue = epilogue

@@ -27,7 +27,7 @@ def time_config(x, grad, block, warps, per_sm, iters=20):
     np2 = triton.next_power_of_2(n)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     programs = max(1, min(triton.cdiv(num_mats, block), per_sm * sms))
-    first, second = sk._order_axes("col_row")
+    first, second = sk.order_axes("col_row")
     out = torch.empty_like(x)
     dx = torch.empty_like(x)
     scratch = torch.empty(programs * 2 * iters * block * np2, device=x.device)

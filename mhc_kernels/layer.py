@@ -52,7 +52,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import recompute
 from .coefficients import epilogue, projection
-from .sinkhorn import BACKENDS, sinkhorn_knopp
+from .sinkhorn import BACKENDS
 from .sinkhorn.reference import ORDER_DIMS
 from .streams import merge, pre_mix
 
@@ -228,23 +228,12 @@ class HyperConnection(nn.Module):
 
     def coefficients_from(self, x, phi, bias, alpha):
         """:meth:`coefficients` with the given parameters (recomputation passes detached ones)."""
-        n = self.config.n_streams
+        c, n = self.config, self.config.n_streams
         v = x.reshape(*x.shape[:-2], n * self.dim)
-        backend = self.config.backend
-        proj, sumsq = projection(v, phi, backend)  # one read of the streams
-        pre, post, res = epilogue(
-            proj, sumsq, alpha, bias, n, n * self.dim, self.config.rms_eps, backend
-        )  # scale, bias, gates
-        res = res.unflatten(-1, (n, n))
-        if self.config.constraint == "sinkhorn":
-            res = sinkhorn_knopp(
-                res,
-                self.config.sinkhorn_iters,
-                order=self.config.order,
-                eps=self.config.eps,
-                backend=self.config.backend,
-            )
-        return pre, post, res
+        proj, sumsq = projection(v, phi, c.backend)  # one read of the streams
+        sinkhorn = (c.sinkhorn_iters, c.order, c.eps) if c.constraint == "sinkhorn" else None
+        # scale, bias, gates and Sinkhorn
+        return epilogue(proj, sumsq, alpha, bias, n, n * self.dim, c.rms_eps, c.backend, sinkhorn)
 
     def connect(self, x: torch.Tensor, branch, *args, **kwargs) -> torch.Tensor:
         """``x: (..., n, C)`` -> ``(..., n, C)``: ``H_res x + H_post^T branch(H_pre x, *args)``."""

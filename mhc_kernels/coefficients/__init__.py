@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sinkhorn import resolve_backend
+from ..sinkhorn import resolve_backend, sinkhorn_knopp
 from .reference import epilogue_reference, projection_reference
 
 
@@ -37,23 +37,33 @@ def epilogue(
     features: int,
     rms_eps: float,
     backend: str = "auto",
+    sinkhorn: tuple[int, str, float] | None = None,
 ):
-    """The coefficients from the projection: ``(H_pre, H_post, H_res logits)``, see
-    :func:`epilogue_reference` for the formula. Triton does it in one kernel each way (float32
-    only) instead of about a dozen small PyTorch operations; like :func:`projection`, ``auto`` stays
-    on PyTorch until the kernel has been measured on a GPU.
+    """The coefficients from the projection: ``(H_pre (..., n), H_post (..., n), H_res (..., n, n))``
+    with ``sinkhorn=(iters, order, eps)`` projecting H_res by :func:`mhc_kernels.sinkhorn_knopp`,
+    or H_res's logits for ``sinkhorn=None``; :func:`epilogue_reference` has the formula.
+
+    Triton does all of it, Sinkhorn included, in one kernel each way (float32 only) instead of
+    about a dozen small PyTorch operations and a Sinkhorn kernel; like :func:`projection`, ``auto``
+    keeps it off until it has been measured on a GPU (Sinkhorn then follows its own ``backend``).
 
     Example:
         >>> pre, post, res = epilogue(torch.zeros(2, 8), torch.ones(2), torch.ones(3),
         ...                           torch.zeros(8), n=2, features=4, rms_eps=0.0)
         >>> pre.tolist(), post.tolist(), res.shape
-        ([[0.5, 0.5], [0.5, 0.5]], [[1.0, 1.0], [1.0, 1.0]], torch.Size([2, 4]))
+        ([[0.5, 0.5], [0.5, 0.5]], [[1.0, 1.0], [1.0, 1.0]], torch.Size([2, 2, 2]))
     """
     if resolve_backend(backend, proj.device, auto_triton=False) == "triton":
         from .triton import epilogue_triton
 
-        return epilogue_triton(proj, sumsq, alpha, bias, n, features, rms_eps)
-    return epilogue_reference(proj, sumsq, alpha, bias, n, features, rms_eps)
+        return epilogue_triton(proj, sumsq, alpha, bias, n, features, rms_eps,
+                               *(sinkhorn or (0, "col_row", 0.0)))  # fmt: skip
+    pre, post, res = epilogue_reference(proj, sumsq, alpha, bias, n, features, rms_eps)
+    res = res.unflatten(-1, (n, n))
+    if sinkhorn is not None:
+        iters, order, eps = sinkhorn
+        res = sinkhorn_knopp(res, iters, order=order, eps=eps, backend=backend)
+    return pre, post, res
 
 
 __all__ = ["epilogue", "epilogue_reference", "projection", "projection_reference"]

@@ -8,8 +8,11 @@ Forward reads v (T x K) once and phi (K x W) once per program; writes T x (W + 1
 over K chunks that walks all tokens: no atomics, deterministic). On an H200 this backward is
 1.5-2.5x slower than cuBLAS, so ``projection(..., backend="auto")`` does not use it.
 
-The epilogue kernels turn ``(proj, sumsq)`` into the gates and H_res logits (scale, bias, sigmoid)
-in one pass each way, with the parameter gradients summed per program and then over programs.
+The epilogue kernels turn ``(proj, sumsq)`` into the gates and H_res (scale, bias, sigmoid and
+Sinkhorn-Knopp, or the H_res logits for unconstrained hyper-connections) in one kernel each way:
+tokens in Sinkhorn's ``[BLOCK, NP, NP]`` tiles and persistent programs, its iterations and exact
+backward by the same jit helpers (``mhc_kernels.sinkhorn.triton``), the parameter gradients summed
+per program and then over programs.
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ import triton.language as tl
 
 from .._autograd import differentiable
 from .._host import cdiv, next_power_of_2
-from ..sinkhorn.triton import interpreting
+from ..sinkhorn.triton import (
+    interpreting,
+    launch_config,
+    num_warps,
+    order_axes,
+    sinkhorn_tile_fwd,
+    sinkhorn_tile_recompute,
+    sinkhorn_tile_walk_back,
+)
 
 
 @triton.jit
@@ -79,67 +90,103 @@ def _projection_dphi_kernel(v_ptr, dproj_ptr, dphi_ptr, T, K, W,
 
 
 @triton.jit
-def _epilogue_logits(proj_ptr, ss_ptr, alpha_ptr, bias_ptr, T, n, W, inv_features, rms_eps,
-                     BT: tl.constexpr, WP: tl.constexpr):  # fmt: skip
-    """This program's tile: z = alpha[part(w)] * proj / r + bias with r = sqrt(ss / K + eps).
-
-    Returns the indices, the mask, r, each column's scale and the normalised projection q too.
-    """
-    tok = tl.program_id(0) * BT + tl.arange(0, BT)
-    t2 = tok.to(tl.int64)[:, None]
-    w = tl.arange(0, WP)
-    w2 = w[None, :]
-    m = (t2 < T) & (w2 < W)
-    p = tl.load(proj_ptr + t2 * W + w2, mask=m, other=0.0)
+def _epilogue_tiles(proj_ptr, ss_ptr, alpha_ptr, bias_ptr, blk, T, n, W, inv_features, rms_eps,
+                    BT: tl.constexpr, NV: tl.constexpr, NP: tl.constexpr):  # fmt: skip
+    """Token block ``blk``: normalised projections ``q = proj / r`` and logits
+    ``z = alpha_part q + bias``, the pre and post gates as ``[BT, NV]`` tiles and H_res as a
+    ``[BT, NP, NP]`` tile (masked entries: q = 0), with the indices and masks."""
+    tok = blk * BT + tl.arange(0, BT)
+    t1 = tok.to(tl.int64)
     r = tl.sqrt(tl.load(ss_ptr + tok, mask=tok < T, other=1.0) * inv_features + rms_eps)
-    part = (w >= n).to(tl.int32) + (w >= 2 * n).to(tl.int32)  # 0 pre, 1 post, 2 res
-    scale = tl.load(alpha_ptr + part, mask=w < W, other=0.0)
-    q = p / r[:, None]
-    z = q * scale[None, :] + tl.load(bias_ptr + w, mask=w < W, other=0.0)[None, :]
-    return tok, t2, w, w2, m, r, part, scale, q, z
+    t2, v2 = t1[:, None], tl.arange(0, NV)[None, :]
+    m2 = (t2 < T) & (v2 < n)
+    r2 = r[:, None]
+    q_pre = tl.load(proj_ptr + t2 * W + v2, mask=m2, other=0.0) / r2
+    q_post = tl.load(proj_ptr + t2 * W + n + v2, mask=m2, other=0.0) / r2
+    t3 = t1[:, None, None]
+    rows, cols = tl.arange(0, NP)[None, :, None], tl.arange(0, NP)[None, None, :]
+    e3 = rows * n + cols
+    inside = (rows < n) & (cols < n)
+    m3 = (t3 < T) & inside
+    q_res = tl.load(proj_ptr + t3 * W + 2 * n + e3, mask=m3, other=0.0) / r[:, None, None]
+    z_pre = tl.load(alpha_ptr) * q_pre + tl.load(bias_ptr + v2, mask=v2 < n, other=0.0)
+    z_post = tl.load(alpha_ptr + 1) * q_post + tl.load(bias_ptr + n + v2, mask=v2 < n, other=0.0)
+    z_res = tl.load(alpha_ptr + 2) * q_res + tl.load(bias_ptr + 2 * n + e3, mask=inside, other=0.0)
+    return tok, r, t2, v2, m2, t3, e3, m3, q_pre, q_post, q_res, z_pre, z_post, z_res
 
 
 @triton.jit
 def _epilogue_fwd_kernel(proj_ptr, ss_ptr, alpha_ptr, bias_ptr, pre_ptr, post_ptr, res_ptr,
-                         T, n, W, inv_features, rms_eps,
-                         BT: tl.constexpr, WP: tl.constexpr):  # fmt: skip
-    # sigmoid(z) for pre, 2 sigmoid(z) for post, z for res
-    tok, t2, w, w2, m, r, part, scale, q, z = _epilogue_logits(
-        proj_ptr, ss_ptr, alpha_ptr, bias_ptr, T, n, W, inv_features, rms_eps, BT, WP
-    )
-    sig = tl.sigmoid(z)
-    tl.store(pre_ptr + t2 * n + w2, sig, mask=m & (w2 < n))
-    tl.store(post_ptr + t2 * n + (w2 - n), 2.0 * sig, mask=m & (w2 >= n) & (w2 < 2 * n))
-    tl.store(res_ptr + t2 * (n * n) + (w2 - 2 * n), z, mask=m & (w2 >= 2 * n))
+                         T, n, W, inv_features, rms_eps, iters, eps,
+                         SINKHORN: tl.constexpr, FIRST: tl.constexpr, SECOND: tl.constexpr,
+                         BT: tl.constexpr, NV: tl.constexpr, NP: tl.constexpr):  # fmt: skip
+    # sigmoid(z) for pre, 2 sigmoid(z) for post, Sinkhorn(z) (or z) for res
+    for blk in range(tl.program_id(0), tl.cdiv(T, BT), tl.num_programs(0)):
+        tok, r, t2, v2, m2, t3, e3, m3, q_pre, q_post, q_res, z_pre, z_post, z_res = (
+            _epilogue_tiles(proj_ptr, ss_ptr, alpha_ptr, bias_ptr, blk, T, n, W, inv_features,
+                            rms_eps, BT, NV, NP))  # fmt: skip
+        tl.store(pre_ptr + t2 * n + v2, tl.sigmoid(z_pre), mask=m2)
+        tl.store(post_ptr + t2 * n + v2, 2.0 * tl.sigmoid(z_post), mask=m2)
+        if SINKHORN:
+            z_res = sinkhorn_tile_fwd(tl.where(m3, z_res, float("-inf")), iters, eps, FIRST,
+                                      SECOND)  # fmt: skip
+        tl.store(res_ptr + t3 * (n * n) + e3, z_res, mask=m3)
 
 
 @triton.jit
 def _epilogue_bwd_kernel(proj_ptr, ss_ptr, alpha_ptr, bias_ptr, gpre_ptr, gpost_ptr, gres_ptr,
-                         dproj_ptr, dss_ptr, dbias_part_ptr, dalpha_part_ptr,
-                         T, n, W, inv_features, rms_eps,
-                         BT: tl.constexpr, WP: tl.constexpr):  # fmt: skip
-    # recompute z, then gz = dL/dz; dproj = gz * scale / r; dr = -sum_w gz * z_dyn / r with
-    # z_dyn = scale * proj / r; dss = dr / (2 r) / features; per-program sums over tokens of gz
-    # (-> dbias) and, per part, of gz * proj / r (-> dalpha); the caller adds the programs' sums
+                         dproj_ptr, dss_ptr, dbias_part_ptr, dalpha_part_ptr, scratch_ptr,
+                         T, n, W, inv_features, rms_eps, iters, eps,
+                         SINKHORN: tl.constexpr, FIRST: tl.constexpr, SECOND: tl.constexpr,
+                         BT: tl.constexpr, NV: tl.constexpr, NP: tl.constexpr):  # fmt: skip
+    # recompute z (and Sinkhorn's forward), then gz = dL/dz per part (Sinkhorn's adjoint for res);
+    # dproj = gz * alpha / r; dr = -sum gz * alpha * q / r; dss = dr / (2 r) / features; this
+    # program's sums over its tokens of gz (-> dbias) and gz * q (-> dalpha); the caller adds the
+    # programs' sums
     pid = tl.program_id(0)
-    tok, t2, w, w2, m, r, part, scale, q, z = _epilogue_logits(
-        proj_ptr, ss_ptr, alpha_ptr, bias_ptr, T, n, W, inv_features, rms_eps, BT, WP
-    )
-    sig = tl.sigmoid(z)
-    m_pre = m & (w2 < n)
-    m_post = m & (w2 >= n) & (w2 < 2 * n)
-    m_res = m & (w2 >= 2 * n)
-    g_pre = tl.load(gpre_ptr + t2 * n + w2, mask=m_pre, other=0.0)
-    g_post = tl.load(gpost_ptr + t2 * n + (w2 - n), mask=m_post, other=0.0)
-    g_res = tl.load(gres_ptr + t2 * (n * n) + (w2 - 2 * n), mask=m_res, other=0.0)
-    gz = (g_pre + 2.0 * g_post) * sig * (1.0 - sig) + g_res  # the masks keep the parts apart
-    tl.store(dproj_ptr + t2 * W + w2, gz * scale[None, :] / r[:, None], mask=m)
-    dr = -tl.sum(gz * q * scale[None, :], axis=1) / r
-    tl.store(dss_ptr + tok, dr / (2.0 * r) * inv_features, mask=tok < T)
-    tl.store(dbias_part_ptr + pid * W + w, tl.sum(gz, axis=0), mask=w < W)
-    gq = tl.sum(gz * q, axis=0)  # [WP]
-    for k in tl.static_range(3):
-        tl.store(dalpha_part_ptr + pid * 3 + k, tl.sum(tl.where(part == k, gq, 0.0), axis=0))
+    slot = scratch_ptr + pid.to(tl.int64) * (2 * iters * BT * NP)  # Sinkhorn's normalisers
+    a_pre, a_post, a_res = tl.load(alpha_ptr), tl.load(alpha_ptr + 1), tl.load(alpha_ptr + 2)
+    b_pre, b_post = tl.zeros([NV], tl.float32), tl.zeros([NV], tl.float32)
+    a_pre_sum, a_post_sum = tl.zeros([NV], tl.float32), tl.zeros([NV], tl.float32)
+    b_res, a_res_sum = tl.zeros([NP, NP], tl.float32), tl.zeros([NP, NP], tl.float32)
+    for blk in range(pid, tl.cdiv(T, BT), tl.num_programs(0)):
+        tok, r, t2, v2, m2, t3, e3, m3, q_pre, q_post, q_res, z_pre, z_post, z_res = (
+            _epilogue_tiles(proj_ptr, ss_ptr, alpha_ptr, bias_ptr, blk, T, n, W, inv_features,
+                            rms_eps, BT, NV, NP))  # fmt: skip
+        if SINKHORN:
+            p = sinkhorn_tile_recompute(tl.where(m3, z_res, float("-inf")), slot, iters, eps,
+                                        FIRST, SECOND, BT, NP)  # fmt: skip
+            g_res = tl.load(gres_ptr + t3 * (n * n) + e3, mask=m3, other=0.0)
+            gz_res = sinkhorn_tile_walk_back(p, g_res, slot, iters, FIRST, SECOND, BT, NP)
+        else:
+            gz_res = tl.load(gres_ptr + t3 * (n * n) + e3, mask=m3, other=0.0)
+        s = tl.sigmoid(z_pre)
+        gz_pre = tl.load(gpre_ptr + t2 * n + v2, mask=m2, other=0.0) * s * (1.0 - s)
+        s = tl.sigmoid(z_post)
+        gz_post = 2.0 * tl.load(gpost_ptr + t2 * n + v2, mask=m2, other=0.0) * s * (1.0 - s)
+        r2 = r[:, None]
+        tl.store(dproj_ptr + t2 * W + v2, gz_pre * a_pre / r2, mask=m2)
+        tl.store(dproj_ptr + t2 * W + n + v2, gz_post * a_post / r2, mask=m2)
+        tl.store(dproj_ptr + t3 * W + 2 * n + e3, gz_res * a_res / r[:, None, None], mask=m3)
+        gq_pre, gq_post, gq_res = gz_pre * q_pre, gz_post * q_post, gz_res * q_res
+        dr = -(a_pre * tl.sum(gq_pre, axis=1) + a_post * tl.sum(gq_post, axis=1)
+               + a_res * tl.sum(tl.sum(gq_res, axis=2), axis=1)) / r  # fmt: skip
+        tl.store(dss_ptr + tok, dr / (2.0 * r) * inv_features, mask=tok < T)
+        b_pre += tl.sum(gz_pre, axis=0)
+        b_post += tl.sum(gz_post, axis=0)
+        b_res += tl.sum(gz_res, axis=0)
+        a_pre_sum += tl.sum(gq_pre, axis=0)
+        a_post_sum += tl.sum(gq_post, axis=0)
+        a_res_sum += tl.sum(gq_res, axis=0)
+    v = tl.arange(0, NV)
+    rows, cols = tl.arange(0, NP)[:, None], tl.arange(0, NP)[None, :]
+    part = dbias_part_ptr + pid.to(tl.int64) * W
+    tl.store(part + v, b_pre, mask=v < n)
+    tl.store(part + n + v, b_post, mask=v < n)
+    tl.store(part + 2 * n + rows * n + cols, b_res, mask=(rows < n) & (cols < n))
+    tl.store(dalpha_part_ptr + pid * 3, tl.sum(a_pre_sum, axis=0))
+    tl.store(dalpha_part_ptr + pid * 3 + 1, tl.sum(a_post_sum, axis=0))
+    tl.store(dalpha_part_ptr + pid * 3 + 2, tl.sum(tl.sum(a_res_sum, axis=1), axis=0))
 
 
 BT, BK = 16, 32  # IEEE fp32 dot without tensor cores: larger tiles spill (ptxas -v)
@@ -179,42 +226,55 @@ def projection_bwd(v, phi, dproj, dss):
     return dv, dphi
 
 
-EPILOGUE_TILE = 1024  # [BT, WP] floats per program (2048 spilled in the backward, ptxas -v)
-INTERPRETER_EPILOGUE_BT = 1024
+EPILOGUE_TILE_ELEMS = 512  # the backward's extra tiles spilled at 1024-2048 (ptxas -v)
 
 
-def _epilogue_config(W: int) -> tuple[int, int]:
-    wp = max(16, next_power_of_2(W))
-    bt = INTERPRETER_EPILOGUE_BT if interpreting() else max(1, EPILOGUE_TILE // wp)
-    return bt, wp
+def _epilogue_launch(T: int, n: int, order: str, device: torch.device):
+    """Sinkhorn's persistent programs over tiles of ``[BT, NP, NP]`` (its ``launch_config``), the
+    gates' width and the order's tile axes."""
+    bt, np2, programs = launch_config(T, n, device, EPILOGUE_TILE_ELEMS)
+    first, second = order_axes(order)
+    return programs, {"FIRST": first, "SECOND": second, "BT": bt, "NV": next_power_of_2(n),
+                      "NP": np2, "num_warps": num_warps(np2)}  # fmt: skip
 
 
-def epilogue_fwd(proj, ss, alpha, bias, n: int, features: int, rms_eps: float):
-    T, W = proj.shape
-    if any(t.dtype != torch.float32 for t in (proj, ss, alpha, bias)):
+def _check_epilogue(*tensors):
+    if any(t.dtype != torch.float32 for t in tensors):
         raise ValueError("the fused coefficient epilogue takes float32 inputs (coeff_dtype)")
+
+
+def epilogue_fwd(proj, ss, alpha, bias, n: int, features: int, rms_eps: float, iters: int,
+                 order: str, eps: float):  # fmt: skip
+    """``proj (T, W)``, ``ss (T,)`` -> ``H_pre (T, n)``, ``H_post (T, n)``, ``H_res (T, n, n)``:
+    Sinkhorn's projection of the logits for ``iters >= 1``, the logits for ``iters = 0``."""
+    T, W = proj.shape
+    _check_epilogue(proj, ss, alpha, bias)
     pre = torch.empty((T, n), dtype=torch.float32, device=proj.device)
     post = torch.empty((T, n), dtype=torch.float32, device=proj.device)
-    res = torch.empty((T, n * n), dtype=torch.float32, device=proj.device)
-    bt, wp = _epilogue_config(W)
-    _epilogue_fwd_kernel[(cdiv(T, bt),)](proj, ss, alpha, bias, pre, post, res, T, n, W,
-                                                1.0 / features, rms_eps, BT=bt, WP=wp,
-                                                num_warps=NUM_WARPS)  # fmt: skip
+    res = torch.empty((T, n, n), dtype=torch.float32, device=proj.device)
+    if T == 0:
+        return pre, post, res
+    programs, config = _epilogue_launch(T, n, order, proj.device)
+    _epilogue_fwd_kernel[(programs,)](proj, ss, alpha, bias, pre, post, res, T, n, W,
+                                      1.0 / features, rms_eps, iters, eps, SINKHORN=iters > 0,
+                                      **config)  # fmt: skip
     return pre, post, res
 
 
 def epilogue_bwd(proj, ss, alpha, bias, g_pre, g_post, g_res, n: int, features: int,
-                 rms_eps: float):  # fmt: skip
+                 rms_eps: float, iters: int, order: str, eps: float):  # fmt: skip
     T, W = proj.shape
-    bt, wp = _epilogue_config(W)
-    programs = cdiv(T, bt)
-    dproj = torch.empty_like(proj)
-    dss = torch.empty_like(ss)
+    dproj, dss = torch.empty_like(proj), torch.empty_like(ss)
+    if T == 0:
+        return dproj, dss, torch.zeros_like(alpha), torch.zeros_like(bias)
+    programs, config = _epilogue_launch(T, n, order, proj.device)
     dbias = torch.empty((programs, W), dtype=torch.float32, device=proj.device)
     dalpha = torch.empty((programs, 3), dtype=torch.float32, device=proj.device)
+    scratch = torch.empty(max(1, programs * 2 * iters * config["BT"] * config["NP"]),
+                          dtype=torch.float32, device=proj.device)  # fmt: skip
     _epilogue_bwd_kernel[(programs,)](proj, ss, alpha, bias, g_pre, g_post, g_res, dproj, dss,
-                                      dbias, dalpha, T, n, W, 1.0 / features, rms_eps, BT=bt,
-                                      WP=wp, num_warps=NUM_WARPS)  # fmt: skip
+                                      dbias, dalpha, scratch, T, n, W, 1.0 / features, rms_eps,
+                                      iters, eps, SINKHORN=iters > 0, **config)  # fmt: skip
     return dproj, dss, dalpha.sum(0), dbias.sum(0)
 
 
@@ -237,18 +297,25 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
             }  # fmt: skip
             for name, (kernel, ptrs) in kernels.items():
                 yield f"{name}-W{wp}-{dt}", kernel, {**ptrs, **tail}, consts, NUM_WARPS
-        bt, _ = _epilogue_config(n * n + 2 * n) if not interpreting() else (1, wp)
-        consts = {"BT": bt, "WP": wp}
-        tail = {"T": "i32", "n": "i32", "W": "i32", "inv_features": "fp32", "rms_eps": "fp32",
-                **dict.fromkeys(consts, "constexpr")}  # fmt: skip
-        f = "*fp32"
-        fwd = dict.fromkeys(["proj_ptr", "ss_ptr", "alpha_ptr", "bias_ptr", "pre_ptr", "post_ptr",
-                             "res_ptr"], f)  # fmt: skip
-        bwd = dict.fromkeys(["proj_ptr", "ss_ptr", "alpha_ptr", "bias_ptr", "gpre_ptr",
-                             "gpost_ptr", "gres_ptr", "dproj_ptr", "dss_ptr", "dbias_part_ptr",
-                             "dalpha_part_ptr"], f)  # fmt: skip
-        yield f"epilogue_fwd-W{wp}-BT{bt}", _epilogue_fwd_kernel, {**fwd, **tail}, consts, NUM_WARPS
-        yield f"epilogue_bwd-W{wp}-BT{bt}", _epilogue_bwd_kernel, {**bwd, **tail}, consts, NUM_WARPS
+        np2 = next_power_of_2(n)
+        bt = max(1, EPILOGUE_TILE_ELEMS // (np2 * np2))
+        for iters in (0, 20):
+            consts = {"SINKHORN": iters > 0, "FIRST": 1, "SECOND": 2, "BT": bt,
+                      "NV": next_power_of_2(n), "NP": np2}  # fmt: skip
+            tail = {"T": "i32", "n": "i32", "W": "i32", "inv_features": "fp32",
+                    "rms_eps": "fp32", "iters": "i32", "eps": "fp32",
+                    **dict.fromkeys(consts, "constexpr")}  # fmt: skip
+            f = "*fp32"
+            fwd = dict.fromkeys(["proj_ptr", "ss_ptr", "alpha_ptr", "bias_ptr", "pre_ptr",
+                                 "post_ptr", "res_ptr"], f)  # fmt: skip
+            bwd = dict.fromkeys(["proj_ptr", "ss_ptr", "alpha_ptr", "bias_ptr", "gpre_ptr",
+                                 "gpost_ptr", "gres_ptr", "dproj_ptr", "dss_ptr", "dbias_part_ptr",
+                                 "dalpha_part_ptr", "scratch_ptr"], f)  # fmt: skip
+            what = "sinkhorn" if iters else "logits"
+            for name, kernel, ptrs in (("fwd", _epilogue_fwd_kernel, fwd),
+                                       ("bwd", _epilogue_bwd_kernel, bwd)):  # fmt: skip
+                yield (f"epilogue_{name}-{what}-NP{np2}-BT{bt}", kernel, {**ptrs, **tail}, consts,
+                       num_warps(np2))  # fmt: skip
 
 
 @torch.library.custom_op("mhc_kernels::projection", mutates_args=())
@@ -300,27 +367,29 @@ def projection_triton(v: torch.Tensor, phi: torch.Tensor):
 
 @torch.library.custom_op("mhc_kernels::coefficient_epilogue", mutates_args=())
 def _epilogue_op(proj: torch.Tensor, ss: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor,
-                 n: int, features: int, rms_eps: float
+                 n: int, features: int, rms_eps: float, iters: int, order: str, eps: float
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    return epilogue_fwd(proj, ss, alpha, bias, n, features, rms_eps)
+    return epilogue_fwd(proj, ss, alpha, bias, n, features, rms_eps, iters, order, eps)
 
 
 @_epilogue_op.register_fake
-def _(proj, ss, alpha, bias, n, features, rms_eps):
+def _(proj, ss, alpha, bias, n, features, rms_eps, iters, order, eps):
     T = proj.shape[0]
-    return proj.new_empty((T, n)), proj.new_empty((T, n)), proj.new_empty((T, n * n))
+    return proj.new_empty((T, n)), proj.new_empty((T, n)), proj.new_empty((T, n, n))
 
 
 @torch.library.custom_op("mhc_kernels::coefficient_epilogue_bwd", mutates_args=())
 def _epilogue_bwd_op(proj: torch.Tensor, ss: torch.Tensor, alpha: torch.Tensor,
                      bias: torch.Tensor, g_pre: torch.Tensor, g_post: torch.Tensor,
-                     g_res: torch.Tensor, n: int, features: int, rms_eps: float
+                     g_res: torch.Tensor, n: int, features: int, rms_eps: float, iters: int,
+                     order: str, eps: float
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    return epilogue_bwd(proj, ss, alpha, bias, g_pre, g_post, g_res, n, features, rms_eps)
+    return epilogue_bwd(proj, ss, alpha, bias, g_pre, g_post, g_res, n, features, rms_eps, iters,
+                        order, eps)  # fmt: skip
 
 
 @_epilogue_bwd_op.register_fake
-def _(proj, ss, alpha, bias, g_pre, g_post, g_res, n, features, rms_eps):
+def _(proj, ss, alpha, bias, g_pre, g_post, g_res, n, features, rms_eps, iters, order, eps):
     return (torch.empty_like(proj), torch.empty_like(ss), torch.empty_like(alpha),
             torch.empty_like(bias))  # fmt: skip
 
@@ -334,7 +403,7 @@ def _epilogue_setup(ctx, inputs, output):
 def _epilogue_backward_with(bwd):
     def backward(ctx, g_pre, g_post, g_res):
         grads = [g.contiguous() for g in (g_pre, g_post, g_res)]
-        return *bwd(*ctx.saved_tensors, *grads, *ctx.config), None, None, None
+        return *bwd(*ctx.saved_tensors, *grads, *ctx.config), *(None,) * len(ctx.config)
 
     return backward
 
@@ -343,9 +412,13 @@ _epilogue = differentiable(_epilogue_op, _epilogue_bwd_op, epilogue_fwd, epilogu
                           _epilogue_setup, _epilogue_backward_with)  # fmt: skip
 
 
-def epilogue_triton(proj, sumsq, alpha, bias, n: int, features: int, rms_eps: float):
+def epilogue_triton(proj, sumsq, alpha, bias, n: int, features: int, rms_eps: float,
+                    iters: int = 0, order: str = "col_row", eps: float = 0.0):  # fmt: skip
+    """Gates and H_res (``(..., n, n)``: Sinkhorn's projection when ``iters >= 1``, else the
+    logits) in one kernel each way."""
     W = proj.shape[-1]
     lead = proj.shape[:-1]
     pre, post, res = _epilogue(proj.reshape(-1, W).contiguous(), sumsq.reshape(-1).contiguous(),
-                               alpha.contiguous(), bias.contiguous(), n, features, rms_eps)  # fmt: skip
-    return pre.reshape(*lead, n), post.reshape(*lead, n), res.reshape(*lead, n * n)
+                               alpha.contiguous(), bias.contiguous(), n, features, rms_eps, iters,
+                               order, eps)  # fmt: skip
+    return pre.reshape(*lead, n), post.reshape(*lead, n), res.reshape(*lead, n, n)

@@ -47,6 +47,51 @@ def _normalise(a, AXIS: tl.constexpr, eps):
 
 
 @triton.jit
+def sinkhorn_tile_fwd(x, iters, eps, FIRST: tl.constexpr, SECOND: tl.constexpr):
+    """P for one ``[BLOCK, NP, NP]`` tile of logits (padding ``-inf``); padded entries give 0."""
+    a = _kernel_matrix(x, FIRST)
+    for _ in range(iters):
+        a, _s = _normalise(a, FIRST, eps)
+        a, _s = _normalise(a, SECOND, eps)
+    return a
+
+
+@triton.jit
+def sinkhorn_tile_recompute(x, slot, iters, eps, FIRST: tl.constexpr, SECOND: tl.constexpr,
+                            BLOCK: tl.constexpr, NP: tl.constexpr):  # fmt: skip
+    """Backward, first half: P for one tile of logits, writing the ``2 * iters`` normalisers to
+    ``slot`` (``[2 * iters, BLOCK, NP]`` floats, this program's)."""
+    s_offs = tl.arange(0, BLOCK)[:, None] * NP + tl.arange(0, NP)[None, :]  # [BLOCK, NP]
+    b = _kernel_matrix(x, FIRST)
+    tl.debug_barrier()  # the previous tile's reads of the slot are done
+    for it in range(iters):
+        b, s = _normalise(b, FIRST, eps)
+        tl.store(slot + (2 * it) * BLOCK * NP + s_offs, s)
+        b, s = _normalise(b, SECOND, eps)
+        tl.store(slot + (2 * it + 1) * BLOCK * NP + s_offs, s)
+    return b
+
+
+@triton.jit
+def sinkhorn_tile_walk_back(b, g, slot, iters, FIRST: tl.constexpr, SECOND: tl.constexpr,
+                            BLOCK: tl.constexpr, NP: tl.constexpr):  # fmt: skip
+    """Backward, second half: dL/dX from P (``b``), the upstream gradient ``g`` (padding 0) and
+    the normalisers in ``slot``, with the division-free adjoint."""
+    s_offs = tl.arange(0, BLOCK)[:, None] * NP + tl.arange(0, NP)[None, :]
+    h = g * b  # h = dL/dA * A
+    tl.debug_barrier()  # the normalisers are visible to every thread of the program
+    for it in range(iters):
+        step = 2 * (iters - 1 - it)
+        h = h - b * tl.expand_dims(tl.sum(h, axis=SECOND), SECOND)
+        s = tl.load(slot + (step + 1) * BLOCK * NP + s_offs)
+        b = b * tl.expand_dims(s, SECOND)
+        h = h - b * tl.expand_dims(tl.sum(h, axis=FIRST), FIRST)
+        s = tl.load(slot + step * BLOCK * NP + s_offs)
+        b = b * tl.expand_dims(s, FIRST)
+    return h
+
+
+@triton.jit
 def _sinkhorn_fwd_kernel(
     x_ptr, p_ptr, num_mats, n,
     stride_xb, stride_xr, stride_xc,
@@ -62,10 +107,7 @@ def _sinkhorn_fwd_kernel(
         mask = (mats < num_mats) & (rows < n) & (cols < n)
         x_offs = mats * stride_xb + rows * stride_xr + cols * stride_xc
         x = tl.load(x_ptr + x_offs, mask=mask, other=float("-inf")).to(tl.float32)
-        a = _kernel_matrix(x, FIRST)  # [BLOCK, NP, NP]
-        for _ in range(iters):
-            a, _s = _normalise(a, FIRST, eps)
-            a, _s = _normalise(a, SECOND, eps)
+        a = sinkhorn_tile_fwd(x, iters, eps, FIRST, SECOND)  # [BLOCK, NP, NP]
         p_offs = mats * n * n + rows * n + cols
         tl.store(p_ptr + p_offs, a.to(p_ptr.dtype.element_ty), mask=mask)
 
@@ -84,31 +126,15 @@ def _sinkhorn_bwd_kernel(
     cols = tl.arange(0, NP)[None, None, :]
     # this program's scratch slot: [2 * iters, BLOCK, NP] normalisers
     slot = scratch_ptr + pid.to(tl.int64) * (2 * iters * BLOCK * NP)
-    s_offs = tl.arange(0, BLOCK)[:, None] * NP + tl.arange(0, NP)[None, :]  # [BLOCK, NP]
     for blk in range(pid, num_blocks, tl.num_programs(0)):
         mats = (blk * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)[:, None, None]
         mask = (mats < num_mats) & (rows < n) & (cols < n)
         x_offs = mats * stride_xb + rows * stride_xr + cols * stride_xc
         x = tl.load(x_ptr + x_offs, mask=mask, other=float("-inf")).to(tl.float32)
-        b = _kernel_matrix(x, FIRST)
-        tl.debug_barrier()  # the previous block's reads of the slot are done
-        for it in range(iters):
-            b, s = _normalise(b, FIRST, eps)
-            tl.store(slot + (2 * it) * BLOCK * NP + s_offs, s)
-            b, s = _normalise(b, SECOND, eps)
-            tl.store(slot + (2 * it + 1) * BLOCK * NP + s_offs, s)
+        b = sinkhorn_tile_recompute(x, slot, iters, eps, FIRST, SECOND, BLOCK, NP)
         g_offs = mats * stride_gb + rows * stride_gr + cols * stride_gc
         g = tl.load(g_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
-        h = g * b  # h = dL/dA * A, division-free adjoint
-        tl.debug_barrier()  # the normalisers are visible to every thread of the program
-        for it in range(iters):
-            step = 2 * (iters - 1 - it)
-            h = h - b * tl.expand_dims(tl.sum(h, axis=SECOND), SECOND)
-            s = tl.load(slot + (step + 1) * BLOCK * NP + s_offs)
-            b = b * tl.expand_dims(s, SECOND)
-            h = h - b * tl.expand_dims(tl.sum(h, axis=FIRST), FIRST)
-            s = tl.load(slot + step * BLOCK * NP + s_offs)
-            b = b * tl.expand_dims(s, FIRST)
+        h = sinkhorn_tile_walk_back(b, g, slot, iters, FIRST, SECOND, BLOCK, NP)
         dx_offs = mats * n * n + rows * n + cols
         tl.store(dx_ptr + dx_offs, h.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -132,14 +158,16 @@ def _gpu_tile(np2: int) -> int:
     return GPU_TILE_ELEMS_N16 if np2 >= 16 else GPU_TILE_ELEMS
 
 
-def _num_warps(np2: int) -> int:
+def num_warps(np2: int) -> int:
     return 2 if np2 >= 16 else NUM_WARPS
 
 
-def launch_config(num_mats: int, n: int, device: torch.device) -> tuple[int, int, int]:
-    """``(BLOCK, NP, programs)`` for ``num_mats`` matrices of size ``n`` on ``device``."""
+def launch_config(num_mats: int, n: int, device: torch.device, tile: int | None = None
+                  ) -> tuple[int, int, int]:  # fmt: skip
+    """``(BLOCK, NP, programs)`` for ``num_mats`` matrices of size ``n`` on ``device``; ``tile``
+    (elements of a ``[BLOCK, NP, NP]`` tile on a GPU) defaults to this kernel's."""
     np2 = next_power_of_2(n)
-    tile = INTERPRETER_TILE_ELEMS if interpreting() else _gpu_tile(np2)
+    tile = INTERPRETER_TILE_ELEMS if interpreting() else tile or _gpu_tile(np2)
     block = max(1, min(tile // (np2 * np2), next_power_of_2(num_mats)))
     num_blocks = cdiv(num_mats, block)
     if device.type == "cuda":
@@ -149,7 +177,7 @@ def launch_config(num_mats: int, n: int, device: torch.device) -> tuple[int, int
     return block, np2, max(1, min(num_blocks, max_programs))
 
 
-def _order_axes(order: str) -> tuple[int, int]:
+def order_axes(order: str) -> tuple[int, int]:
     # tensor dims (-2, -1) are tile axes (1, 2)
     return tuple(3 + d for d in ORDER_DIMS[order])
 
@@ -161,10 +189,10 @@ def sinkhorn_fwd(x: torch.Tensor, iters: int, order: str, eps: float) -> torch.T
     if num_mats == 0:
         return out
     block, np2, programs = launch_config(num_mats, n, x.device)
-    first, second = _order_axes(order)
+    first, second = order_axes(order)
     _sinkhorn_fwd_kernel[(programs,)](
         x, out, num_mats, n, *x.stride(), iters, eps,
-        FIRST=first, SECOND=second, BLOCK=block, NP=np2, num_warps=_num_warps(np2),
+        FIRST=first, SECOND=second, BLOCK=block, NP=np2, num_warps=num_warps(np2),
     )  # fmt: skip
     return out
 
@@ -179,10 +207,10 @@ def sinkhorn_bwd(
         return dx
     block, np2, programs = launch_config(num_mats, n, x.device)
     scratch = torch.empty(programs * 2 * iters * block * np2, dtype=torch.float32, device=x.device)
-    first, second = _order_axes(order)
+    first, second = order_axes(order)
     _sinkhorn_bwd_kernel[(programs,)](
         x, grad, dx, scratch, num_mats, n, *x.stride(), *grad.stride(), iters, eps,
-        FIRST=first, SECOND=second, BLOCK=block, NP=np2, num_warps=_num_warps(np2),
+        FIRST=first, SECOND=second, BLOCK=block, NP=np2, num_warps=num_warps(np2),
     )  # fmt: skip
     return dx
 
@@ -196,7 +224,7 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16"), orders=tuple(ORDER_DIMS)):
         block = max(1, _gpu_tile(np2) // (np2 * np2))
         for dtype in dtypes:
             for order in orders:
-                first, second = _order_axes(order)
+                first, second = order_axes(order)
                 consts = {"FIRST": first, "SECOND": second, "BLOCK": block, "NP": np2}
                 ints = dict.fromkeys(["num_mats", "n"], "i32")
                 x_strides = dict.fromkeys(["stride_xb", "stride_xr", "stride_xc"], "i32")
@@ -206,8 +234,8 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16"), orders=tuple(ORDER_DIMS)):
                 bwd = {"x_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "dx_ptr": f"*{dtype}",
                        "scratch_ptr": "*fp32", **ints, **x_strides, **g_strides, **tail}  # fmt: skip
                 tag = f"NP{np2}-B{block}-{dtype}-{order}"
-                yield f"fwd-{tag}", _sinkhorn_fwd_kernel, fwd, consts, _num_warps(np2)
-                yield f"bwd-{tag}", _sinkhorn_bwd_kernel, bwd, consts, _num_warps(np2)
+                yield f"fwd-{tag}", _sinkhorn_fwd_kernel, fwd, consts, num_warps(np2)
+                yield f"bwd-{tag}", _sinkhorn_bwd_kernel, bwd, consts, num_warps(np2)
 
 
 # ------------------------------------------------------------------- autograd (as custom ops)

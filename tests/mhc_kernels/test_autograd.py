@@ -8,11 +8,12 @@ from mhc_kernels.streams import merge, pre_mix
 
 
 def layer_like(x, phi, alpha, bias):
-    """Every fused kernel once, the way a connection chains them."""
+    """Every fused kernel, the way a connection chains them (Sinkhorn on its own and fused)."""
     n, C = x.shape[-2:]
     proj, ss = projection(x.flatten(-2), phi, "triton")
-    h_pre, h_post, res = epilogue(proj, ss, alpha, bias, n, n * C, 1e-6, "triton")
-    h_res = sinkhorn_knopp(res.unflatten(-1, (n, n)), 3, backend="triton")
+    h_pre, h_post, logits = epilogue(proj, ss, alpha, bias, n, n * C, 1e-6, "triton")
+    _, _, fused = epilogue(proj, ss, alpha, bias, n, n * C, 1e-6, "triton", (3, "col_row", 1e-12))
+    h_res = (sinkhorn_knopp(logits, 3, backend="triton") + fused) / 2
     y = pre_mix(x, h_pre, "triton") * ss[..., None].rsqrt()
     return merge(x, y, h_post, h_res, "triton")
 

@@ -70,8 +70,8 @@ def test_outputs_and_every_gradient_equal_keeping_everything(block):
 def test_low_precision_streams_and_fused_kernels(backend, dtype, device):
     """Either backend rebuilds the streams (Triton: interpreter on CPU), bf16 streams included.
     Gradients of a stream sum the same terms in another order (the coefficient and pre-mix parts
-    arrive together), so the bound is the float64 reference's: within twice the error of the
-    run that keeps everything, plus one rounding."""
+    arrive together), so the bound is the float64 reference's: within twice the larger error of
+    the runs that keep everything (either backend), plus one rounding."""
     x, upstream = torch.randn(2, 7, N, C, device=device), torch.randn(2, 7, N, C, device=device)
 
     def results(backend, dt, **options):
@@ -82,9 +82,11 @@ def test_low_precision_streams_and_fused_kernels(backend, dtype, device):
 
     exact = results("torch", torch.float64)
     kept = results(backend, dtype)
+    other = results("triton" if backend == "torch" else "torch", dtype)
     lean = results(backend, dtype, recompute=True, recompute_block=3)
-    for i, (g, k, e) in enumerate(zip(lean, kept, exact, strict=True)):
-        bound = 2 * (k - e).abs().max() + torch.finfo(dtype).eps * e.abs().max()
+    for i, (g, k, o, e) in enumerate(zip(lean, kept, other, exact, strict=True)):
+        error = torch.maximum((k - e).abs().max(), (o - e).abs().max())
+        bound = 2 * error + torch.finfo(dtype).eps * e.abs().max()
         assert (g - e).abs().max() <= bound, f"output/gradient {i}"
 
 
