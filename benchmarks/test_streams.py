@@ -1,5 +1,6 @@
-"""mHC layer kernels (issue 8): coefficient projection, pre-mix and post/residual merge, fused
-Triton vs unfused PyTorch vs torch.compile, forward and forward+backward, with effective GB/s.
+"""mHC layer kernels (issue 8): coefficient projection, coefficient epilogue (with Sinkhorn), pre-mix
+and post/residual merge, fused Triton vs unfused PyTorch vs torch.compile, forward and
+forward+backward, with effective GB/s.
 
 Traffic counted per token (bytes of the stream dtype; fp32 coefficients not counted):
 projection fwd n*C (fwd+bwd 3 n*C), pre-mix fwd n*C + C, merge fwd (n + 1)*C + n*C; fwd+bwd adds
@@ -14,8 +15,9 @@ import pytest
 import torch
 from conftest import DEVICE, ON_GPU, peak_bandwidth_gbs, synchronized
 
-from mhc_kernels.coefficients import projection
-from mhc_kernels.coefficients.reference import projection_reference
+from mhc_kernels.coefficients import epilogue, projection
+from mhc_kernels.coefficients.reference import epilogue_reference, projection_reference
+from mhc_kernels.sinkhorn.reference import sinkhorn_knopp_reference
 from mhc_kernels.streams import merge, pre_mix
 from mhc_kernels.streams.reference import merge_reference, pre_mix_reference
 
@@ -94,6 +96,69 @@ def test_stream_kernel_speed(benchmark, record, provider, kernel, tokens, dtype,
     median = benchmark.stats.stats.median
     nbytes = traffic(kernel, passes, tokens, torch.finfo(dt).bits // 8)
     facts = {"provider": provider, "kernel": kernel, "tokens": tokens, "dtype": dtype,
+             "passes": passes, "n": N, "C": C, "effective_gbs": nbytes / median / 1e9}  # fmt: skip
+    peak = peak_bandwidth_gbs()
+    if peak:
+        facts["roofline_ratio"] = median / (nbytes / (peak * 1e9))
+    record(**facts)
+
+
+def _split_epilogue(proj, ss, alpha, bias, sinkhorn, backend):
+    return epilogue(proj, ss, alpha, bias, N, N * C, 1e-6, backend, sinkhorn)
+
+
+def _reference_epilogue(proj, ss, alpha, bias):
+    pre, post, res = epilogue_reference(proj, ss, alpha, bias, N, N * C, 1e-6)
+    return pre, post, sinkhorn_knopp_reference(res.unflatten(-1, (N, N)), 20)
+
+
+@pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("tokens", TOKENS, ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("provider", ["eager", "split", "compile", "triton"])
+def test_coefficient_epilogue_speed(benchmark, record, provider, tokens, passes):
+    """Scale, bias, gates and Sinkhorn (20 iterations) from the projection, float32: all in
+    PyTorch (``eager``), PyTorch then Sinkhorn's kernel (``split``: the layer's default path on
+    a GPU), ``torch.compile`` of the references, and the fused kernel (``triton``). Traffic: the
+    fwd reads W + 1 and writes W floats per token; the bwd reads 2 W + 1 and writes W + 1 more."""
+    if provider != "eager" and not ON_GPU:
+        pytest.skip(f"{provider} is a GPU provider")
+    if provider == "compile" and tokens != TOKENS[0]:
+        pytest.skip("torch.compile is measured at the smaller size only (compile time)")
+    W = N * N + 2 * N
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    proj = torch.randn(tokens, W, device=DEVICE, generator=gen)
+    ss = (torch.rand(tokens, device=DEVICE, generator=gen) + 0.5) * N * C
+    alpha = torch.rand(3, device=DEVICE, generator=gen)
+    bias = torch.randn(W, device=DEVICE, generator=gen)
+    inputs = [proj, ss, alpha, bias]
+    sinkhorn = (20, "col_row", 1e-12)
+    fn = {"eager": functools.partial(_split_epilogue, sinkhorn=sinkhorn, backend="torch"),
+          "split": functools.partial(_split_epilogue, sinkhorn=sinkhorn, backend="auto"),
+          "compile": torch.compile(_reference_epilogue),
+          "triton": functools.partial(_split_epilogue, sinkhorn=sinkhorn, backend="triton"),
+          }[provider]  # fmt: skip
+    if passes == "fwd":
+
+        def run():
+            with torch.no_grad():
+                return fn(*inputs)
+    else:
+        for t in inputs:
+            t.requires_grad_()
+        upstream = [torch.randn(tokens, N, device=DEVICE, generator=gen),
+                    torch.randn(tokens, N, device=DEVICE, generator=gen),
+                    torch.randn(tokens, N, N, device=DEVICE, generator=gen)]  # fmt: skip
+
+        def run():
+            return torch.autograd.grad(fn(*inputs), inputs, upstream)
+
+    run = synchronized(run)
+    run()
+    benchmark.pedantic(run, rounds=20 if ON_GPU else 3, warmup_rounds=1)
+    median = benchmark.stats.stats.median
+    floats = (2 * W + 1) if passes == "fwd" else (2 * W + 1) + (3 * W + 2)
+    nbytes = floats * tokens * 4
+    facts = {"provider": provider, "kernel": "epilogue", "tokens": tokens, "dtype": "fp32",
              "passes": passes, "n": N, "C": C, "effective_gbs": nbytes / median / 1e9}  # fmt: skip
     peak = peak_bandwidth_gbs()
     if peak:
