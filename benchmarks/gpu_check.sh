@@ -7,7 +7,7 @@
 # of every step that finished) and benchmarks/results/stability-large/; with $OUT set, also packs
 # everything (logs, one JSON line per measured case, test report, profile) into
 # $OUT/gpu-<name>-<time>.tgz after every step. Each step is capped (tests 150 s, Sinkhorn 120,
-# layer + streams 100, profile 60, sweep 120, compile 90, large stability 300): run the steps that
+# layer + streams 150, profile 60, sweep 120, compile 90, large stability 300): run the steps that
 # fit the device time with MHC_GPU_STEPS (names below; all by default) and narrow the torch.compile
 # cases with MHC_COMPILE_CASES (a pytest -k). On an H200 tests, Sinkhorn, layer + streams and
 # profile took 100 (capped) + 50 + 20 + 11 s; a machine start costs 1-2 minutes more.
@@ -62,7 +62,7 @@ want() { [[ " ${MHC_GPU_STEPS:-$ALL_STEPS} " == *" $1 "* ]]; }
 want tests && step tests 150 python -m pytest tests/mhc_kernels -v --tb=short -p no:cacheprovider \
   "${xdist[@]}" -k "not compiles" --junitxml="$work/kernel-tests.xml"
 want sinkhorn && step sinkhorn 120 "${bench[@]}" benchmarks/test_sinkhorn.py -k "not compile"
-want layer-streams && step layer-streams 100 "${bench[@]}" benchmarks/test_layer_overhead.py \
+want layer-streams && step layer-streams 150 "${bench[@]}" benchmarks/test_layer_overhead.py \
   benchmarks/test_streams.py -k "not compile"
 want profile && step profile 60 python benchmarks/profile_layer.py --out "$work/profile.txt"
 want sweep && step sweep 120 python benchmarks/sweep_sinkhorn.py --out "$work/sweep.json"
