@@ -37,9 +37,9 @@ def run(layers, x):
     return x
 
 
-def outputs_and_grads(layers, x, upstream):
+def outputs_and_grads(layers, x, upstream, fn=None):
     x = x.detach().requires_grad_()
-    out = run(layers, x)
+    out = fn(x) if fn else run(layers, x)
     params = [p for layer in layers for p in layer.parameters()]
     return [out, *torch.autograd.grad(out, [x, *params], upstream)]
 
@@ -190,3 +190,16 @@ def test_recording_h_res_works_with_recomputation():
     layer(x.requires_grad_())
     _, _, h_res = layer.coefficients(x)
     torch.testing.assert_close(layer.last_h_res, h_res.detach().reshape(-1, N, N).mean(0))
+
+
+def test_torch_compile_falls_back_to_checkpointing_each_connection():
+    """torch.compile cannot trace a backward that re-runs autograd: compiled, each connection is
+    checkpointed on its own (fullgraph), with the eager gradients."""
+    layers = make_stack(recompute=True, recompute_block=3)[:2]
+    for layer in layers:
+        layer.config.sinkhorn_iters = 3  # a short unrolled loop keeps the compile quick
+    x, upstream = torch.randn(2, 3, N, C), torch.randn(2, 3, N, C)
+    compiled = torch.compile(lambda t: run(layers, t), fullgraph=True, backend="aot_eager")
+    got = outputs_and_grads(layers, x, upstream, fn=compiled)
+    for g, e in zip(got, outputs_and_grads(layers, x, upstream), strict=True):
+        torch.testing.assert_close(g, e)
