@@ -43,6 +43,32 @@ def traffic(kernel: str, passes: str, tokens: int, element: int) -> int:
     return per_token[(kernel, passes)] * tokens * element
 
 
+def measure(benchmark, record, fn, inputs, upstream, passes, nbytes, **facts):
+    """Time ``fn`` (forward only, or forward and the gradients of ``inputs`` for ``upstream``) and
+    record ``facts`` with the effective GB/s for ``nbytes`` and the roofline ratio."""
+    if passes == "fwd":
+
+        def run():
+            with torch.no_grad():
+                return fn(*inputs)
+    else:
+        for t in inputs:
+            t.requires_grad_()
+
+        def run():
+            return torch.autograd.grad(fn(*inputs), inputs, upstream)
+
+    run = synchronized(run)
+    run()
+    benchmark.pedantic(run, rounds=20 if ON_GPU else 3, warmup_rounds=1)
+    median = benchmark.stats.stats.median
+    facts |= {"passes": passes, "n": N, "C": C, "effective_gbs": nbytes / median / 1e9}
+    peak = peak_bandwidth_gbs()
+    if peak:
+        facts["roofline_ratio"] = median / (nbytes / (peak * 1e9))
+    record(**facts)
+
+
 @pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("tokens", TOKENS, ids=lambda t: f"T{t}")
@@ -74,33 +100,13 @@ def test_stream_kernel_speed(benchmark, record, provider, kernel, tokens, dtype,
             proj, ss = inner(*args)
             return torch.cat([proj, ss.unsqueeze(-1)], dim=-1)
 
-    if passes == "fwd":
-
-        def run():
-            with torch.no_grad():
-                return fn(*inputs)
-    else:
-        for t in inputs:
-            t.requires_grad_()
-        out_shape = {"pre_mix": (tokens, C), "merge": (tokens, N, C),
-                     "projection": (tokens, N * N + 2 * N + 1)}[kernel]  # fmt: skip
-        upstream = torch.randn(out_shape, device=DEVICE, generator=gen)
-        upstream = upstream if kernel == "projection" else upstream.to(dt)
-
-        def run():
-            return torch.autograd.grad(fn(*inputs), inputs, upstream)
-
-    run = synchronized(run)
-    run()
-    benchmark.pedantic(run, rounds=20 if ON_GPU else 3, warmup_rounds=1)
-    median = benchmark.stats.stats.median
+    out_shape = {"pre_mix": (tokens, C), "merge": (tokens, N, C),
+                 "projection": (tokens, N * N + 2 * N + 1)}[kernel]  # fmt: skip
+    upstream = torch.randn(out_shape, device=DEVICE, generator=gen)
+    upstream = upstream if kernel == "projection" else upstream.to(dt)
     nbytes = traffic(kernel, passes, tokens, torch.finfo(dt).bits // 8)
-    facts = {"provider": provider, "kernel": kernel, "tokens": tokens, "dtype": dtype,
-             "passes": passes, "n": N, "C": C, "effective_gbs": nbytes / median / 1e9}  # fmt: skip
-    peak = peak_bandwidth_gbs()
-    if peak:
-        facts["roofline_ratio"] = median / (nbytes / (peak * 1e9))
-    record(**facts)
+    measure(benchmark, record, fn, inputs, upstream, passes, nbytes, provider=provider,
+            kernel=kernel, tokens=tokens, dtype=dtype)  # fmt: skip
 
 
 def _split_epilogue(proj, ss, alpha, bias, sinkhorn, backend):
@@ -137,30 +143,9 @@ def test_coefficient_epilogue_speed(benchmark, record, provider, tokens, passes)
           "compile": torch.compile(_reference_epilogue),
           "triton": functools.partial(_split_epilogue, sinkhorn=sinkhorn, backend="triton"),
           }[provider]  # fmt: skip
-    if passes == "fwd":
-
-        def run():
-            with torch.no_grad():
-                return fn(*inputs)
-    else:
-        for t in inputs:
-            t.requires_grad_()
-        upstream = [torch.randn(tokens, N, device=DEVICE, generator=gen),
-                    torch.randn(tokens, N, device=DEVICE, generator=gen),
-                    torch.randn(tokens, N, N, device=DEVICE, generator=gen)]  # fmt: skip
-
-        def run():
-            return torch.autograd.grad(fn(*inputs), inputs, upstream)
-
-    run = synchronized(run)
-    run()
-    benchmark.pedantic(run, rounds=20 if ON_GPU else 3, warmup_rounds=1)
-    median = benchmark.stats.stats.median
+    upstream = [torch.randn(tokens, N, device=DEVICE, generator=gen),
+                torch.randn(tokens, N, device=DEVICE, generator=gen),
+                torch.randn(tokens, N, N, device=DEVICE, generator=gen)]  # fmt: skip
     floats = (2 * W + 1) if passes == "fwd" else (2 * W + 1) + (3 * W + 2)
-    nbytes = floats * tokens * 4
-    facts = {"provider": provider, "kernel": "epilogue", "tokens": tokens, "dtype": "fp32",
-             "passes": passes, "n": N, "C": C, "effective_gbs": nbytes / median / 1e9}  # fmt: skip
-    peak = peak_bandwidth_gbs()
-    if peak:
-        facts["roofline_ratio"] = median / (nbytes / (peak * 1e9))
-    record(**facts)
+    measure(benchmark, record, fn, inputs, upstream, passes, floats * tokens * 4,
+            provider=provider, kernel="epilogue", tokens=tokens, dtype="fp32")  # fmt: skip
