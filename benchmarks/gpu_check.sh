@@ -7,9 +7,9 @@
 # of every step that finished) and benchmarks/results/stability-large/; with $OUT set, also packs
 # everything (logs, one JSON line per measured case, test report, profile) into
 # $OUT/gpu-<name>-<time>.tgz after every step. Each step is capped (tests 150 s, Sinkhorn 120,
-# layer + streams 150, profile 60, sweep 120, compile 90, large stability 300): run the steps that
-# fit the device time with MHC_GPU_STEPS (names below; all by default) and narrow the torch.compile
-# cases with MHC_COMPILE_CASES (a pytest -k). On an H200 tests, Sinkhorn, layer + streams and
+# layer + streams 150, profile 60, sweep 120, sweep-streams 120, compile 90, large stability
+# 300): run the steps that fit the device time with MHC_GPU_STEPS (names below; all by default)
+# and narrow the torch.compile cases with MHC_COMPILE_CASES (a pytest -k). On an H200 tests, Sinkhorn, layer + streams and
 # profile took 100 (capped) + 50 + 20 + 11 s; a machine start costs 1-2 minutes more.
 # Usage: [MHC_BENCH_COMMIT=<sha>] [MHC_GPU_STEPS="tests sinkhorn"] bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -55,7 +55,7 @@ xdist=()
 python -c "import xdist" 2>/dev/null && xdist=(-n "$(nproc)")
 bench=(python -m pytest --benchmark-only -q -p no:cacheprovider --benchmark-columns=median,iqr)
 
-ALL_STEPS="tests sinkhorn layer-streams profile sweep compile stability-large"
+ALL_STEPS="tests sinkhorn layer-streams profile sweep sweep-streams compile stability-large"
 want() { [[ " ${MHC_GPU_STEPS:-$ALL_STEPS} " == *" $1 "* ]]; }
 
 # -v: every result is logged as it finishes, so a capped run still names its failures
@@ -66,6 +66,8 @@ want layer-streams && step layer-streams 150 "${bench[@]}" benchmarks/test_layer
   benchmarks/test_streams.py -k "not compile"
 want profile && step profile 60 python benchmarks/profile_layer.py --out "$work/profile.txt"
 want sweep && step sweep 120 python benchmarks/sweep_sinkhorn.py --out "$work/sweep.json"
+want sweep-streams && step sweep-streams 120 python benchmarks/sweep_streams.py \
+  --out "$work/sweep-streams.json"
 want compile && step compile 90 "${bench[@]}" benchmarks/test_sinkhorn.py benchmarks/test_streams.py \
   -k "${MHC_COMPILE_CASES:-compile}"
 want stability-large && MHC_STABILITY_SCALE=large step stability-large 300 "${bench[@]}" \

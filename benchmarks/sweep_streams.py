@@ -1,0 +1,116 @@
+"""Sweep the Triton stream kernels' launch parameters on a GPU: tokens and channels per program, warps.
+
+    python benchmarks/sweep_streams.py [--tokens 16384] [--C 1488] [--n 4] [--dtypes fp32 bf16]
+                                       [--out FILE]
+
+For pre-mix and merge, forward and backward kernels alone (fp32 streams by default), times every
+combination of tokens per program (BT), channels per program (BC) and warps
+(``triton.testing.do_bench``, median ms), with the roofline ratio (unavoidable bytes at the GPU's
+peak DRAM bandwidth, as in test_streams.py), and prints them fastest first next to the shipped
+choice. The kernels are the shipped ones; only the launch parameters vary (26 per kernel and dtype:
+about 100 compiles for fp32). Needs a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import sys
+
+import torch
+from conftest import peak_bandwidth_gbs  # beside this script: on sys.path
+from triton.testing import do_bench
+
+from mhc_kernels._host import cdiv, next_power_of_2
+from mhc_kernels.streams import triton as st
+
+
+def kernel_launcher(kernel: str, T: int, n: int, C: int, dtype: torch.dtype):
+    """``(launch(BT, BC, warps), unavoidable bytes)`` for one kernel, its tensors made once."""
+    x = torch.randn(T, n, C, device="cuda").to(dtype)
+    y, g2 = torch.randn(T, C, device="cuda").to(dtype), torch.randn(T, C, device="cuda").to(dtype)
+    h, h_res = torch.rand(T, n, device="cuda"), torch.rand(T, n, n, device="cuda")
+    parts = cdiv(C, min(BLOCKS_C))  # per-C-block partial sums: room for the most blocks
+    e = x.element_size()
+    if kernel == "pre_mix_fwd":
+        args = (x, h, torch.empty(T, C, device="cuda", dtype=dtype))
+        nbytes = (n * C + C) * T * e
+    elif kernel == "pre_mix_bwd":
+        args = (x, h, g2, torch.empty_like(x), torch.empty(parts, T, n, device="cuda"))
+        nbytes = (2 * n * C + C) * T * e
+    elif kernel == "merge_fwd":
+        args = (x, y, h, h_res, torch.empty_like(x))
+        nbytes = (2 * n * C + C) * T * e
+    else:
+        args = (
+            x,
+            y,
+            h,
+            h_res,
+            torch.randn_like(x),
+            torch.empty_like(x),
+            torch.empty_like(y),
+            torch.empty(parts, T, n, device="cuda"),
+            torch.empty(parts, T, n, n, device="cuda"),
+        )
+        nbytes = (3 * n * C + 2 * C) * T * e
+    fn = getattr(st, f"_{kernel}_kernel")
+
+    def launch(bt: int, bc: int, warps: int):
+        fn[(cdiv(T, bt), cdiv(C, bc))](*args, T, n, C, BT=bt, NP=next_power_of_2(n), BC=bc,
+                                       num_warps=warps)  # fmt: skip
+
+    return launch, nbytes
+
+
+BLOCKS_T, BLOCKS_C, WARPS = (1, 2, 4), (256, 512, 1024, 2048), (2, 4, 8)
+KERNELS = ("pre_mix_fwd", "pre_mix_bwd", "merge_fwd", "merge_bwd")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=16 * 1024)
+    parser.add_argument("--C", type=int, default=1488)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--dtypes", nargs="+", default=["fp32"], choices=list(DTYPES))
+    parser.add_argument("--out", help="also write the rows here as JSON")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("the sweep needs a GPU")
+    peak = peak_bandwidth_gbs()
+    T, n, C = args.tokens, args.n, args.C
+    shipped_bt, _, shipped_bc = st.launch_config(T, n, C)
+    shipped = (shipped_bt, shipped_bc, st.NUM_WARPS)
+    rows = []
+    for kernel, name in itertools.product(KERNELS, args.dtypes):
+        launch, nbytes = kernel_launcher(kernel, T, n, C, DTYPES[name])
+        found = []
+        for bt, bc, warps in itertools.product(BLOCKS_T, BLOCKS_C, WARPS):
+            if bt * next_power_of_2(n) * bc // (32 * warps) > 64:  # > 64 floats per thread
+                continue
+            try:
+                call = functools.partial(launch, bt, bc, warps)
+                ms = do_bench(call, warmup=5, rep=20, return_mode="median")
+            except Exception as error:  # a configuration that fails to compile or launch
+                print(f"skip {kernel} BT={bt} BC={bc} warps={warps}: {type(error).__name__}",
+                      file=sys.stderr)  # fmt: skip
+                continue
+            found.append({"kernel": kernel, "dtype": name, "tokens": T, "n": n, "C": C,
+                          "BT": bt, "BC": bc, "warps": warps, "ms": ms,
+                          "roofline_ratio": ms / (nbytes / (peak * 1e9) * 1e3) if peak else None,
+                          "shipped": (bt, bc, warps) == shipped})  # fmt: skip
+        found.sort(key=lambda r: r["ms"])
+        for r in found[:5] + [r for r in found[5:] if r["shipped"]]:
+            print(json.dumps(r), flush=True)
+        rows += found
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
