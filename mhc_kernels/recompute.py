@@ -22,6 +22,8 @@ A rebuilt stream is the forward's, bit for bit (the same kernels on the same inp
 equal those without recomputation. The connection's operations ignore autocast (float32 coefficient
 math, :func:`mhc_kernels.sinkhorn.reference.autocast_exempt`), so no autocast state is replayed.
 
+Gradients of gradients are not available with recomputation (``create_graph=True`` raises).
+
 How a stream finds its recipe: the merge's output tensor carries it as an attribute. A consumer
 that receives anything else (the first connection's input, a view, a stream changed in place since
 the merge, the output of a plain residual in between) keeps the tensor it was given.
@@ -30,6 +32,7 @@ the merge, the output of a plain residual in between) keeps the tensor it was gi
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .streams import merge, pre_mix
 
@@ -97,6 +100,7 @@ class _CoefficientsAndPreMix(torch.autograd.Function):
         return pre_mix(x, h_pre, connection.config.backend), h_post, h_res
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_in, g_post, g_res):
         inputs = _detached((_stream_input(ctx), *ctx.saved_tensors[-3:]), ctx.needs_input_grad[1:])
         with torch.enable_grad():
@@ -119,6 +123,7 @@ class _Merge(torch.autograd.Function):
         return merge(x, y, h_post, h_res, backend)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         inputs = _detached((_stream_input(ctx), *ctx.saved_tensors[-3:]), ctx.needs_input_grad[2:])
         with torch.enable_grad():

@@ -203,3 +203,11 @@ def test_torch_compile_falls_back_to_checkpointing_each_connection():
     got = outputs_and_grads(layers, x, upstream, fn=compiled)
     for g, e in zip(got, outputs_and_grads(layers, x, upstream), strict=True):
         torch.testing.assert_close(g, e)
+
+
+def test_gradients_of_gradients_are_refused_not_wrong():
+    layers = make_stack(recompute=True, recompute_block=2)
+    x = torch.randn(2, 3, N, C, requires_grad=True)
+    (grad,) = torch.autograd.grad(run(layers, x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
