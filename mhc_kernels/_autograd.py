@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def eager_function(forward: Callable, setup_context: Callable, backward: Callable) -> Callable:
@@ -25,6 +26,7 @@ def eager_function(forward: Callable, setup_context: Callable, backward: Callabl
             return output
 
         @staticmethod
+        @once_differentiable  # the kernels' gradients are not differentiable: raise, not drop
         def backward(ctx, *grads):
             return backward(ctx, *grads)
 

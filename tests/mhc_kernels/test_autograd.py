@@ -1,5 +1,6 @@
 """Eager calls run the kernels through a plain Function; torch.compile sees the custom ops."""
 
+import pytest
 import torch
 
 from mhc_kernels import sinkhorn_knopp
@@ -42,3 +43,13 @@ def test_eager_calls_skip_the_custom_op_dispatch(device):
         torch.autograd.grad(sinkhorn_knopp(x, 2, backend="triton").sum(), x)
     names = {event.name for event in prof.events()}
     assert not any(name.startswith("mhc_kernels::") for name in names), sorted(names)
+
+
+def test_gradients_of_kernel_gradients_raise_instead_of_vanishing(device):
+    x = torch.randn(5, 4, 8, device=device, requires_grad=True)
+    y = torch.randn(5, 8, device=device, requires_grad=True)
+    h_post, h_res = torch.rand(5, 4, device=device), torch.rand(5, 4, 4, device=device)
+    out = merge(x, y, h_post, h_res, "triton")
+    (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        (gx.square().sum() + y.sum()).backward()
