@@ -12,7 +12,7 @@ rebuilds the others by re-running the merges from it, and every connection re-ru
 and pre-mix from its (kept or rebuilt) input in its own backward.
 
 Kept per connection: ``y_l`` and the n^2 + 2n coefficients per token (and whatever the branch keeps
-for itself), plus one stream per block. While the backward walks through a block, up to ``block``
+for itself), plus one stream per block. While the backward walks through a block, up to ``block - 1``
 rebuilt streams are alive at once; each is dropped after the last backward that reads it (the
 connection's coefficient and pre-mix backward). The paper picks ``block ~ sqrt(n L / (n + 2))`` for
 ``L`` connections. ``block = 1`` keeps every connection's stream input (recomputation within the
