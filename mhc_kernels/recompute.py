@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .streams import merge, pre_mix
+from .streams import merge, merge_backward, pre_mix
 
 _ATTRIBUTE = "_mhc_rebuild"
 
@@ -114,7 +114,7 @@ class _CoefficientsAndPreMix(torch.autograd.Function):
 
 class _Merge(torch.autograd.Function):
     """``H_res x + H_post^T y`` keeping ``y``, the coefficients and (unless it can be rebuilt)
-    ``x``; the backward re-runs the merge."""
+    ``x``; the backward runs the merge's backward alone (PyTorch path: through autograd)."""
 
     @staticmethod
     def forward(ctx, backend, last_reader, x, y, h_post, h_res):
@@ -125,13 +125,12 @@ class _Merge(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        inputs = _detached((_stream_input(ctx), *ctx.saved_tensors[-3:]), ctx.needs_input_grad[2:])
-        with torch.enable_grad():
-            out = merge(*inputs, ctx.backend)
-        grads = _grads(out, inputs, grad)
+        inputs = (_stream_input(ctx), *ctx.saved_tensors[-3:])
+        grads = merge_backward(*inputs, grad, ctx.backend)
         if ctx.rebuild is not None and ctx.last_reader:
             ctx.rebuild.release()
-        return None, None, *grads
+        return None, None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:],
+                                                                     strict=True))  # fmt: skip
 
 
 def connect(connection, x: torch.Tensor, branch, *args, **kwargs):

@@ -54,4 +54,19 @@ def merge(
     return merge_reference(x, y, h_post, h_res)
 
 
-__all__ = ["merge", "merge_reference", "pre_mix", "pre_mix_reference"]
+def merge_backward(x, y, h_post, h_res, grad, backend: str = "auto"):
+    """The gradients of :func:`merge` for the upstream gradient ``grad``: ``(dx, dy, dh_post,
+    dh_res)`` in the inputs' dtypes, as autograd would give them. The Triton path runs only the
+    backward kernel (the forward is not re-run): recomputation uses it.
+    """
+    if _use_triton(backend, x):
+        from .triton import merge_backward_triton
+
+        return merge_backward_triton(x, y, h_post, h_res, grad)
+    inputs = [t.detach().requires_grad_() for t in (x, y, h_post, h_res)]
+    with torch.enable_grad():
+        out = merge_reference(*inputs)
+    return torch.autograd.grad(out, inputs, grad)
+
+
+__all__ = ["merge", "merge_backward", "merge_reference", "pre_mix", "pre_mix_reference"]

@@ -324,12 +324,24 @@ def pre_mix_triton(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-2], C)
 
 
-def merge_triton(x, y, h_post, h_res):
+def _merge_inputs(x, y, h_post, h_res):
+    """The kernels' layout: ``(T, n, C)``, ``(T, C)``, float32 ``(T, n)``, ``(T, n, n)``."""
     n, C = x.shape[-2:]
     # y keeps its dtype (a bf16 branch output under autocast is read as is: no fp32 copy is made
     # and saved for backward); its gradient comes back in that dtype
     y = y if y.dtype in KERNEL_DTYPES else y.to(x.dtype)
-    out = _merge(x.reshape(-1, n, C).contiguous(), y.reshape(-1, C).contiguous(),
-                    h_post.reshape(-1, n).float().contiguous(),
-                    h_res.reshape(-1, n, n).float().contiguous())  # fmt: skip
-    return out.reshape(x.shape)
+    return (x.reshape(-1, n, C).contiguous(), y.reshape(-1, C).contiguous(),
+            h_post.reshape(-1, n).float().contiguous(),
+            h_res.reshape(-1, n, n).float().contiguous())  # fmt: skip
+
+
+def merge_triton(x, y, h_post, h_res):
+    return _merge(*_merge_inputs(x, y, h_post, h_res)).reshape(x.shape)
+
+
+def merge_backward_triton(x, y, h_post, h_res, grad):
+    """The backward kernel alone: gradients shaped and typed like the inputs."""
+    n, C = x.shape[-2:]
+    grads = merge_bwd(*_merge_inputs(x, y, h_post, h_res), grad.reshape(-1, n, C).contiguous())
+    return tuple(g.reshape(t.shape).to(t.dtype) for g, t in zip(grads, (x, y, h_post, h_res),
+                                                                   strict=True))  # fmt: skip

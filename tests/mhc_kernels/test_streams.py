@@ -62,6 +62,25 @@ def test_merge_takes_the_branch_output_in_its_own_dtype(x_dtype, y_dtype, device
     assert dy.dtype == DTYPES[y_dtype]
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("x_dtype,y_dtype", [("fp32", "fp32"), ("fp32", "bf16"), ("bf16", "bf16")])
+def test_merge_backward_alone_equals_autograd_through_merge(backend, x_dtype, y_dtype, device):
+    """What recomputation calls instead of re-running the merge: the same gradients, bit for bit,
+    in the inputs' dtypes and shapes (leading dimensions kept)."""
+    from mhc_kernels.streams import merge_backward
+
+    x = torch.randn(3, 7, 4, 24, device=device).to(DTYPES[x_dtype])
+    y = torch.randn(3, 7, 24, device=device).to(DTYPES[y_dtype])
+    h_post, h_res = torch.rand(3, 7, 4, device=device), torch.rand(3, 7, 4, 4, device=device)
+    grad = torch.randn(3, 7, 4, 24, device=device).to(DTYPES[x_dtype])
+    leaves = [t.detach().requires_grad_() for t in (x, y, h_post, h_res)]
+    expected = torch.autograd.grad(merge(*leaves, backend=backend), leaves, grad)
+    got = merge_backward(x, y, h_post, h_res, grad, backend)
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == e.dtype and g.shape == e.shape
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
 def test_leading_shapes_and_dtypes(device):
     x = torch.randn(2, 3, 4, 16, device=device, dtype=torch.bfloat16)
     h = torch.rand(2, 3, 4, device=device)
