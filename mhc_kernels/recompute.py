@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .streams import merge, merge_backward, pre_mix
+from .streams import merge, merge_backward, pre_mix, pre_mix_backward
 
 _ATTRIBUTE = "_mhc_rebuild"
 
@@ -90,7 +90,7 @@ def _detached(tensors, needs) -> list[torch.Tensor]:
 
 class _CoefficientsAndPreMix(torch.autograd.Function):
     """``x -> (H_pre x, H_post, H_res)`` keeping only the parameters and (unless it can be rebuilt)
-    ``x``; the backward re-runs the coefficients and the pre-mix."""
+    ``x``; the backward re-runs the coefficients, then runs the pre-mix's backward alone."""
 
     @staticmethod
     def forward(ctx, connection, x, phi, bias, alpha):
@@ -105,11 +105,15 @@ class _CoefficientsAndPreMix(torch.autograd.Function):
         inputs = _detached((_stream_input(ctx), *ctx.saved_tensors[-3:]), ctx.needs_input_grad[1:])
         with torch.enable_grad():
             h_pre, h_post, h_res = ctx.connection.coefficients_from(*inputs)
-            branch_in = pre_mix(inputs[0], h_pre, ctx.connection.config.backend)
-        grads = _grads((branch_in, h_post, h_res), inputs, (g_in, g_post, g_res))
+        # the pre-mix's backward alone (its output is not needed), then the coefficients'
+        x = inputs[0].detach()
+        dx, dh_pre = pre_mix_backward(x, h_pre.detach(), g_in, ctx.connection.config.backend)
+        grads = _grads((h_pre, h_post, h_res), inputs, (dh_pre, g_post, g_res))
         if ctx.rebuild is not None:
             ctx.rebuild.release()  # the last backward that reads this stream
-        return None, *grads
+        if not inputs[0].requires_grad:
+            return None, *grads
+        return None, dx if grads[0] is None else grads[0] + dx, *grads[1:]
 
 
 class _Merge(torch.autograd.Function):

@@ -54,6 +54,20 @@ def merge(
     return merge_reference(x, y, h_post, h_res)
 
 
+def pre_mix_backward(x, h_pre, grad, backend: str = "auto"):
+    """The gradients of :func:`pre_mix` for the upstream gradient ``grad``: ``(dx, dh_pre)`` in
+    the inputs' dtypes, as autograd would give them; the Triton path runs only the backward
+    kernel (recomputation uses it)."""
+    if _use_triton(backend, x):
+        from .triton import pre_mix_backward_triton
+
+        return pre_mix_backward_triton(x, h_pre, grad)
+    inputs = [t.detach().requires_grad_() for t in (x, h_pre)]
+    with torch.enable_grad():
+        out = pre_mix_reference(*inputs)
+    return torch.autograd.grad(out, inputs, grad)
+
+
 def merge_backward(x, y, h_post, h_res, grad, backend: str = "auto"):
     """The gradients of :func:`merge` for the upstream gradient ``grad``: ``(dx, dy, dh_post,
     dh_res)`` in the inputs' dtypes, as autograd would give them. The Triton path runs only the
@@ -69,4 +83,5 @@ def merge_backward(x, y, h_post, h_res, grad, backend: str = "auto"):
     return torch.autograd.grad(out, inputs, grad)
 
 
-__all__ = ["merge", "merge_backward", "merge_reference", "pre_mix", "pre_mix_reference"]
+__all__ = ["merge", "merge_backward", "merge_reference", "pre_mix", "pre_mix_backward",
+           "pre_mix_reference"]  # fmt: skip

@@ -318,10 +318,19 @@ _merge = differentiable(_merge_op, _merge_bwd_op, merge_fwd, merge_bwd, _merge_s
                         _merge_backward_with)  # fmt: skip
 
 
-def pre_mix_triton(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+def _pre_mix_inputs(x, h_pre):
     n, C = x.shape[-2:]
-    out = _pre_mix(x.reshape(-1, n, C).contiguous(), h_pre.reshape(-1, n).float().contiguous())
-    return out.reshape(*x.shape[:-2], C)
+    return x.reshape(-1, n, C).contiguous(), h_pre.reshape(-1, n).float().contiguous()
+
+
+def pre_mix_triton(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+    return _pre_mix(*_pre_mix_inputs(x, h_pre)).reshape(*x.shape[:-2], x.shape[-1])
+
+
+def pre_mix_backward_triton(x, h_pre, grad):
+    """The backward kernel alone: gradients shaped and typed like the inputs."""
+    grads = pre_mix_bwd(*_pre_mix_inputs(x, h_pre), grad.reshape(-1, x.shape[-1]).contiguous())
+    return tuple(g.reshape(t.shape).to(t.dtype) for g, t in zip(grads, (x, h_pre), strict=True))
 
 
 def _merge_inputs(x, y, h_post, h_res):

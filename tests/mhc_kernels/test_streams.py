@@ -81,6 +81,21 @@ def test_merge_backward_alone_equals_autograd_through_merge(backend, x_dtype, y_
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_pre_mix_backward_alone_equals_autograd_through_pre_mix(backend, dtype, device):
+    from mhc_kernels.streams import pre_mix_backward
+
+    x = torch.randn(3, 7, 4, 24, device=device).to(DTYPES[dtype])
+    h_pre = torch.rand(3, 7, 4, device=device)
+    grad = torch.randn(3, 7, 24, device=device).to(DTYPES[dtype])
+    leaves = [t.detach().requires_grad_() for t in (x, h_pre)]
+    expected = torch.autograd.grad(pre_mix(*leaves, backend=backend), leaves, grad)
+    for g, e in zip(pre_mix_backward(x, h_pre, grad, backend), expected, strict=True):
+        assert g.dtype == e.dtype and g.shape == e.shape
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
 def test_leading_shapes_and_dtypes(device):
     x = torch.randn(2, 3, 4, 16, device=device, dtype=torch.bfloat16)
     h = torch.rand(2, 3, 4, device=device)
