@@ -7,7 +7,7 @@
 # of every step that finished) and benchmarks/results/stability-large/; with $OUT set, also packs
 # everything (logs, one JSON line per measured case, test report, profile) into
 # $OUT/gpu-<name>-<time>.tgz after every step. Each step is capped (tests 150 s, Sinkhorn 120,
-# layer + streams 150, profile 60, sweep 120, sweep-streams 120, compile 90, large stability
+# layer + streams 150, profile 60, sweep 120, sweep-streams 120, compile 240, large stability
 # 300): run the steps that fit the device time with MHC_GPU_STEPS (names below; all by default)
 # and narrow the torch.compile cases with MHC_COMPILE_CASES (a pytest -k). On an H200 tests, Sinkhorn, layer + streams and
 # profile took 100 (capped) + 50 + 20 + 11 s; a machine start costs 1-2 minutes more.
@@ -68,8 +68,8 @@ want profile && step profile 60 python benchmarks/profile_layer.py --out "$work/
 want sweep && step sweep 120 python benchmarks/sweep_sinkhorn.py --out "$work/sweep.json"
 want sweep-streams && step sweep-streams 120 python benchmarks/sweep_streams.py \
   --out "$work/sweep-streams.json"
-want compile && step compile 90 "${bench[@]}" benchmarks/test_sinkhorn.py benchmarks/test_streams.py \
-  -k "${MHC_COMPILE_CASES:-compile}"
+want compile && step compile 240 "${bench[@]}" benchmarks/test_sinkhorn.py benchmarks/test_streams.py \
+  benchmarks/test_layer_overhead.py -k "${MHC_COMPILE_CASES:-compile}"
 want stability-large && MHC_STABILITY_SCALE=large step stability-large 300 "${bench[@]}" \
   benchmarks/test_stability.py
 

@@ -40,22 +40,32 @@ class MHCBlock(nn.Module):
         return collapse_streams(self.mlp(self.attn(h)))
 
 
+VARIANTS = ["plain", "mhc", "mhc_recompute", "mhc_all_triton", "plain_compiled",
+            "mhc_all_triton_compiled"]  # fmt: skip
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"] if ON_GPU else ["fp32"])
 @pytest.mark.parametrize("dim,heads", [(512, 8), (1488, 12)], ids=["C512", "C1488"])
-@pytest.mark.parametrize("variant", ["plain", "mhc", "mhc_recompute", "mhc_all_triton"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_block_fwd_bwd(benchmark, record, variant, dim, heads, dtype):
     """``mhc``: the default backends; ``mhc_recompute``: both connections recomputed, the second
     one's stream rebuilt (``recompute_block=2``); ``mhc_all_triton``: every fused kernel, the
-    opt-in projection and coefficient epilogue included (GPU only)."""
-    if variant == "mhc_all_triton" and not ON_GPU:
-        pytest.skip("the fused kernels run natively only on a GPU")
+    opt-in projection and coefficient epilogue included (GPU only); ``*_compiled``: the block under
+    ``torch.compile`` (GPU only), which takes the host's dispatch cost out of a launch-bound
+    block, as a training loop can."""
+    if variant.startswith("mhc_all_triton") or variant.endswith("_compiled"):
+        if not ON_GPU:
+            pytest.skip("the fused kernels and inductor's Triton code run natively only on a GPU")
     torch.manual_seed(0)
     options = {"mhc": {}, "mhc_recompute": {"recompute": True, "recompute_block": 2},
                "mhc_all_triton": {"backend": "triton"}}  # fmt: skip
-    if variant == "plain":
+    name = variant.removesuffix("_compiled")
+    if name == "plain":
         block = PlainBlock(dim, heads).to(DEVICE)
     else:
-        block = MHCBlock(dim, heads, **options[variant]).to(DEVICE)
+        block = MHCBlock(dim, heads, **options[name]).to(DEVICE)
+    if variant.endswith("_compiled"):
+        block = torch.compile(block)
     sets = 16 if ON_GPU else 1
     x = torch.randn(sets, CELLS, dim, device=DEVICE)
     autocast = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
