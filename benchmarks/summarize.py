@@ -81,9 +81,12 @@ def layer_summary(rows: list[dict]) -> dict:
             times[(row["dim"], row["dtype"])][row["variant"]] = row["median_s"]
     out = {}
     for (dim, dtype), t in sorted(times.items()):
-        if "plain" in t:
-            extra = {f"overhead_{v}": s / t["plain"] - 1 for v, s in t.items() if v != "plain"}
-            out[f"C{dim}-{dtype}"] = {**t, **extra}
+        extra = {}  # a compiled variant against the compiled plain block
+        for v, s in t.items():
+            base = "plain_compiled" if v.endswith("_compiled") else "plain"
+            if v != base and base in t:
+                extra[f"overhead_{v}"] = s / t[base] - 1
+        out[f"C{dim}-{dtype}"] = {**t, **extra}
     return out
 
 
