@@ -149,7 +149,7 @@ def expand_streams(x: torch.Tensor, n: int) -> torch.Tensor:
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    return x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1]).contiguous()
+    return recompute.expand(x, n)  # marked with x for a recomputing first connection
 
 
 def collapse_streams(x: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
@@ -243,6 +243,11 @@ class HyperConnection(nn.Module):
                 f"MHCLayer expects streams of shape (..., {n}, {self.dim}), got {tuple(x.shape)}; "
                 "create them once with expand_streams(x, n) before the first wrapped layer"
             )
+        out = self._connect(x, branch, *args, **kwargs)
+        recompute.forget_source(x)  # streams from expand_streams: their source is kept or not
+        return out
+
+    def _connect(self, x: torch.Tensor, branch, *args, **kwargs) -> torch.Tensor:
         backend = self.config.backend
         if self.config.recompute and torch.is_grad_enabled():
             if not torch.compiler.is_compiling():

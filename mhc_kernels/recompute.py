@@ -24,9 +24,11 @@ math, :func:`mhc_kernels.sinkhorn.reference.autocast_exempt`), so no autocast st
 
 Gradients of gradients are not available with recomputation (``create_graph=True`` raises).
 
-How a stream finds its recipe: the merge's output tensor carries it as an attribute. A consumer
-that receives anything else (the first connection's input, a view, a stream changed in place since
-the merge, the output of a plain residual in between) keeps the tensor it was given.
+How a stream finds its recipe: the merge's output tensor carries it as an attribute. The first
+connection's input, when :func:`mhc_kernels.expand_streams` made it, carries its source instead
+(n identical copies of C values), and the first connection keeps only the source: C values per
+token instead of n * C. A consumer that receives anything else (a view, a stream changed in place
+since it was made, the output of a plain residual in between) keeps the tensor it was given.
 """
 
 from __future__ import annotations
@@ -61,20 +63,56 @@ class _Rebuild:
         self.value = None
 
 
-def _rebuild_of(x: torch.Tensor) -> _Rebuild | None:
+class _Expanded:
+    """Streams made by :func:`expand` from ``source``: a recomputing connection keeps the source
+    (C values per token) instead of the n streams and expands it again in backward."""
+
+    __slots__ = ("source", "n", "version", "depth")
+
+    def __init__(self, source: torch.Tensor, n: int, version: int):
+        self.source, self.n, self.version, self.depth = source, n, version, 0
+
+
+def expand(source: torch.Tensor, n: int) -> torch.Tensor:
+    """``(..., C) -> (..., n, C)``: n contiguous copies, marked (when gradients are on) with their
+    source for a recomputing first connection; every connection drops the mark once it has run."""
+    out = source.unsqueeze(-2).expand(*source.shape[:-1], n, source.shape[-1]).contiguous()
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        setattr(out, _ATTRIBUTE, _Expanded(source, n, out._version))
+    return out
+
+
+def forget_source(x: torch.Tensor) -> None:
+    """Drop an :func:`expand` mark (and so the reference to its source) from ``x``."""
+    if not torch.compiler.is_compiling() and isinstance(getattr(x, _ATTRIBUTE, None), _Expanded):
+        delattr(x, _ATTRIBUTE)
+
+
+def _rebuild_of(x: torch.Tensor) -> _Rebuild | _Expanded | None:
     rebuild = getattr(x, _ATTRIBUTE, None)
     return rebuild if rebuild is not None and rebuild.version == x._version else None
 
 
 def _stream_input(ctx) -> torch.Tensor:
-    """The stream input of the Function whose context is ``ctx``: kept (first saved tensor) or
-    rebuilt."""
-    return ctx.saved_tensors[0] if ctx.rebuild is None else ctx.rebuild.get()
+    """The stream input of the Function whose context is ``ctx``: rebuilt by merges, or kept as
+    the first saved tensor (the streams themselves, or the source they were expanded from)."""
+    if ctx.rebuild is not None:
+        return ctx.rebuild.get()
+    kept = ctx.saved_tensors[0]
+    if ctx.expanded_from is None:
+        return kept
+    with torch.no_grad():
+        return expand(kept, ctx.expanded_from)
 
 
 def _save(ctx, x: torch.Tensor, *others: torch.Tensor) -> None:
-    ctx.rebuild = _rebuild_of(x)
-    ctx.save_for_backward(*(others if ctx.rebuild is not None else (x, *others)))
+    rebuild = _rebuild_of(x)
+    ctx.rebuild, ctx.expanded_from = rebuild, None
+    if isinstance(rebuild, _Expanded):  # keep the source (no reference to it in ctx otherwise)
+        ctx.rebuild, ctx.expanded_from = None, rebuild.n
+        ctx.save_for_backward(rebuild.source, *others)
+    else:
+        ctx.save_for_backward(*(others if rebuild is not None else (x, *others)))
 
 
 def _grads(outputs, inputs, upstream) -> tuple[torch.Tensor | None, ...]:
@@ -147,7 +185,7 @@ def connect(connection, x: torch.Tensor, branch, *args, **kwargs):
     # the coefficient backward reads x after the merge's; when it is not on the graph (frozen
     # parameters, x without gradient) the merge's backward is the last one that reads x
     out = _Merge.apply(connection.config.backend, not h_post.requires_grad, x, y, h_post, h_res)
-    depth = 1 + (rebuild.depth if rebuild is not None else 0)
+    depth = 1 + (rebuild.depth if rebuild is not None else 0)  # expanded streams: depth 0
     if depth < connection.config.recompute_block and out.grad_fn is not None:
         setattr(out, _ATTRIBUTE, _Rebuild(out.grad_fn, depth, out._version))
     return out, h_res

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mhc_kernels import MHCLayer, recompute
+from mhc_kernels import MHCLayer, expand_streams, recompute
 
 C, N, LAYERS = 16, 4, 6
 
@@ -211,3 +211,40 @@ def test_gradients_of_gradients_are_refused_not_wrong():
     (grad,) = torch.autograd.grad(run(layers, x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad.sum().backward()
+
+
+def test_streams_from_expand_streams_keep_only_their_source():
+    """The first connection keeps the C-wide source of expand_streams, not its n copies; the
+    gradients reach the source as without recomputation."""
+    source = torch.randn(3, 5, C)
+    upstream = torch.randn(3, 5, N, C)
+    results = []
+    for options in ({}, {"recompute": True, "recompute_block": 3}):
+        layers = make_stack(**options)
+        s = source.clone().requires_grad_()
+        nbytes = saved_storage_bytes(lambda s=s, layers=layers: run(layers, expand_streams(s, N)))
+        out = run(layers, expand_streams(s, N))
+        params = [p for layer in layers for p in layer.parameters()]
+        results.append((nbytes, [out, *torch.autograd.grad(out, [s, *params], upstream)]))
+    (kept_bytes, kept), (lean_bytes, lean) = results
+    copies = make_stack(recompute=True, recompute_block=3)
+    pre_expanded = saved_storage_bytes(lambda: run(copies, expand_streams(source, N).clone()))
+    assert pre_expanded - lean_bytes == (N - 1) * source.numel() * 4  # n copies -> one source
+    assert lean_bytes < kept_bytes
+    for g, e in zip(lean, kept, strict=True):
+        torch.testing.assert_close(g, e)
+
+
+def test_every_connection_drops_the_expand_mark():
+    """Without recomputation nothing needs the source: the mark (a reference to it) goes with the
+    first connection, so the source is not kept alive by the streams."""
+    import weakref
+
+    layer = make_stack()[0]
+    source = torch.randn(2, 3, C) * 2  # not a leaf the test holds on to
+    alive = weakref.ref(source)
+    x = expand_streams(source, N)
+    del source
+    assert alive() is not None  # held by the mark until a connection has run
+    out = layer(x)
+    assert alive() is None and out.shape == x.shape
