@@ -26,7 +26,7 @@ import triton.runtime.interpreter as interpreter  # noqa: E402
 
 import mhc_kernels.layer as layer_module  # noqa: E402
 from mhc_kernels import MHCLayer, sinkhorn_knopp  # noqa: E402
-from mhc_kernels.coefficients.reference import epilogue_reference  # noqa: E402
+from mhc_kernels.coefficients import epilogue  # noqa: E402
 
 
 def no_launch(self, grid):
@@ -57,10 +57,9 @@ def time_steps(layer, x, compiling: bool = False, steps: int = 400, repeats: int
 
 def split_epilogue(proj, ss, alpha, bias, n, features, rms_eps, backend, sinkhorn):
     """The epilogue in PyTorch, then Sinkhorn's own kernel."""
-    pre, post, res = epilogue_reference(proj, ss, alpha, bias, n, features, rms_eps)
+    pre, post, logits = epilogue(proj, ss, alpha, bias, n, features, rms_eps, "torch")
     iters, order, eps = sinkhorn
-    return pre, post, sinkhorn_knopp(res.unflatten(-1, (n, n)), iters, order=order, eps=eps,
-                                     backend=backend)  # fmt: skip
+    return pre, post, sinkhorn_knopp(logits, iters, order=order, eps=eps, backend=backend)
 
 
 def main() -> None:
@@ -68,16 +67,15 @@ def main() -> None:
     torch.manual_seed(0)
     branch = torch.nn.Linear(8, 8)
     x = torch.randn(2, 4, 4, 8, requires_grad=True)
-    fused_epilogue = layer_module.epilogue
-    rows = [("PyTorch reference (real ops)", "torch", fused_epilogue, False)]
+    rows = [("PyTorch reference (real ops)", "torch", epilogue, False)]
     rows += [("Triton via custom ops, split epilogue", "triton", split_epilogue, True)]
     rows += [("Triton via eager Functions, split epilogue", "triton", split_epilogue, False)]
-    rows += [("Triton via eager Functions, fused epilogue", "triton", fused_epilogue, False)]
-    for label, backend, epilogue, compiling in rows:
-        layer_module.epilogue = epilogue
+    rows += [("Triton via eager Functions, fused epilogue", "triton", epilogue, False)]
+    for label, backend, layer_epilogue, compiling in rows:
+        layer_module.epilogue = layer_epilogue
         seconds = time_steps(MHCLayer(branch, 8, 4, backend=backend), x, compiling)
         print(f"{label:48s} {seconds * 1e6:8.0f} us per forward+backward")
-    layer_module.epilogue = fused_epilogue
+    layer_module.epilogue = epilogue
 
 
 if __name__ == "__main__":

@@ -67,10 +67,10 @@ class _Expanded:
     """Streams made by :func:`expand` from ``source``: a recomputing connection keeps the source
     (C values per token) instead of the n streams and expands it again in backward."""
 
-    __slots__ = ("source", "n", "version", "depth")
+    __slots__ = ("source", "n", "version")
 
     def __init__(self, source: torch.Tensor, n: int, version: int):
-        self.source, self.n, self.version, self.depth = source, n, version, 0
+        self.source, self.n, self.version = source, n, version
 
 
 def expand(source: torch.Tensor, n: int) -> torch.Tensor:
@@ -105,8 +105,9 @@ def _stream_input(ctx) -> torch.Tensor:
         return expand(kept, ctx.expanded_from)
 
 
-def _save(ctx, x: torch.Tensor, *others: torch.Tensor) -> None:
-    rebuild = _rebuild_of(x)
+def _save(ctx, rebuild: _Rebuild | _Expanded | None, x: torch.Tensor, *others: torch.Tensor):
+    """Save ``others`` and, as ``rebuild`` (``x``'s, looked up once per connection) allows, ``x``
+    itself, its source, or nothing."""
     ctx.rebuild, ctx.expanded_from = rebuild, None
     if isinstance(rebuild, _Expanded):  # keep the source (no reference to it in ctx otherwise)
         ctx.rebuild, ctx.expanded_from = None, rebuild.n
@@ -131,16 +132,16 @@ class _CoefficientsAndPreMix(torch.autograd.Function):
     ``x``; the backward re-runs the coefficients, then runs the pre-mix's backward alone."""
 
     @staticmethod
-    def forward(ctx, connection, x, phi, bias, alpha):
+    def forward(ctx, connection, rebuild, x, phi, bias, alpha):
         ctx.connection = connection
-        _save(ctx, x, phi, bias, alpha)
+        _save(ctx, rebuild, x, phi, bias, alpha)
         h_pre, h_post, h_res = connection.coefficients_from(x, phi, bias, alpha)
         return pre_mix(x, h_pre, connection.config.backend), h_post, h_res
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_in, g_post, g_res):
-        inputs = _detached((_stream_input(ctx), *ctx.saved_tensors[-3:]), ctx.needs_input_grad[1:])
+        inputs = _detached((_stream_input(ctx), *ctx.saved_tensors[-3:]), ctx.needs_input_grad[2:])
         with torch.enable_grad():
             h_pre, h_post, h_res = ctx.connection.coefficients_from(*inputs)
         # the pre-mix's backward alone (its output is not needed), then the coefficients'
@@ -150,8 +151,8 @@ class _CoefficientsAndPreMix(torch.autograd.Function):
         if ctx.rebuild is not None:
             ctx.rebuild.release()  # the last backward that reads this stream
         if not inputs[0].requires_grad:
-            return None, *grads
-        return None, dx if grads[0] is None else grads[0] + dx, *grads[1:]
+            return None, None, *grads
+        return None, None, dx if grads[0] is None else grads[0] + dx, *grads[1:]
 
 
 class _Merge(torch.autograd.Function):
@@ -159,9 +160,9 @@ class _Merge(torch.autograd.Function):
     ``x``; the backward runs the merge's backward alone (PyTorch path: through autograd)."""
 
     @staticmethod
-    def forward(ctx, backend, last_reader, x, y, h_post, h_res):
+    def forward(ctx, backend, last_reader, rebuild, x, y, h_post, h_res):
         ctx.backend, ctx.last_reader = backend, last_reader
-        _save(ctx, x, y, h_post, h_res)
+        _save(ctx, rebuild, x, y, h_post, h_res)
         return merge(x, y, h_post, h_res, backend)
 
     @staticmethod
@@ -171,21 +172,27 @@ class _Merge(torch.autograd.Function):
         grads = merge_backward(*inputs, grad, ctx.backend)
         if ctx.rebuild is not None and ctx.last_reader:
             ctx.rebuild.release()
-        return None, None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:],
-                                                                     strict=True))  # fmt: skip
+        needs = ctx.needs_input_grad[3:]
+        return (
+            None,
+            None,
+            None,
+            *(g if need else None for g, need in zip(grads, needs, strict=True)),
+        )
 
 
 def connect(connection, x: torch.Tensor, branch, *args, **kwargs):
     """``connection.connect`` with recomputation: returns ``(output, H_res)``."""
+    rebuild = _rebuild_of(x)
     branch_in, h_post, h_res = _CoefficientsAndPreMix.apply(
-        connection, x, connection.phi, connection.bias, connection.alpha
+        connection, rebuild, x, connection.phi, connection.bias, connection.alpha
     )
     y = connection.run_branch(branch, branch_in, *args, **kwargs)
-    rebuild = _rebuild_of(x)
     # the coefficient backward reads x after the merge's; when it is not on the graph (frozen
     # parameters, x without gradient) the merge's backward is the last one that reads x
-    out = _Merge.apply(connection.config.backend, not h_post.requires_grad, x, y, h_post, h_res)
-    depth = 1 + (rebuild.depth if rebuild is not None else 0)  # expanded streams: depth 0
+    last_reader = not h_post.requires_grad
+    out = _Merge.apply(connection.config.backend, last_reader, rebuild, x, y, h_post, h_res)
+    depth = 1 + (rebuild.depth if isinstance(rebuild, _Rebuild) else 0)  # kept x: depth 0
     if depth < connection.config.recompute_block and out.grad_fn is not None:
         setattr(out, _ATTRIBUTE, _Rebuild(out.grad_fn, depth, out._version))
     return out, h_res

@@ -56,8 +56,7 @@ def epilogue(
     if resolve_backend(backend, proj.device, auto_triton=False) == "triton":
         from .triton import epilogue_triton
 
-        return epilogue_triton(proj, sumsq, alpha, bias, n, features, rms_eps,
-                               *(sinkhorn or (0, "col_row", 0.0)))  # fmt: skip
+        return epilogue_triton(proj, sumsq, alpha, bias, n, features, rms_eps, *(sinkhorn or ()))
     pre, post, res = epilogue_reference(proj, sumsq, alpha, bias, n, features, rms_eps)
     res = res.unflatten(-1, (n, n))
     if sinkhorn is not None:

@@ -62,10 +62,7 @@ def pre_mix_backward(x, h_pre, grad, backend: str = "auto"):
         from .triton import pre_mix_backward_triton
 
         return pre_mix_backward_triton(x, h_pre, grad)
-    inputs = [t.detach().requires_grad_() for t in (x, h_pre)]
-    with torch.enable_grad():
-        out = pre_mix_reference(*inputs)
-    return torch.autograd.grad(out, inputs, grad)
+    return _reference_backward(pre_mix_reference, (x, h_pre), grad)
 
 
 def merge_backward(x, y, h_post, h_res, grad, backend: str = "auto"):
@@ -77,10 +74,15 @@ def merge_backward(x, y, h_post, h_res, grad, backend: str = "auto"):
         from .triton import merge_backward_triton
 
         return merge_backward_triton(x, y, h_post, h_res, grad)
-    inputs = [t.detach().requires_grad_() for t in (x, y, h_post, h_res)]
+    return _reference_backward(merge_reference, (x, y, h_post, h_res), grad)
+
+
+def _reference_backward(reference, inputs, grad):
+    """The gradients of ``reference(*inputs)`` for ``grad``, through autograd (re-runs it)."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
     with torch.enable_grad():
-        out = merge_reference(*inputs)
-    return torch.autograd.grad(out, inputs, grad)
+        out = reference(*leaves)
+    return torch.autograd.grad(out, leaves, grad)
 
 
 __all__ = ["merge", "merge_backward", "merge_reference", "pre_mix", "pre_mix_backward",

@@ -330,7 +330,12 @@ def pre_mix_triton(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
 def pre_mix_backward_triton(x, h_pre, grad):
     """The backward kernel alone: gradients shaped and typed like the inputs."""
     grads = pre_mix_bwd(*_pre_mix_inputs(x, h_pre), grad.reshape(-1, x.shape[-1]).contiguous())
-    return tuple(g.reshape(t.shape).to(t.dtype) for g, t in zip(grads, (x, h_pre), strict=True))
+    return _shaped_like(grads, (x, h_pre))
+
+
+def _shaped_like(grads, inputs) -> tuple[torch.Tensor, ...]:
+    """The launchers' gradients in their inputs' shapes and dtypes (as autograd would give them)."""
+    return tuple(g.reshape(t.shape).to(t.dtype) for g, t in zip(grads, inputs, strict=True))
 
 
 def _merge_inputs(x, y, h_post, h_res):
@@ -352,5 +357,4 @@ def merge_backward_triton(x, y, h_post, h_res, grad):
     """The backward kernel alone: gradients shaped and typed like the inputs."""
     n, C = x.shape[-2:]
     grads = merge_bwd(*_merge_inputs(x, y, h_post, h_res), grad.reshape(-1, n, C).contiguous())
-    return tuple(g.reshape(t.shape).to(t.dtype) for g, t in zip(grads, (x, y, h_post, h_res),
-                                                                   strict=True))  # fmt: skip
+    return _shaped_like(grads, (x, y, h_post, h_res))
