@@ -14,7 +14,7 @@ import argparse
 import sys
 
 import torch
-from test_layer_overhead import MHCBlock, PlainBlock  # beside this script: on sys.path
+from test_layer_overhead import Stack  # beside this script: on sys.path
 from torch.profiler import ProfilerActivity, profile
 
 from mhc_kernels import sinkhorn_knopp
@@ -52,7 +52,7 @@ def sinkhorn_case(batch: int):
 
 def block_case(variant: str):
     torch.manual_seed(0)
-    block = (PlainBlock if variant == "plain" else MHCBlock)(1488, 12).to(DEVICE)
+    block = Stack(1488, 12, mhc=variant != "plain").to(DEVICE)
     x = torch.randn(16 if ON_GPU else 1, 256, 1488, device=DEVICE)
 
     def run():

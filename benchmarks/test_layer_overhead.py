@@ -17,27 +17,34 @@ from mhc_kernels import MHCLayer, collapse_streams, expand_streams
 
 CELLS = 256
 N_STREAMS = 4
+LAYERS = 6  # ST-Tahoe's depth: 12 connections
+# the paper's L_r = sqrt(n L / (n + 2)) for n = 4 and L = 12 connections is 2.8; sqrt(L) = 3.5
+BLOCKS = (3, 4)
 
 
-class PlainBlock(nn.Module):
-    def __init__(self, dim, heads):
+class Stack(nn.Module):
+    """``layers`` pre-norm attention + SwiGLU blocks, plain residuals or mHC around every
+    sub-layer, the streams expanded once and collapsed once (in a model: once for all blocks)."""
+
+    def __init__(self, dim, heads, layers=1, mhc=True, **options):
         super().__init__()
-        self.attn, self.mlp = Attention(dim, heads), SwiGLU(dim, 4 * dim)
+        attn = [Attention(dim, heads) for _ in range(layers)]
+        mlp = [SwiGLU(dim, 4 * dim) for _ in range(layers)]
+        if mhc:
+            attn = [MHCLayer(a, dim, N_STREAMS, **options) for a in attn]
+            mlp = [MHCLayer(m, dim, N_STREAMS, **options) for m in mlp]
+        self.mhc, self.attn, self.mlp = mhc, nn.ModuleList(attn), nn.ModuleList(mlp)
 
     def forward(self, x):
-        x = x + self.attn(x)
-        return x + self.mlp(x)
-
-
-class MHCBlock(nn.Module):
-    def __init__(self, dim, heads, **options):
-        super().__init__()
-        self.attn = MHCLayer(Attention(dim, heads), dim, N_STREAMS, **options)
-        self.mlp = MHCLayer(SwiGLU(dim, 4 * dim), dim, N_STREAMS, **options)
-
-    def forward(self, x):
-        h = expand_streams(x, N_STREAMS)  # in a model: once before the first block
-        return collapse_streams(self.mlp(self.attn(h)))
+        if not self.mhc:
+            for attn, mlp in zip(self.attn, self.mlp, strict=True):
+                x = x + attn(x)
+                x = x + mlp(x)
+            return x
+        h = expand_streams(x, N_STREAMS)
+        for attn, mlp in zip(self.attn, self.mlp, strict=True):
+            h = mlp(attn(h))
+        return collapse_streams(h)
 
 
 VARIANTS = ["plain", "mhc", "mhc_recompute", "mhc_all_triton", "plain_compiled",
@@ -60,10 +67,7 @@ def test_block_fwd_bwd(benchmark, record, variant, dim, heads, dtype):
     options = {"mhc": {}, "mhc_recompute": {"recompute": True, "recompute_block": 2},
                "mhc_all_triton": {"backend": "triton"}}  # fmt: skip
     name = variant.removesuffix("_compiled")
-    if name == "plain":
-        block = PlainBlock(dim, heads).to(DEVICE)
-    else:
-        block = MHCBlock(dim, heads, **options[name]).to(DEVICE)
+    block = Stack(dim, heads, mhc=name != "plain", **options.get(name, {})).to(DEVICE)
     if variant.endswith("_compiled"):
         block = torch.compile(block)
     sets = 16 if ON_GPU else 1
@@ -110,36 +114,6 @@ def saved_storage_bytes(fn) -> int:
     return sum(storages.values())
 
 
-LAYERS = 6  # ST-Tahoe's depth: 12 connections
-# the paper's L_r = sqrt(n L / (n + 2)) for n = 4 and L = 12 connections is 2.8; sqrt(L) = 3.5
-BLOCKS = (3, 4)
-
-
-class Stack(nn.Module):
-    """ST-Tahoe's backbone shape: LAYERS blocks, plain residuals or mHC around every sub-layer, the
-    streams expanded once and collapsed once."""
-
-    def __init__(self, dim, heads, mhc=True, **options):
-        super().__init__()
-        attn = [Attention(dim, heads) for _ in range(LAYERS)]
-        mlp = [SwiGLU(dim, 4 * dim) for _ in range(LAYERS)]
-        if mhc:
-            attn = [MHCLayer(a, dim, N_STREAMS, **options) for a in attn]
-            mlp = [MHCLayer(m, dim, N_STREAMS, **options) for m in mlp]
-        self.mhc, self.attn, self.mlp = mhc, nn.ModuleList(attn), nn.ModuleList(mlp)
-
-    def forward(self, x):
-        if not self.mhc:
-            for attn, mlp in zip(self.attn, self.mlp, strict=True):
-                x = x + attn(x)
-                x = x + mlp(x)
-            return x
-        h = expand_streams(x, N_STREAMS)
-        for attn, mlp in zip(self.attn, self.mlp, strict=True):
-            h = mlp(attn(h))
-        return collapse_streams(h)
-
-
 MEMORY_VARIANTS = {
     "plain": {"mhc": False},
     "mhc": {},
@@ -176,13 +150,13 @@ def test_activation_memory(benchmark, record, dim, heads, dtype):
     autocast = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     saved, peak = {}, {}
     for name, options in MEMORY_VARIANTS.items():
-        block = Stack(dim, heads, **options).to(DEVICE)
+        block = Stack(dim, heads, LAYERS, **options).to(DEVICE)
         with autocast:
             saved[name] = saved_storage_bytes(lambda b=block: b(x))
         if ON_GPU:
             peak[name] = peak_step_bytes(block, x, autocast)
         del block
-    lean = Stack(dim, heads, recompute=True, recompute_block=BLOCKS[0]).to(DEVICE)
+    lean = Stack(dim, heads, LAYERS, recompute=True, recompute_block=BLOCKS[0]).to(DEVICE)
     with autocast:
         benchmark.pedantic(lambda: saved_storage_bytes(lambda: lean(x)), rounds=1)
     mhc = [name for name in MEMORY_VARIANTS if name != "plain"]

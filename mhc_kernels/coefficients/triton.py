@@ -238,17 +238,13 @@ def _epilogue_launch(T: int, n: int, order: str, device: torch.device):
                       "NP": np2, "num_warps": num_warps(np2)}  # fmt: skip
 
 
-def _check_epilogue(*tensors):
-    if any(t.dtype != torch.float32 for t in tensors):
-        raise ValueError("the fused coefficient epilogue takes float32 inputs (coeff_dtype)")
-
-
 def epilogue_fwd(proj, ss, alpha, bias, n: int, features: int, rms_eps: float, iters: int,
                  order: str, eps: float):  # fmt: skip
     """``proj (T, W)``, ``ss (T,)`` -> ``H_pre (T, n)``, ``H_post (T, n)``, ``H_res (T, n, n)``:
     Sinkhorn's projection of the logits for ``iters >= 1``, the logits for ``iters = 0``."""
     T, W = proj.shape
-    _check_epilogue(proj, ss, alpha, bias)
+    if any(t.dtype != torch.float32 for t in (proj, ss, alpha, bias)):
+        raise ValueError("the fused coefficient epilogue takes float32 inputs (coeff_dtype)")
     pre = torch.empty((T, n), dtype=torch.float32, device=proj.device)
     post = torch.empty((T, n), dtype=torch.float32, device=proj.device)
     res = torch.empty((T, n, n), dtype=torch.float32, device=proj.device)
@@ -280,7 +276,7 @@ def epilogue_bwd(proj, ss, alpha, bias, g_pre, g_post, g_res, n: int, features: 
 
 def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
     """GPU configurations: ``(name, kernel, signature, constexprs, num_warps)`` for n = 2, 4, 8
-    (the projection per stream dtype; the float32 epilogue once per n)."""
+    (the projection per stream dtype; the float32 epilogue per n with and without Sinkhorn)."""
     for n in (2, 4, 8):
         wp = max(16, next_power_of_2(n * n + 2 * n))
         consts = {"BT": BT, "BK": BK, "WP": wp}
