@@ -96,11 +96,13 @@ def memory_summary(rows: list[dict]) -> dict:
     out = {}
     for row in rows:
         if "saved_bytes" in row:
-            ratios = {k: round(v, 3) for k, v in row.items() if k.endswith("_vs_plain")}
-            saved = {k: round(v / 1e6, 1) for k, v in row["saved_bytes"].items()}
-            peak = {k: round(v / 1e6, 1) for k, v in row.get("peak_step_bytes", {}).items()}
-            out[f"C{row['dim']}-L{row['layers']}-{row['dtype']}"] = {
-                "saved_MB": saved, "peak_step_MB": peak, **ratios}  # fmt: skip
+            entry = {}
+            for kind in ("saved", "peak_step"):
+                measured = row.get(f"{kind}_bytes") or {}
+                entry[f"{kind}_MB"] = {k: round(v / 1e6, 1) for k, v in measured.items()}
+                entry |= {f"{kind}_{k}_vs_plain": round(v / measured["plain"], 3)
+                          for k, v in measured.items() if k != "plain"}  # fmt: skip
+            out[f"C{row['dim']}-L{row['layers']}-{row['dtype']}"] = entry
     return out
 
 
