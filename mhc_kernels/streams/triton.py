@@ -1,10 +1,10 @@
 """Fused Triton stream mixing: pre-mix and post/residual merge, forward and backward.
 
 Limits: n up to 8 (padded to a power of two, padded streams masked), any C (blocks of up to 512
-with masks; a multiple of 8 keeps loads vectorised); streams float32/float16/bfloat16,
-coefficients float32. The grid is (token blocks, C blocks): a program owns BT tokens x BC channels
-of every stream, loads those tokens' coefficients, and unrolls the streams so that sums over
-streams stay in each thread's registers (BC runs across threads).
+with masks; a multiple of 16, which Triton specialises, gets 16-byte loads); streams float32,
+float16 or bfloat16, coefficients float32. The grid is (token blocks, C blocks): a program owns
+BT tokens x BC channels of every stream, loads those tokens' coefficients, and unrolls the streams
+so that sums over streams stay in each thread's registers (BC runs across threads).
 
 Traffic per token (the fused layer's point, paper §4.3): pre-mix reads n*C, writes C; merge reads
 (n + 1)*C, writes n*C. Backward: pre-mix reads (n + 1)*C and writes n*C plus n coefficient
@@ -14,6 +14,8 @@ shares (C / 512 of them: no atomics, deterministic). Measured on an H200: benchm
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import triton
@@ -25,7 +27,7 @@ from ..sinkhorn.triton import interpreting
 
 # --------------------------------------------------------------------------------------- kernels
 # Grid: (token blocks, C blocks). A program owns BT tokens x BC channels of every stream. Tiles are
-# [BT, NP, BC] or [BT, BC] with BC across threads (4 contiguous elements per thread), so sums over
+# [BT, NP, BC] or [BT, BC] with BC across threads (16 contiguous bytes per thread), so sums over
 # streams stay in a thread's registers; streams are unrolled (static_range) and masked past n.
 
 
@@ -131,20 +133,33 @@ def _merge_bwd_kernel(x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_ptr, 
 
 # -------------------------------------------------------------------------------------- launchers
 
-GPU_BLOCK_C = 512  # 4 contiguous elements per thread at 4 warps
-GPU_TILE_ELEMS = 2048  # [BT, NP, BC] tile: 16 floats per thread (4096 spilled in one case)
+GPU_BLOCK_C = 512  # channels per program on a GPU (C up to 512 in one block)
+GPU_TILE_ELEMS_PER_THREAD = 16  # [BT, NP, BC] tile elements per thread when BT > 1 (more spilled)
+VECTOR_BYTES = 16  # one 128-bit load or store per thread per stream row
 INTERPRETER_TILE_ELEMS = 2**18  # the interpreter's cost is per program: few, large programs
-NUM_WARPS = 4
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def launch_config(tokens: int, n: int, C: int) -> tuple[int, int, int]:
-    """``(BT, NP, BC)``: tokens and channels per program, padded n."""
+def launch_config(tokens: int, n: int, C: int, itemsize: int = 4) -> tuple[int, int, int, int]:
+    """``(BT, NP, BC, warps)``: tokens and channels per program, padded n, warps per program.
+
+    A warp spans 32 x 16 bytes of one stream row, and the program has as many warps as its C block
+    needs (4 for 512 fp32 channels, 2 for 512 bf16/fp16 ones). With more warps than that, Triton
+    lays the spare warps across the streams, so each sum over streams goes through shared memory
+    with barriers and the stream rows load 8 bytes per thread instead of 16 (PTX of the n = 4 bf16
+    merge: 9 barriers in the forward and 79 in the backward at 4 warps; 0 and 19 at 2 warps, as
+    fp32 at 4; checked for every shipped configuration by the compile check's test).
+    """
     np2 = next_power_of_2(n)
-    budget = INTERPRETER_TILE_ELEMS if interpreting() else GPU_TILE_ELEMS
-    bc = min(next_power_of_2(C), budget if interpreting() else GPU_BLOCK_C)
-    bt = max(1, budget // (np2 * bc))
-    return min(next_power_of_2(max(tokens, 1)), bt), np2, bc
+    if interpreting():
+        bc = min(next_power_of_2(C), INTERPRETER_TILE_ELEMS)
+        warps, tile = 4, INTERPRETER_TILE_ELEMS
+    else:
+        bc = min(next_power_of_2(C), GPU_BLOCK_C)
+        warps = min(4, max(1, bc * itemsize // (32 * VECTOR_BYTES)))
+        tile = GPU_TILE_ELEMS_PER_THREAD * 32 * warps
+    bt = max(1, tile // (np2 * bc))
+    return min(next_power_of_2(max(tokens, 1)), bt), np2, bc, warps
 
 
 def _grid(T: int, C: int, bt: int, bc: int) -> tuple[int, int]:
@@ -160,20 +175,20 @@ def pre_mix_fwd(x, h):
     T, n, C = x.shape
     _check(x, n)
     out = torch.empty((T, C), dtype=x.dtype, device=x.device)
-    bt, np2, bc = launch_config(T, n, C)
+    bt, np2, bc, warps = launch_config(T, n, C, x.element_size())
     _pre_mix_fwd_kernel[_grid(T, C, bt, bc)](x, h, out, T, n, C, BT=bt, NP=np2, BC=bc,
-                                             num_warps=NUM_WARPS)  # fmt: skip
+                                             num_warps=warps)  # fmt: skip
     return out
 
 
 def pre_mix_bwd(x, h, g):
     T, n, C = x.shape
-    bt, np2, bc = launch_config(T, n, C)
+    bt, np2, bc, warps = launch_config(T, n, C, x.element_size())
     grid = _grid(T, C, bt, bc)
     dx = torch.empty_like(x)
     dh = torch.empty((grid[1], T, n), dtype=torch.float32, device=x.device)  # per C block
     _pre_mix_bwd_kernel[grid](x, h, g, dx, dh, T, n, C, BT=bt, NP=np2, BC=bc,
-                              num_warps=NUM_WARPS)  # fmt: skip
+                              num_warps=warps)  # fmt: skip
     return dx, dh.sum(0)
 
 
@@ -181,62 +196,56 @@ def merge_fwd(x, y, h_post, h_res):
     T, n, C = x.shape
     _check(x, n)
     out = torch.empty_like(x)
-    bt, np2, bc = launch_config(T, n, C)
+    bt, np2, bc, warps = launch_config(T, n, C, x.element_size())
     _merge_fwd_kernel[_grid(T, C, bt, bc)](x, y, h_post, h_res, out, T, n, C, BT=bt, NP=np2,
-                                           BC=bc, num_warps=NUM_WARPS)  # fmt: skip
+                                           BC=bc, num_warps=warps)  # fmt: skip
     return out
 
 
 def merge_bwd(x, y, h_post, h_res, g):
     T, n, C = x.shape
-    bt, np2, bc = launch_config(T, n, C)
+    bt, np2, bc, warps = launch_config(T, n, C, x.element_size())
     grid = _grid(T, C, bt, bc)
     dx, dy = torch.empty_like(x), torch.empty_like(y)
     dh_post = torch.empty((grid[1], T, n), dtype=torch.float32, device=x.device)  # per C block
     dh_res = torch.empty((grid[1], T, n, n), dtype=torch.float32, device=x.device)
     _merge_bwd_kernel[grid](x, y, h_post, h_res, g, dx, dy, dh_post, dh_res, T, n, C,
-                            BT=bt, NP=np2, BC=bc, num_warps=NUM_WARPS)  # fmt: skip
+                            BT=bt, NP=np2, BC=bc, num_warps=warps)  # fmt: skip
     return dx, dy, dh_post.sum(0), dh_res.sum(0)
 
 
 def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
     """Every GPU configuration the launchers can pick: ``(name, kernel, signature, consts, warps)``.
 
-    The full-width C block (C >= 512) for each padded n; narrower C uses smaller blocks of the same
-    kernels with fewer registers. The merge takes the branch output ``y`` in its own dtype, so it
-    is compiled for every (stream dtype, branch dtype) pair.
+    The full-width C block (C >= 512) for each padded n and stream dtype; narrower C uses smaller
+    blocks of the same kernels with fewer registers. The merge takes the branch output ``y`` in its
+    own dtype, so it is compiled for every (stream dtype, branch dtype) pair.
     """
-    for np2 in (1, 2, 4, 8):
-        bt, _, bc = launch_config(2**20, np2, 2**20) if not interpreting() else (1, np2, 512)
+    f = "*fp32"
+    for np2, dt in itertools.product((1, 2, 4, 8), dtypes):
+        itemsize = 4 if dt == "fp32" else 2
+        bt, _, bc, warps = launch_config(2**20, np2, 2**20, itemsize)
         consts = {"BT": bt, "NP": np2, "BC": bc}
         tail = {"T": "i32", "n": "i32", "C": "i32", **dict.fromkeys(consts, "constexpr")}
-        f = "*fp32"
-        for dt in dtypes:
-            s = f"*{dt}"
-            kernels = {
-                f"pre_mix_fwd-{dt}": (_pre_mix_fwd_kernel, {"x_ptr": s, "h_ptr": f, "out_ptr": s}),
-                f"pre_mix_bwd-{dt}": (_pre_mix_bwd_kernel, {"x_ptr": s, "h_ptr": f, "g_ptr": s,
-                                                            "dx_ptr": s, "dh_part_ptr": f}),
-            }  # fmt: skip
-            for ydt in dtypes:
-                y = f"*{ydt}"
-                tag = dt if ydt == dt else f"{dt}-y{ydt}"
-                kernels[f"merge_fwd-{tag}"] = (
-                    _merge_fwd_kernel,
-                    {"x_ptr": s, "y_ptr": y, "hpost_ptr": f, "hres_ptr": f, "out_ptr": s},
-                )
-                kernels[f"merge_bwd-{tag}"] = (_merge_bwd_kernel, {
-                    "x_ptr": s, "y_ptr": y, "hpost_ptr": f, "hres_ptr": f, "g_ptr": s,
-                    "dx_ptr": s, "dy_ptr": y, "dhpost_part_ptr": f, "dhres_part_ptr": f})  # fmt: skip
-            for name, (kernel, ptrs) in kernels.items():
-                kind, tag = name.split("-", 1)
-                yield (
-                    f"{kind}-NP{np2}-BT{bt}-BC{bc}-{tag}",
-                    kernel,
-                    {**ptrs, **tail},
-                    consts,
-                    NUM_WARPS,
-                )
+        s = f"*{dt}"
+        kernels = {
+            f"pre_mix_fwd-{dt}": (_pre_mix_fwd_kernel, {"x_ptr": s, "h_ptr": f, "out_ptr": s}),
+            f"pre_mix_bwd-{dt}": (_pre_mix_bwd_kernel, {"x_ptr": s, "h_ptr": f, "g_ptr": s,
+                                                        "dx_ptr": s, "dh_part_ptr": f}),
+        }  # fmt: skip
+        for ydt in dtypes:
+            y = f"*{ydt}"
+            tag = dt if ydt == dt else f"{dt}-y{ydt}"
+            kernels[f"merge_fwd-{tag}"] = (
+                _merge_fwd_kernel,
+                {"x_ptr": s, "y_ptr": y, "hpost_ptr": f, "hres_ptr": f, "out_ptr": s},
+            )
+            kernels[f"merge_bwd-{tag}"] = (_merge_bwd_kernel, {
+                "x_ptr": s, "y_ptr": y, "hpost_ptr": f, "hres_ptr": f, "g_ptr": s,
+                "dx_ptr": s, "dy_ptr": y, "dhpost_part_ptr": f, "dhres_part_ptr": f})  # fmt: skip
+        for name, (kernel, ptrs) in kernels.items():
+            kind, tag = name.split("-", 1)
+            yield f"{kind}-NP{np2}-BT{bt}-BC{bc}-{tag}", kernel, {**ptrs, **tail}, consts, warps
 
 
 # ------------------------------------------------------------------------------ autograd (ops)

@@ -120,3 +120,18 @@ def test_every_shipped_configuration_compiles_for_gpu_targets_without_spills():
         r for r in rows if not r["ok"]
     ]
     assert max(r["compile_s"] for r in rows) < 30
+    # the stream kernels (one dtype) keep sums over streams in a thread's registers: no barriers
+    # in the forwards, the 16-bit backwards synchronise no more than the fp32 ones (their sums
+    # over channels), and stream rows load 16 bytes per thread
+    streams = {}  # (kind, padded n, arch, dtype) -> row, names "kind-NPk-BTb-BCc-dtype"
+    for r in rows:
+        kind, np2, *_, dtype = r["kernel"].split("-")
+        if kind.startswith(("pre_mix", "merge")) and "-y" not in r["kernel"]:
+            streams[(kind, np2, r["arch"], dtype)] = r
+    assert len(streams) == 4 * 4 * 3 * 3
+    assert all(r["loads_v2"] == 0 and r["loads_v4"] > 0 for r in streams.values())
+    for (kind, np2, arch, _), r in streams.items():
+        if kind.endswith("_fwd"):
+            assert r["barriers"] == 0, r
+        else:
+            assert r["barriers"] <= streams[(kind, np2, arch, "fp32")]["barriers"], r
