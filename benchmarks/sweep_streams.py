@@ -82,10 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the sweep needs a GPU")
     peak = peak_bandwidth_gbs()
     T, n, C = args.tokens, args.n, args.C
-    shipped_bt, _, shipped_bc = st.launch_config(T, n, C)
-    shipped = (shipped_bt, shipped_bc, st.NUM_WARPS)
     rows = []
     for kernel, name in itertools.product(KERNELS, args.dtypes):
+        shipped_bt, _, shipped_bc, warps = st.launch_config(T, n, C, DTYPES[name].itemsize)
+        shipped = (shipped_bt, shipped_bc, warps)
         launch, nbytes = kernel_launcher(kernel, T, n, C, DTYPES[name])
         found = []
         for bt, bc, warps in itertools.product(BLOCKS_T, BLOCKS_C, WARPS):

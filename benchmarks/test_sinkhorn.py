@@ -1,7 +1,8 @@
 """Sinkhorn-Knopp speed: eager reference, naive autograd, torch.compile(reference) and Triton.
 
-Every row records the device, versions, effective GB/s (unavoidable traffic / median time) and,
-on a GPU with a known peak, the ratio to the memory roofline. `summarize.py` turns a
+Every row records the device, versions, the median of one synchronised call, effective GB/s
+(unavoidable traffic / time) and, on a GPU, the time per call back to back (which sets the GB/s)
+and, with a known peak, the ratio to the memory roofline. `summarize.py` turns a
 ``--benchmark-json`` file into the speed-ups and targets of issue 2.
 """
 
@@ -11,7 +12,7 @@ import functools
 
 import pytest
 import torch
-from conftest import DEVICE, ON_GPU, peak_bandwidth_gbs, synchronized
+from conftest import DEVICE, ON_GPU, synchronized, throughput_facts
 
 from mhc_kernels import sinkhorn_knopp
 from mhc_kernels.sinkhorn.reference import sinkhorn_knopp_reference
@@ -86,17 +87,12 @@ def test_sinkhorn_speed(benchmark, record, provider, exponent, n, dtype, passes)
         def run():
             return torch.autograd.grad(fn(x), x, grad)
 
-    run = synchronized(run)
-    run()  # warm-up: compilation, autotuning, allocator
-    rounds = 20 if ON_GPU else 3
-    benchmark.pedantic(run, rounds=rounds, warmup_rounds=1)
-    median = benchmark.stats.stats.median
-    nbytes = traffic_bytes(batch, n, DTYPES[dtype], passes)
-    peak = peak_bandwidth_gbs()
+    synced = synchronized(run)
+    synced()  # warm-up: compilation, autotuning, allocator
+    benchmark.pedantic(synced, rounds=20 if ON_GPU else 3, warmup_rounds=1)
     facts = {"provider": provider, "batch": batch, "n": n, "dtype": dtype, "passes": passes}
-    facts["effective_gbs"] = nbytes / median / 1e9
-    if peak:
-        facts["roofline_ratio"] = median / (nbytes / (peak * 1e9))
+    nbytes = traffic_bytes(batch, n, DTYPES[dtype], passes)
+    facts |= throughput_facts(run, nbytes, benchmark.stats.stats.median)
     if ON_GPU:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()

@@ -13,7 +13,7 @@ import functools
 
 import pytest
 import torch
-from conftest import DEVICE, ON_GPU, peak_bandwidth_gbs, synchronized
+from conftest import DEVICE, ON_GPU, synchronized, throughput_facts
 
 from mhc_kernels.coefficients import epilogue, projection
 from mhc_kernels.coefficients.reference import epilogue_reference, projection_reference
@@ -58,14 +58,11 @@ def measure(benchmark, record, fn, inputs, upstream, passes, nbytes, **facts):
         def run():
             return torch.autograd.grad(fn(*inputs), inputs, upstream)
 
-    run = synchronized(run)
-    run()
-    benchmark.pedantic(run, rounds=20 if ON_GPU else 3, warmup_rounds=1)
-    median = benchmark.stats.stats.median
-    facts |= {"passes": passes, "n": N, "C": C, "effective_gbs": nbytes / median / 1e9}
-    peak = peak_bandwidth_gbs()
-    if peak:
-        facts["roofline_ratio"] = median / (nbytes / (peak * 1e9))
+    synced = synchronized(run)
+    synced()
+    benchmark.pedantic(synced, rounds=20 if ON_GPU else 3, warmup_rounds=1)
+    facts |= {"passes": passes, "n": N, "C": C}
+    facts |= throughput_facts(run, nbytes, benchmark.stats.stats.median)
     record(**facts)
 
 
