@@ -146,9 +146,11 @@ def _epilogue_bwd_kernel(proj_ptr, ss_ptr, alpha_ptr, bias_ptr, gpre_ptr, gpost_
     pid = tl.program_id(0)
     slot = scratch_ptr + pid.to(tl.int64) * (2 * iters * BT * NP)  # Sinkhorn's normalisers
     a_pre, a_post, a_res = tl.load(alpha_ptr), tl.load(alpha_ptr + 1), tl.load(alpha_ptr + 2)
-    b_pre, b_post = tl.zeros([NV], tl.float32), tl.zeros([NV], tl.float32)
-    a_pre_sum, a_post_sum = tl.zeros([NV], tl.float32), tl.zeros([NV], tl.float32)
-    b_res, a_res_sum = tl.zeros([NP, NP], tl.float32), tl.zeros([NP, NP], tl.float32)
+    # per-token-slot sums over this program's blocks, summed over the slots once at the end (a sum
+    # over tokens inside the loop crossed warps through shared memory with barriers every block)
+    b_pre, b_post = tl.zeros([BT, NV], tl.float32), tl.zeros([BT, NV], tl.float32)
+    a_pre_sum, a_post_sum = tl.zeros([BT, NV], tl.float32), tl.zeros([BT, NV], tl.float32)
+    b_res, a_res_sum = tl.zeros([BT, NP, NP], tl.float32), tl.zeros([BT, NP, NP], tl.float32)
     for blk in range(pid, tl.cdiv(T, BT), tl.num_programs(0)):
         tok, r, t2, v2, m2, t3, e3, m3, q_pre, q_post, q_res, z_pre, z_post, z_res = (
             _epilogue_tiles(proj_ptr, ss_ptr, alpha_ptr, bias_ptr, blk, T, n, W, inv_features,
@@ -172,21 +174,22 @@ def _epilogue_bwd_kernel(proj_ptr, ss_ptr, alpha_ptr, bias_ptr, gpre_ptr, gpost_
         dr = -(a_pre * tl.sum(gq_pre, axis=1) + a_post * tl.sum(gq_post, axis=1)
                + a_res * tl.sum(tl.sum(gq_res, axis=2), axis=1)) / r  # fmt: skip
         tl.store(dss_ptr + tok, dr / (2.0 * r) * inv_features, mask=tok < T)
-        b_pre += tl.sum(gz_pre, axis=0)
-        b_post += tl.sum(gz_post, axis=0)
-        b_res += tl.sum(gz_res, axis=0)
-        a_pre_sum += tl.sum(gq_pre, axis=0)
-        a_post_sum += tl.sum(gq_post, axis=0)
-        a_res_sum += tl.sum(gq_res, axis=0)
+        b_pre += gz_pre
+        b_post += gz_post
+        b_res += gz_res
+        a_pre_sum += gq_pre
+        a_post_sum += gq_post
+        a_res_sum += gq_res
     v = tl.arange(0, NV)
     rows, cols = tl.arange(0, NP)[:, None], tl.arange(0, NP)[None, :]
     part = dbias_part_ptr + pid.to(tl.int64) * W
-    tl.store(part + v, b_pre, mask=v < n)
-    tl.store(part + n + v, b_post, mask=v < n)
-    tl.store(part + 2 * n + rows * n + cols, b_res, mask=(rows < n) & (cols < n))
-    tl.store(dalpha_part_ptr + pid * 3, tl.sum(a_pre_sum, axis=0))
-    tl.store(dalpha_part_ptr + pid * 3 + 1, tl.sum(a_post_sum, axis=0))
-    tl.store(dalpha_part_ptr + pid * 3 + 2, tl.sum(tl.sum(a_res_sum, axis=1), axis=0))
+    tl.store(part + v, tl.sum(b_pre, axis=0), mask=v < n)
+    tl.store(part + n + v, tl.sum(b_post, axis=0), mask=v < n)
+    tl.store(part + 2 * n + rows * n + cols, tl.sum(b_res, axis=0), mask=(rows < n) & (cols < n))
+    tl.store(dalpha_part_ptr + pid * 3, tl.sum(tl.sum(a_pre_sum, axis=1), axis=0))
+    tl.store(dalpha_part_ptr + pid * 3 + 1, tl.sum(tl.sum(a_post_sum, axis=1), axis=0))
+    tl.store(dalpha_part_ptr + pid * 3 + 2,
+             tl.sum(tl.sum(tl.sum(a_res_sum, axis=2), axis=1), axis=0))  # fmt: skip
 
 
 BT, BK = 16, 32  # IEEE fp32 dot without tensor cores: larger tiles spill (ptxas -v)
