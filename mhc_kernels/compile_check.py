@@ -7,9 +7,10 @@ registers (``ptxas -v`` spill stores/loads, or local memory in the cubin), or ta
 bytes of stack frame without spilling.
 
 Each kernel is compiled as Triton's launcher specialises it for the sizes it is built for: every
-pointer 16-byte aligned (torch's allocations; the launchers pass contiguous tensors) and the
-channel counts ``C`` and ``K`` multiples of 16 (ST-Tahoe's 1488 is). That is the variant with
-vectorised loads; without the hints the check would compile scalar loads that never run there.
+pointer 16-byte aligned (torch's allocations; the launchers pass contiguous tensors), the channel
+counts ``C`` and ``K`` multiples of 16 (ST-Tahoe's 1488 is) and the projection's part lengths
+``k_per``/``t_per`` too (multiples of its blocks). That is the variant with vectorised loads;
+without the hints the check would compile scalar loads that never run there.
 """
 
 from __future__ import annotations
@@ -70,12 +71,12 @@ def _configs():
 def _ptx_shape(ptx: str) -> dict[str, int]:
     """Barriers (``bar.sync``: sums across warps or layout changes through shared memory) and
     global loads by width (``b32``: 4 bytes, ``v2``: 8, ``v4``: 16 bytes per thread)."""
-    widths = re.findall(r"\bld\.global(?:\.[a-z_0-9:]+)*?\.(v[24])?\.?[bfsu]\d+", ptx)
+    widths = re.findall(r"\bld\.global(?:\.[A-Za-z_0-9:]+?)*?(?:\.(v[24]))?\.[bfsu]\d+\b", ptx)
     return {"barriers": ptx.count("bar.sync"),
             **{f"loads_{w or 'b32'}": widths.count(w) for w in ("", "v2", "v4")}}  # fmt: skip
 
 
-ALIGNED_INTS = ("C", "K")
+ALIGNED_INTS = ("C", "K", "k_per", "t_per")
 
 
 def launch_attrs(kernel, signature: dict[str, str]) -> dict:

@@ -12,9 +12,10 @@ def projection(v: torch.Tensor, phi: torch.Tensor, backend: str = "auto"):
     """``v: (..., K)``, ``phi: (K, W)`` -> ``(v @ phi: (..., W), sum(v^2): (...))``.
 
     Triton reads the streams once for both (float32 ``phi`` only). Same ``backend`` rules as
-    :func:`mhc_kernels.sinkhorn_knopp`, except that ``auto`` stays on PyTorch: on an H200 the fused
-    forward ties cuBLAS but its backward is 1.5-2.5x slower (benchmarks/README.md), so the kernel
-    runs only when asked for (``backend="triton"`` or ``MHC_BACKEND=triton``).
+    :func:`mhc_kernels.sinkhorn_knopp`, except that ``auto`` stays on PyTorch: on an H200 the first
+    fused forward tied cuBLAS but its backward was 1.5-2.5x slower (benchmarks/README.md); the
+    kernels now split their work across the whole GPU and run only when asked for
+    (``backend="triton"`` or ``MHC_BACKEND=triton``) until a GPU has measured them.
 
     Example:
         >>> proj, sumsq = projection(torch.ones(3, 8), torch.ones(8, 24))

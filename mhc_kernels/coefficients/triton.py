@@ -3,10 +3,13 @@
 Limits: ``phi`` float32 with W = n^2 + 2n <= 128 columns (n <= 10), streams float32/bf16/fp16, any
 K = n*C. Products run in IEEE float32 (no TF32), so results match the reference to fp32 rounding.
 
-Forward reads v (T x K) once and phi (K x W) once per program; writes T x (W + 1) floats. Backward:
-``dv = dproj @ phi^T + 2 v dsumsq`` (one kernel over tokens) and ``dphi = v^T @ dproj`` (one kernel
-over K chunks that walks all tokens: no atomics, deterministic). On an H200 this backward is
-1.5-2.5x slower than cuBLAS, so ``projection(..., backend="auto")`` does not use it.
+Every kernel's grid fills the GPU at a few thousand tokens (``_parts``): the forward splits K into
+parts per token block (partial sums ``[parts, T, W + 1]``, added by the launcher), ``dv = dproj @
+phi^T + 2 v dsumsq`` runs per (token block, K part), and ``dphi = v^T @ dproj`` per (K block, token
+part) with partial sums; no atomics, deterministic. The first kernels ran one program per token
+block (256 programs at 4,096 tokens, each walking all of K): on an H200 their backward was
+1.5-2.5x slower than cuBLAS, so ``projection(..., backend="auto")`` does not use them until these
+are measured. Forward traffic: v once, writes ``parts x T x (W + 1)`` floats; backward: v twice.
 
 The epilogue kernels turn ``(proj, sumsq)`` into the gates and H_res (scale, bias, sigmoid and
 Sinkhorn-Knopp, or the H_res logits for unconstrained hyper-connections) in one kernel each way:
@@ -35,57 +38,71 @@ from ..sinkhorn.triton import (
 
 
 @triton.jit
-def _projection_fwd_kernel(v_ptr, phi_ptr, proj_ptr, ss_ptr, T, K, W,
+def _projection_fwd_kernel(v_ptr, phi_ptr, proj_ptr, ss_ptr, T, K, W, k_per,
                            BT: tl.constexpr, BK: tl.constexpr, WP: tl.constexpr):  # fmt: skip
+    # grid (token blocks, K parts): this part's sums over k in [part * k_per, ... + k_per), written
+    # to its own slice of proj_ptr ([parts, T, W]) and ss_ptr ([parts, T])
     tok = tl.program_id(0) * BT + tl.arange(0, BT)
+    part = tl.program_id(1)
     t2 = tok.to(tl.int64)[:, None]  # [BT, 1]
     w2 = tl.arange(0, WP)[None, :]  # [1, WP]
+    k_start = part * k_per
+    k_end = tl.minimum(k_start + k_per, K)
     acc = tl.zeros((BT, WP), dtype=tl.float32)
     ss = tl.zeros((BT,), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(k_start, k_end, BK):
         k_row = k0 + tl.arange(0, BK)
-        v = tl.load(v_ptr + t2 * K + k_row[None, :], mask=(t2 < T) & (k_row[None, :] < K),
+        v = tl.load(v_ptr + t2 * K + k_row[None, :], mask=(t2 < T) & (k_row[None, :] < k_end),
                     other=0.0).to(tl.float32)  # [BT, BK]  # fmt: skip
         phi = tl.load(phi_ptr + k_row[:, None].to(tl.int64) * W + w2,
-                      mask=(k_row[:, None] < K) & (w2 < W), other=0.0)  # [BK, WP]  # fmt: skip
+                      mask=(k_row[:, None] < k_end) & (w2 < W), other=0.0)  # [BK, WP]  # fmt: skip
         acc += tl.dot(v, phi, input_precision="ieee")
         ss += tl.sum(v * v, axis=1)
-    tl.store(proj_ptr + t2 * W + w2, acc, mask=(t2 < T) & (w2 < W))
-    tl.store(ss_ptr + tok, ss, mask=tok < T)
+    out = part.to(tl.int64) * T
+    tl.store(proj_ptr + (out + t2) * W + w2, acc, mask=(t2 < T) & (w2 < W))
+    tl.store(ss_ptr + out + tok, ss, mask=tok < T)
 
 
 @triton.jit
-def _projection_dv_kernel(v_ptr, phi_ptr, dproj_ptr, dss_ptr, dv_ptr, T, K, W,
+def _projection_dv_kernel(v_ptr, phi_ptr, dproj_ptr, dss_ptr, dv_ptr, T, K, W, k_per,
                           BT: tl.constexpr, BK: tl.constexpr, WP: tl.constexpr):  # fmt: skip
+    # grid (token blocks, K parts): dv = dproj @ phi^T + 2 v dss for k in this part
     tok = tl.program_id(0) * BT + tl.arange(0, BT)
     t2 = tok.to(tl.int64)[:, None]
     w2 = tl.arange(0, WP)[None, :]
+    k_start = tl.program_id(1) * k_per
+    k_end = tl.minimum(k_start + k_per, K)
     dproj = tl.load(dproj_ptr + t2 * W + w2, mask=(t2 < T) & (w2 < W), other=0.0)  # [BT, WP]
     dss = tl.load(dss_ptr + tok, mask=tok < T, other=0.0)  # [BT]
-    for k0 in range(0, K, BK):
+    for k0 in range(k_start, k_end, BK):
         k_row = k0 + tl.arange(0, BK)
-        m = (t2 < T) & (k_row[None, :] < K)
+        m = (t2 < T) & (k_row[None, :] < k_end)
         v = tl.load(v_ptr + t2 * K + k_row[None, :], mask=m, other=0.0).to(tl.float32)
         phi = tl.load(phi_ptr + k_row[:, None].to(tl.int64) * W + w2,
-                      mask=(k_row[:, None] < K) & (w2 < W), other=0.0)  # [BK, WP]  # fmt: skip
+                      mask=(k_row[:, None] < k_end) & (w2 < W), other=0.0)  # [BK, WP]  # fmt: skip
         dv = tl.dot(dproj, tl.trans(phi), input_precision="ieee") + 2.0 * v * dss[:, None]
         tl.store(dv_ptr + t2 * K + k_row[None, :], dv.to(dv_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _projection_dphi_kernel(v_ptr, dproj_ptr, dphi_ptr, T, K, W,
+def _projection_dphi_kernel(v_ptr, dproj_ptr, dphi_ptr, T, K, W, t_per,
                             BT: tl.constexpr, BK: tl.constexpr, WP: tl.constexpr):  # fmt: skip
+    # grid (K blocks, token parts): this part's dphi = v^T @ dproj, to dphi_ptr [parts, K, W]
     k_row = tl.program_id(0) * BK + tl.arange(0, BK)
+    part = tl.program_id(1)
     w2 = tl.arange(0, WP)[None, :]
+    t_start = part * t_per
+    t_end = tl.minimum(t_start + t_per, T)
     acc = tl.zeros((BK, WP), dtype=tl.float32)
-    for t0 in range(0, T, BT):
+    for t0 in range(t_start, t_end, BT):
         tok = t0 + tl.arange(0, BT)
         t2 = tok.to(tl.int64)[:, None]
-        v = tl.load(v_ptr + t2 * K + k_row[None, :], mask=(t2 < T) & (k_row[None, :] < K),
+        v = tl.load(v_ptr + t2 * K + k_row[None, :], mask=(t2 < t_end) & (k_row[None, :] < K),
                     other=0.0).to(tl.float32)  # [BT, BK]  # fmt: skip
-        dproj = tl.load(dproj_ptr + t2 * W + w2, mask=(t2 < T) & (w2 < W), other=0.0)
+        dproj = tl.load(dproj_ptr + t2 * W + w2, mask=(t2 < t_end) & (w2 < W), other=0.0)
         acc += tl.dot(tl.trans(v), dproj, input_precision="ieee")  # [BK, WP]
-    tl.store(dphi_ptr + k_row[:, None].to(tl.int64) * W + w2, acc,
+    out = part.to(tl.int64) * K
+    tl.store(dphi_ptr + (out + k_row[:, None]) * W + w2, acc,
              mask=(k_row[:, None] < K) & (w2 < W))  # fmt: skip
 
 
@@ -192,10 +209,14 @@ def _epilogue_bwd_kernel(proj_ptr, ss_ptr, alpha_ptr, bias_ptr, gpre_ptr, gpost_
              tl.sum(tl.sum(tl.sum(a_res_sum, axis=2), axis=1), axis=0))  # fmt: skip
 
 
-BT, BK = 16, 32  # IEEE fp32 dot without tensor cores: larger tiles spill (ptxas -v)
-INTERPRETER_BT = 1024
+# IEEE fp32 dots without tensor cores in [BT, BK] x [BK, WP] tiles (larger tiles spill, ptxas -v);
+# the interpreter's cost is per program step: wide K blocks, but token blocks small enough that
+# the tests' few tokens still split into parts
+BT, BK = 16, 32
+INTERPRETER_BT, INTERPRETER_BK = 16, 256
 NUM_WARPS = 4
 MAX_COLUMNS = 128
+PROGRAMS_PER_SM = 4
 
 
 def dphi_warps(wp: int) -> int:
@@ -206,7 +227,20 @@ def dphi_warps(wp: int) -> int:
 
 def _config(W: int) -> tuple[int, int, int]:
     wp = max(16, next_power_of_2(W))
-    return (INTERPRETER_BT if interpreting() else BT), BK, wp
+    return *((INTERPRETER_BT, INTERPRETER_BK) if interpreting() else (BT, BK)), wp
+
+
+def _parts(blocks: int, length: int, block: int, device: torch.device) -> int:
+    """Length of each of the parts a reduction over ``length`` (in multiples of ``block``) is split
+    into, so that ``blocks`` x parts programs fill the GPU (about PROGRAMS_PER_SM per SM; 2 parts
+    on CPU, which the interpreter tests exercise): a program per token block alone left most of an
+    H200 idle at 4,096 tokens (256 programs, each walking all of K)."""
+    if device.type == "cuda":
+        wanted = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        wanted = 2 * blocks
+    parts = max(1, min(cdiv(length, block), cdiv(wanted, blocks)))
+    return cdiv(cdiv(length, parts), block) * block
 
 
 def projection_fwd(v: torch.Tensor, phi: torch.Tensor):
@@ -214,25 +248,37 @@ def projection_fwd(v: torch.Tensor, phi: torch.Tensor):
     W = phi.shape[1]
     if W > MAX_COLUMNS or phi.dtype != torch.float32:
         raise ValueError(f"the fused projection takes float32 phi with <= {MAX_COLUMNS} columns")
-    proj = torch.empty((T, W), dtype=torch.float32, device=v.device)
-    ss = torch.empty((T,), dtype=torch.float32, device=v.device)
+    if T == 0 or K == 0:
+        return v.new_zeros((T, W), dtype=torch.float32), v.new_zeros((T,), dtype=torch.float32)
     bt, bk, wp = _config(W)
-    _projection_fwd_kernel[(cdiv(T, bt),)](v, phi, proj, ss, T, K, W, BT=bt, BK=bk, WP=wp,
-                                                  num_warps=NUM_WARPS)  # fmt: skip
-    return proj, ss
+    blocks = cdiv(T, bt)
+    k_per = _parts(blocks, K, bk, v.device)
+    parts = cdiv(K, k_per)
+    proj = torch.empty((parts, T, W), dtype=torch.float32, device=v.device)
+    ss = torch.empty((parts, T), dtype=torch.float32, device=v.device)
+    _projection_fwd_kernel[(blocks, parts)](v, phi, proj, ss, T, K, W, k_per, BT=bt, BK=bk, WP=wp,
+                                            num_warps=NUM_WARPS)  # fmt: skip
+    return (proj[0], ss[0]) if parts == 1 else (proj.sum(0), ss.sum(0))
 
 
 def projection_bwd(v, phi, dproj, dss):
     T, K = v.shape
     W = phi.shape[1]
     dv = torch.empty_like(v)
-    dphi = torch.empty_like(phi)
+    if T == 0 or K == 0:
+        return dv, torch.zeros_like(phi)
     bt, bk, wp = _config(W)
-    _projection_dv_kernel[(cdiv(T, bt),)](v, phi, dproj, dss, dv, T, K, W, BT=bt, BK=bk,
-                                                 WP=wp, num_warps=NUM_WARPS)  # fmt: skip
-    _projection_dphi_kernel[(cdiv(K, bk),)](v, dproj, dphi, T, K, W, BT=bt, BK=bk, WP=wp,
-                                                   num_warps=dphi_warps(wp))  # fmt: skip
-    return dv, dphi
+    token_blocks, k_blocks = cdiv(T, bt), cdiv(K, bk)
+    k_per = _parts(token_blocks, K, bk, v.device)
+    _projection_dv_kernel[(token_blocks, cdiv(K, k_per))](v, phi, dproj, dss, dv, T, K, W, k_per,
+                                                          BT=bt, BK=bk, WP=wp,
+                                                          num_warps=NUM_WARPS)  # fmt: skip
+    t_per = _parts(k_blocks, T, bt, v.device)
+    parts = cdiv(T, t_per)
+    dphi = torch.empty((parts, K, W), dtype=torch.float32, device=v.device)
+    _projection_dphi_kernel[(k_blocks, parts)](v, dproj, dphi, T, K, W, t_per, BT=bt, BK=bk, WP=wp,
+                                               num_warps=dphi_warps(wp))  # fmt: skip
+    return dv, dphi[0] if parts == 1 else dphi.sum(0)
 
 
 EPILOGUE_TILE_ELEMS = 512  # the backward's extra tiles spilled at 1024-2048 (ptxas -v)
@@ -289,20 +335,21 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
     for n in (2, 4, 8):
         wp = max(16, next_power_of_2(n * n + 2 * n))
         consts = {"BT": BT, "BK": BK, "WP": wp}
-        tail = {"T": "i32", "K": "i32", "W": "i32", **dict.fromkeys(consts, "constexpr")}
+        constexprs = dict.fromkeys(consts, "constexpr")
         for dt in dtypes:
             s, f = f"*{dt}", "*fp32"
             kernels = {
                 "proj_fwd": (_projection_fwd_kernel, {"v_ptr": s, "phi_ptr": f, "proj_ptr": f,
-                                                      "ss_ptr": f}),
+                                                      "ss_ptr": f}, "k_per"),
                 "proj_dv": (_projection_dv_kernel, {"v_ptr": s, "phi_ptr": f, "dproj_ptr": f,
-                                                    "dss_ptr": f, "dv_ptr": s}),
+                                                    "dss_ptr": f, "dv_ptr": s}, "k_per"),
                 "proj_dphi": (_projection_dphi_kernel, {"v_ptr": s, "dproj_ptr": f,
-                                                        "dphi_ptr": f}),
+                                                        "dphi_ptr": f}, "t_per"),
             }  # fmt: skip
-            for name, (kernel, ptrs) in kernels.items():
+            for name, (kernel, ptrs, per) in kernels.items():
+                sig = {**ptrs, "T": "i32", "K": "i32", "W": "i32", per: "i32", **constexprs}
                 warps = dphi_warps(wp) if name == "proj_dphi" else NUM_WARPS
-                yield f"{name}-W{wp}-{dt}", kernel, {**ptrs, **tail}, consts, warps
+                yield f"{name}-W{wp}-{dt}", kernel, sig, consts, warps
         np2 = next_power_of_2(n)
         bt = max(1, EPILOGUE_TILE_ELEMS // (np2 * np2))
         for iters in (0, 20):
