@@ -132,6 +132,33 @@ def test_layer_with_fused_kernels_matches_the_reference_layer(recompute, device)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_projection_reference_backward_is_autograds():
+    """The reference's written-out backward: gradcheck and gradgradcheck in float64 with leading
+    dims; bf16 streams get a bf16 gradient equal to autograd through the plain expression; a
+    frozen phi gets none."""
+    from mhc_kernels.coefficients import projection_reference
+
+    v = torch.randn(2, 3, 40, dtype=torch.float64, requires_grad=True)
+    phi = torch.randn(40, 24, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(projection_reference, (v, phi))
+    assert torch.autograd.gradgradcheck(projection_reference, (v, phi))
+
+    vb = torch.randn(5, 64).to(torch.bfloat16).requires_grad_()
+    phi = torch.randn(64, 24, requires_grad=True)
+    up = torch.randn(5, 24), torch.randn(5)
+    proj, ss = projection_reference(vb, phi)
+    got = torch.autograd.grad((proj * up[0]).sum() + (ss * up[1]).sum(), (vb, phi))
+    vf = vb.float()
+    plain = (vf @ phi * up[0]).sum() + (vf.square().sum(-1) * up[1]).sum()
+    want = torch.autograd.grad(plain, (vb, phi))
+    assert got[0].dtype == torch.bfloat16
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+    proj, ss = projection_reference(vb, phi.detach())
+    (dv,) = torch.autograd.grad(proj.sum() + ss.sum(), vb)
+    assert dv.shape == vb.shape
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("n,C", [(2, 8), (4, 72), (4, 1488), (8, 16)], ids=lambda v: str(v))
 def test_coefficient_projection_matches_the_reference(n, C, dtype, device):
