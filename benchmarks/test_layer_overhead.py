@@ -26,8 +26,9 @@ class Stack(nn.Module):
     """``layers`` pre-norm attention + SwiGLU blocks, plain residuals or mHC around every
     sub-layer, the streams expanded once and collapsed once (in a model: once for all blocks)."""
 
-    def __init__(self, dim, heads, layers=1, mhc=True, **options):
+    def __init__(self, dim, heads, layers=1, mhc=True, stream_dtype=None, **options):
         super().__init__()
+        self.stream_dtype = stream_dtype  # the streams' dtype (default: the input's)
         attn = [Attention(dim, heads) for _ in range(layers)]
         mlp = [SwiGLU(dim, 4 * dim) for _ in range(layers)]
         if mhc:
@@ -41,14 +42,14 @@ class Stack(nn.Module):
                 x = x + attn(x)
                 x = x + mlp(x)
             return x
-        h = expand_streams(x, N_STREAMS)
+        h = expand_streams(x.to(self.stream_dtype or x.dtype), N_STREAMS)
         for attn, mlp in zip(self.attn, self.mlp, strict=True):
             h = mlp(attn(h))
-        return collapse_streams(h)
+        return collapse_streams(h).to(x.dtype)
 
 
-VARIANTS = ["plain", "mhc", "mhc_recompute", "mhc_all_triton", "plain_compiled",
-            "mhc_all_triton_compiled"]  # fmt: skip
+VARIANTS = ["plain", "mhc", "mhc_recompute", "mhc_all_triton", "mhc_bf16_streams",
+            "plain_compiled", "mhc_all_triton_compiled"]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"] if ON_GPU else ["fp32"])
@@ -57,15 +58,20 @@ VARIANTS = ["plain", "mhc", "mhc_recompute", "mhc_all_triton", "plain_compiled",
 def test_block_fwd_bwd(benchmark, record, variant, dim, heads, dtype):
     """``mhc``: the default backends; ``mhc_recompute``: both connections recomputed, the second
     one's stream rebuilt (``recompute_block=2``); ``mhc_all_triton``: every fused kernel, the
-    opt-in projection and coefficient epilogue included (GPU only); ``*_compiled``: the block under
+    opt-in projection and coefficient epilogue included (GPU only); ``mhc_bf16_streams``: the
+    default backends with the streams kept in bf16 under bf16 autocast (half the streams' bytes:
+    benchmarks/README.md, what the layer-overhead target allows); ``*_compiled``: the block under
     ``torch.compile`` (GPU only), which takes the host's dispatch cost out of a launch-bound
     block, as a training loop can."""
     if variant.startswith("mhc_all_triton") or variant.endswith("_compiled"):
         if not ON_GPU:
             pytest.skip("the fused kernels and inductor's Triton code run natively only on a GPU")
+    if variant == "mhc_bf16_streams" and dtype != "bf16":
+        pytest.skip("bf16 streams are measured in the bf16 autocast block")
     torch.manual_seed(0)
     options = {"mhc": {}, "mhc_recompute": {"recompute": True, "recompute_block": 2},
-               "mhc_all_triton": {"backend": "triton"}}  # fmt: skip
+               "mhc_all_triton": {"backend": "triton"},
+               "mhc_bf16_streams": {"stream_dtype": torch.bfloat16}}  # fmt: skip
     name = variant.removesuffix("_compiled")
     block = Stack(dim, heads, mhc=name != "plain", **options.get(name, {})).to(DEVICE)
     if variant.endswith("_compiled"):
