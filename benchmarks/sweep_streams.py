@@ -60,7 +60,7 @@ def kernel_launcher(kernel: str, T: int, n: int, C: int, dtype: torch.dtype):
 
     def launch(bt: int, bc: int, warps: int):
         fn[(cdiv(T, bt), cdiv(C, bc))](*args, T, n, C, BT=bt, NP=next_power_of_2(n), BC=bc,
-                                       num_warps=warps)  # fmt: skip
+                                       CV=8 if C % 8 == 0 else 1, num_warps=warps)  # fmt: skip
 
     return launch, nbytes
 
@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     T, n, C = args.tokens, args.n, args.C
     rows = []
     for kernel, name in itertools.product(KERNELS, args.dtypes):
-        shipped_bt, _, shipped_bc, warps = st.launch_config(T, n, C, DTYPES[name].itemsize)
-        shipped = (shipped_bt, shipped_bc, warps)
+        config = st.launch_config(T, n, C, DTYPES[name].itemsize)
+        shipped = (config["BT"], config["BC"], config["num_warps"])
         launch, nbytes = kernel_launcher(kernel, T, n, C, DTYPES[name])
         found = []
         for bt, bc, warps in itertools.product(BLOCKS_T, BLOCKS_C, WARPS):

@@ -7,10 +7,11 @@ registers (``ptxas -v`` spill stores/loads, or local memory in the cubin), or ta
 bytes of stack frame without spilling.
 
 Each kernel is compiled as Triton's launcher specialises it for the sizes it is built for: every
-pointer 16-byte aligned (torch's allocations; the launchers pass contiguous tensors), the channel
-counts ``C`` and ``K`` multiples of 16 (ST-Tahoe's 1488 is) and the projection's part lengths
-``k_per``/``t_per`` too (multiples of its blocks). That is the variant with vectorised loads;
-without the hints the check would compile scalar loads that never run there.
+pointer 16-byte aligned (torch's allocations; the launchers pass contiguous tensors), and the
+projection's ``K`` and part lengths ``k_per``/``t_per`` multiples of 16 (ST-Tahoe's K = 4 x 1488
+is; the parts are multiples of its blocks). That is the variant with vectorised loads; without the
+hints the check would compile scalar loads that never run there. The stream kernels' ``C`` gets no
+hint: their ``CV`` = 8 states it as a multiple of 8, as the launchers do for any such C.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def _ptx_shape(ptx: str) -> dict[str, int]:
             **{f"loads_{w or 'b32'}": widths.count(w) for w in ("", "v2", "v4")}}  # fmt: skip
 
 
-ALIGNED_INTS = ("C", "K", "k_per", "t_per")
+ALIGNED_INTS = ("K", "k_per", "t_per")
 
 
 def launch_attrs(kernel, signature: dict[str, str]) -> dict:

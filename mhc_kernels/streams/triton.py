@@ -32,6 +32,15 @@ from ..sinkhorn.triton import interpreting
 
 
 @triton.jit
+def _multiple(C, CV: tl.constexpr):
+    """``C`` itself, which the launcher promises is a multiple of ``CV``, written so that Triton
+    knows it: with CV = 8 the rows load 16 bytes per thread for any C that is a multiple of 8
+    (Triton's own specialisation covers multiples of 16 only; a ``tl.multiple_of`` hint on the
+    scalar does not reach the loads' masks)."""
+    return C // CV * CV
+
+
+@triton.jit
 def _token_channel_tile(T, C, BT: tl.constexpr, BC: tl.constexpr):
     """This program's tokens (``tok``, int64 ``t64``), channels ``c2: [1, BC]``, mask ``[BT, BC]``."""
     tok = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -54,7 +63,9 @@ def _stream_tile(tok, t64, c2, T, n, C, NP: tl.constexpr):
 
 @triton.jit
 def _pre_mix_fwd_kernel(x_ptr, h_ptr, out_ptr, T, n, C,
-                        BT: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+                        BT: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr,
+                      CV: tl.constexpr):  # fmt: skip
+    C = _multiple(C, CV)
     tok, t64, c2, m2 = _token_channel_tile(T, C, BT, BC)
     acc = tl.zeros((BT, BC), dtype=tl.float32)
     for j in tl.static_range(NP):
@@ -68,8 +79,10 @@ def _pre_mix_fwd_kernel(x_ptr, h_ptr, out_ptr, T, n, C,
 
 @triton.jit
 def _pre_mix_bwd_kernel(x_ptr, h_ptr, g_ptr, dx_ptr, dh_part_ptr, T, n, C,
-                        BT: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+                        BT: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr,
+                      CV: tl.constexpr):  # fmt: skip
     # dx[t, j, c] = h[t, j] g[t, c];  dh[t, j] = sum_c g[t, c] x[t, j, c] (this program's C part)
+    C = _multiple(C, CV)
     tok, t64, c2, m2 = _token_channel_tile(T, C, BT, BC)
     part = dh_part_ptr + tl.program_id(1).to(tl.int64) * T * n
     g = tl.load(g_ptr + t64[:, None] * C + c2, mask=m2, other=0.0).to(tl.float32)  # [BT, BC]
@@ -85,8 +98,10 @@ def _pre_mix_bwd_kernel(x_ptr, h_ptr, g_ptr, dx_ptr, dh_part_ptr, T, n, C,
 
 @triton.jit
 def _merge_fwd_kernel(x_ptr, y_ptr, hpost_ptr, hres_ptr, out_ptr, T, n, C,
-                      BT: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+                      BT: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr,
+                      CV: tl.constexpr):  # fmt: skip
     # out[t, i, c] = sum_j h_res[t, i, j] x[t, j, c] + h_post[t, i] y[t, c]
+    C = _multiple(C, CV)
     tok, t64, c2, m2 = _token_channel_tile(T, C, BT, BC)
     i2, mi, t3, i3, c3, m3 = _stream_tile(tok, t64, c2, T, n, C, NP)
     hpost = tl.load(hpost_ptr + t64[:, None] * n + i2, mask=mi, other=0.0)
@@ -105,9 +120,11 @@ def _merge_fwd_kernel(x_ptr, y_ptr, hpost_ptr, hres_ptr, out_ptr, T, n, C,
 @triton.jit
 def _merge_bwd_kernel(x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_ptr, dhpost_part_ptr,
                       dhres_part_ptr, T, n, C,
-                      BT: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+                      BT: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr,
+                      CV: tl.constexpr):  # fmt: skip
     # dx[t, j] = sum_i h_res[t, i, j] g[t, i];  dy[t] = sum_i h_post[t, i] g[t, i]
     # dh_res[t, i, j] = sum_c g[t, i, c] x[t, j, c];  dh_post[t, i] = sum_c g[t, i, c] y[t, c]
+    C = _multiple(C, CV)
     tok, t64, c2, m2 = _token_channel_tile(T, C, BT, BC)
     i2, mi, t3, i3, c3, m3 = _stream_tile(tok, t64, c2, T, n, C, NP)
     cpart = tl.program_id(1).to(tl.int64) * T
@@ -140,8 +157,9 @@ INTERPRETER_TILE_ELEMS = 2**18  # the interpreter's cost is per program: few, la
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def launch_config(tokens: int, n: int, C: int, itemsize: int = 4) -> tuple[int, int, int, int]:
-    """``(BT, NP, BC, warps)``: tokens and channels per program, padded n, warps per program.
+def launch_config(tokens: int, n: int, C: int, itemsize: int = 4) -> dict:
+    """The kernels' launch options: tokens ``BT`` and channels ``BC`` per program, padded ``NP``,
+    ``CV`` (8 when C is a multiple of 8, else 1: see ``_multiple``) and ``num_warps``.
 
     A warp spans 32 x 16 bytes of one stream row, and the program has as many warps as its C block
     needs (4 for 512 fp32 channels, 2 for 512 bf16/fp16 ones). With more warps than that, Triton
@@ -158,12 +176,12 @@ def launch_config(tokens: int, n: int, C: int, itemsize: int = 4) -> tuple[int, 
         bc = min(next_power_of_2(C), GPU_BLOCK_C)
         warps = min(4, max(1, bc * itemsize // (32 * VECTOR_BYTES)))
         tile = GPU_TILE_ELEMS_PER_THREAD * 32 * warps
-    bt = max(1, tile // (np2 * bc))
-    return min(next_power_of_2(max(tokens, 1)), bt), np2, bc, warps
+    bt = min(next_power_of_2(max(tokens, 1)), max(1, tile // (np2 * bc)))
+    return {"BT": bt, "NP": np2, "BC": bc, "CV": 8 if C % 8 == 0 else 1, "num_warps": warps}
 
 
-def _grid(T: int, C: int, bt: int, bc: int) -> tuple[int, int]:
-    return cdiv(T, bt), cdiv(C, bc)
+def _grid(T: int, C: int, config: dict) -> tuple[int, int]:
+    return cdiv(T, config["BT"]), cdiv(C, config["BC"])
 
 
 def _check(x: torch.Tensor, n: int):
@@ -175,20 +193,18 @@ def pre_mix_fwd(x, h):
     T, n, C = x.shape
     _check(x, n)
     out = torch.empty((T, C), dtype=x.dtype, device=x.device)
-    bt, np2, bc, warps = launch_config(T, n, C, x.element_size())
-    _pre_mix_fwd_kernel[_grid(T, C, bt, bc)](x, h, out, T, n, C, BT=bt, NP=np2, BC=bc,
-                                             num_warps=warps)  # fmt: skip
+    config = launch_config(T, n, C, x.element_size())
+    _pre_mix_fwd_kernel[_grid(T, C, config)](x, h, out, T, n, C, **config)
     return out
 
 
 def pre_mix_bwd(x, h, g):
     T, n, C = x.shape
-    bt, np2, bc, warps = launch_config(T, n, C, x.element_size())
-    grid = _grid(T, C, bt, bc)
+    config = launch_config(T, n, C, x.element_size())
+    grid = _grid(T, C, config)
     dx = torch.empty_like(x)
     dh = torch.empty((grid[1], T, n), dtype=torch.float32, device=x.device)  # per C block
-    _pre_mix_bwd_kernel[grid](x, h, g, dx, dh, T, n, C, BT=bt, NP=np2, BC=bc,
-                              num_warps=warps)  # fmt: skip
+    _pre_mix_bwd_kernel[grid](x, h, g, dx, dh, T, n, C, **config)
     return dx, dh.sum(0)
 
 
@@ -196,21 +212,19 @@ def merge_fwd(x, y, h_post, h_res):
     T, n, C = x.shape
     _check(x, n)
     out = torch.empty_like(x)
-    bt, np2, bc, warps = launch_config(T, n, C, x.element_size())
-    _merge_fwd_kernel[_grid(T, C, bt, bc)](x, y, h_post, h_res, out, T, n, C, BT=bt, NP=np2,
-                                           BC=bc, num_warps=warps)  # fmt: skip
+    config = launch_config(T, n, C, x.element_size())
+    _merge_fwd_kernel[_grid(T, C, config)](x, y, h_post, h_res, out, T, n, C, **config)
     return out
 
 
 def merge_bwd(x, y, h_post, h_res, g):
     T, n, C = x.shape
-    bt, np2, bc, warps = launch_config(T, n, C, x.element_size())
-    grid = _grid(T, C, bt, bc)
+    config = launch_config(T, n, C, x.element_size())
+    grid = _grid(T, C, config)
     dx, dy = torch.empty_like(x), torch.empty_like(y)
     dh_post = torch.empty((grid[1], T, n), dtype=torch.float32, device=x.device)  # per C block
     dh_res = torch.empty((grid[1], T, n, n), dtype=torch.float32, device=x.device)
-    _merge_bwd_kernel[grid](x, y, h_post, h_res, g, dx, dy, dh_post, dh_res, T, n, C,
-                            BT=bt, NP=np2, BC=bc, num_warps=warps)  # fmt: skip
+    _merge_bwd_kernel[grid](x, y, h_post, h_res, g, dx, dy, dh_post, dh_res, T, n, C, **config)
     return dx, dy, dh_post.sum(0), dh_res.sum(0)
 
 
@@ -224,8 +238,9 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
     f = "*fp32"
     for np2, dt in itertools.product((1, 2, 4, 8), dtypes):
         itemsize = 4 if dt == "fp32" else 2
-        bt, _, bc, warps = launch_config(2**20, np2, 2**20, itemsize)
-        consts = {"BT": bt, "NP": np2, "BC": bc}
+        consts = launch_config(2**20, np2, 2**20, itemsize)
+        warps = consts.pop("num_warps")
+        bt, bc = consts["BT"], consts["BC"]
         tail = {"T": "i32", "n": "i32", "C": "i32", **dict.fromkeys(consts, "constexpr")}
         s = f"*{dt}"
         kernels = {
