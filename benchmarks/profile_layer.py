@@ -4,7 +4,8 @@
 
 Prints (and writes) the top operators by device time and by host time for (1) Sinkhorn-Knopp
 fwd+bwd on 1,024 and 2^20 4x4 matrices and (2) the mHC-wrapped Llama block of
-``test_layer_overhead.py`` (C = 1488, 16 sets of 256 cells, bf16 autocast) next to the plain block.
+``test_layer_overhead.py`` (C = 1488, 16 sets of 256 cells, bf16 autocast) next to the plain block,
+on a GPU also with every fused kernel (the opt-in projection and coefficient epilogue).
 Used by gpu_check.sh; on CPU it runs too (host times only).
 """
 
@@ -50,9 +51,9 @@ def sinkhorn_case(batch: int):
     return run
 
 
-def block_case(variant: str):
+def block_case(variant: str, **options):
     torch.manual_seed(0)
-    block = Stack(1488, 12, mhc=variant != "plain").to(DEVICE)
+    block = Stack(1488, 12, mhc=variant != "plain", **options).to(DEVICE)
     x = torch.randn(16 if ON_GPU else 1, 256, 1488, device=DEVICE)
 
     def run():
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         profiled("plain block C=1488 fwd+bwd", block_case("plain")),
         profiled("mHC block C=1488 fwd+bwd", block_case("mhc")),
     ]
+    if ON_GPU:  # the opt-in fused projection and epilogue (the interpreter would run them here)
+        tables.append(profiled("mHC block C=1488 fwd+bwd, every fused kernel",
+                               block_case("mhc", backend="triton")))  # fmt: skip
     text = "\n\n".join(tables)
     print(text)
     if args.out:
