@@ -1,11 +1,16 @@
-"""Host-side integer helpers for the kernel launchers.
+"""Host-side helpers for the kernel launchers, which run on every call of a launch-bound layer.
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr functions whose host calls cost about
 15 us each through Triton's call wrapper (profiled on the CPU machine); an mHC layer's launchers make
-dozens of such calls per step, so they use these plain versions.
+dozens of such calls per step, so they use these plain versions. The GPU's multiprocessor count,
+which sizes persistent and split grids, is looked up once per device.
 """
 
 from __future__ import annotations
+
+import functools
+
+import torch
 
 
 def cdiv(a: int, b: int) -> int:
@@ -16,3 +21,14 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two ``>= n`` (1 for ``n <= 1``)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of the CUDA ``device`` (looked up once per device)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _multiprocessors(index)

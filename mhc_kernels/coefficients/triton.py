@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .._autograd import differentiable
-from .._host import cdiv, next_power_of_2
+from .._host import cdiv, multiprocessors, next_power_of_2
 from ..sinkhorn.triton import (
     interpreting,
     launch_config,
@@ -236,7 +236,7 @@ def _parts(blocks: int, length: int, block: int, device: torch.device) -> int:
     on CPU, which the interpreter tests exercise): a program per token block alone left most of an
     H200 idle at 4,096 tokens (256 programs, each walking all of K)."""
     if device.type == "cuda":
-        wanted = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        wanted = PROGRAMS_PER_SM * multiprocessors(device)
     else:
         wanted = 2 * blocks
     parts = max(1, min(cdiv(length, block), cdiv(wanted, blocks)))

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .._autograd import differentiable
-from .._host import cdiv, next_power_of_2
+from .._host import cdiv, multiprocessors, next_power_of_2
 from .reference import ORDER_DIMS
 
 # --------------------------------------------------------------------------------------- kernels
@@ -171,7 +171,7 @@ def launch_config(num_mats: int, n: int, device: torch.device, tile: int | None 
     block = max(1, min(tile // (np2 * np2), next_power_of_2(num_mats)))
     num_blocks = cdiv(num_mats, block)
     if device.type == "cuda":
-        max_programs = 8 * torch.cuda.get_device_properties(device).multi_processor_count
+        max_programs = 8 * multiprocessors(device)
     else:
         max_programs = 2
     return block, np2, max(1, min(num_blocks, max_programs))
