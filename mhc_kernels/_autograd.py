@@ -43,6 +43,21 @@ def compiled_or_eager(op: Callable, eager: Callable) -> Callable:
     return call
 
 
+def save_inputs(ctx, inputs, output) -> None:
+    """The setup of a kernel pair whose backward needs every input and nothing else."""
+    ctx.save_for_backward(*inputs)
+
+
+def backward_from_saved(bwd: Callable) -> Callable:
+    """The backward of a kernel pair set up by :func:`save_inputs` with one output:
+    ``bwd(*inputs, grad)``."""
+
+    def backward(ctx, grad):
+        return bwd(*ctx.saved_tensors, grad.contiguous())
+
+    return backward
+
+
 def differentiable(op, bwd_op, forward: Callable, bwd: Callable, setup_context: Callable,
                    backward_with: Callable) -> Callable:  # fmt: skip
     """Both front doors of one kernel pair: registers ``backward_with(bwd_op)`` as the custom op's

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._autograd import differentiable
+from .._autograd import differentiable, save_inputs
 from .._host import cdiv, multiprocessors, next_power_of_2
 from ..sinkhorn.triton import (
     interpreting,
@@ -394,10 +394,6 @@ def _(v, phi, dproj, dss):
     return torch.empty_like(v), torch.empty_like(phi)
 
 
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
 def _backward_with(bwd):
     def backward(ctx, dproj, dss):
         v, phi = ctx.saved_tensors
@@ -409,7 +405,7 @@ def _backward_with(bwd):
 
 
 _projection = differentiable(_projection_op, _projection_bwd_op, projection_fwd, projection_bwd,
-                            _setup, _backward_with)  # fmt: skip
+                            save_inputs, _backward_with)  # fmt: skip
 
 
 def projection_triton(v: torch.Tensor, phi: torch.Tensor):

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._autograd import differentiable
+from .._autograd import backward_from_saved, differentiable, save_inputs
 from .._host import cdiv, next_power_of_2
 from ..sinkhorn.triton import interpreting
 
@@ -287,20 +287,8 @@ def _(x, h, g):
     return torch.empty_like(x), h.new_empty(h.shape, dtype=torch.float32)
 
 
-def _pre_mix_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _pre_mix_backward_with(bwd):
-    def backward(ctx, g):
-        x, h = ctx.saved_tensors
-        return bwd(x, h, g.contiguous())
-
-    return backward
-
-
-_pre_mix = differentiable(_pre_mix_op, _pre_mix_bwd_op, pre_mix_fwd, pre_mix_bwd, _pre_mix_setup,
-                          _pre_mix_backward_with)  # fmt: skip
+_pre_mix = differentiable(_pre_mix_op, _pre_mix_bwd_op, pre_mix_fwd, pre_mix_bwd, save_inputs,
+                          backward_from_saved)  # fmt: skip
 
 
 @torch.library.custom_op("mhc_kernels::merge", mutates_args=())
@@ -327,19 +315,8 @@ def _(x, y, h_post, h_res, g):
             h_res.new_empty(h_res.shape, dtype=torch.float32))  # fmt: skip
 
 
-def _merge_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _merge_backward_with(bwd):
-    def backward(ctx, g):
-        return bwd(*ctx.saved_tensors, g.contiguous())
-
-    return backward
-
-
-_merge = differentiable(_merge_op, _merge_bwd_op, merge_fwd, merge_bwd, _merge_setup,
-                        _merge_backward_with)  # fmt: skip
+_merge = differentiable(_merge_op, _merge_bwd_op, merge_fwd, merge_bwd, save_inputs,
+                        backward_from_saved)  # fmt: skip
 
 
 def _pre_mix_inputs(x, h_pre):
