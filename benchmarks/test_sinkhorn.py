@@ -12,7 +12,7 @@ import functools
 
 import pytest
 import torch
-from conftest import DEVICE, ON_GPU, synchronized, throughput_facts
+from conftest import DEVICE, ON_GPU, timed
 
 from mhc_kernels import sinkhorn_knopp
 from mhc_kernels.sinkhorn.reference import sinkhorn_knopp_reference
@@ -74,25 +74,12 @@ def test_sinkhorn_speed(benchmark, record, provider, exponent, n, dtype, passes)
     batch = 2**exponent
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     x = (2 * torch.randn(batch, n, n, device=DEVICE, generator=gen)).to(DTYPES[dtype])
-    fn = provider_fn(provider)
-    if passes == "fwd":
-
-        def run():
-            with torch.no_grad():
-                return fn(x)
-    else:
-        x.requires_grad_()
-        grad = torch.randn(batch, n, n, device=DEVICE, generator=gen).to(x.dtype)
-
-        def run():
-            return torch.autograd.grad(fn(x), x, grad)
-
-    synced = synchronized(run)
-    synced()  # warm-up: compilation, autotuning, allocator
-    benchmark.pedantic(synced, rounds=20 if ON_GPU else 3, warmup_rounds=1)
-    facts = {"provider": provider, "batch": batch, "n": n, "dtype": dtype, "passes": passes}
+    upstream = None
+    if passes == "fwd+bwd":
+        upstream = torch.randn(batch, n, n, device=DEVICE, generator=gen).to(x.dtype)
     nbytes = traffic_bytes(batch, n, DTYPES[dtype], passes)
-    facts |= throughput_facts(run, nbytes, benchmark.stats.stats.median)
+    run, facts = timed(benchmark, provider_fn(provider), [x], upstream, passes, nbytes)
+    facts |= {"provider": provider, "batch": batch, "n": n, "dtype": dtype, "passes": passes}
     if ON_GPU:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()

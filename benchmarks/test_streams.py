@@ -13,7 +13,7 @@ import functools
 
 import pytest
 import torch
-from conftest import DEVICE, ON_GPU, synchronized, throughput_facts
+from conftest import DEVICE, ON_GPU, timed
 
 from mhc_kernels.coefficients import epilogue, projection
 from mhc_kernels.coefficients.reference import epilogue_reference, projection_reference
@@ -44,26 +44,10 @@ def traffic(kernel: str, passes: str, tokens: int, element: int) -> int:
 
 
 def measure(benchmark, record, fn, inputs, upstream, passes, nbytes, **facts):
-    """Time ``fn`` (forward only, or forward and the gradients of ``inputs`` for ``upstream``) and
-    record ``facts`` with the effective GB/s for ``nbytes`` and the roofline ratio."""
-    if passes == "fwd":
-
-        def run():
-            with torch.no_grad():
-                return fn(*inputs)
-    else:
-        for t in inputs:
-            t.requires_grad_()
-
-        def run():
-            return torch.autograd.grad(fn(*inputs), inputs, upstream)
-
-    synced = synchronized(run)
-    synced()
-    benchmark.pedantic(synced, rounds=20 if ON_GPU else 3, warmup_rounds=1)
-    facts |= {"passes": passes, "n": N, "C": C}
-    facts |= throughput_facts(run, nbytes, benchmark.stats.stats.median)
-    record(**facts)
+    """Time ``fn`` (conftest.timed) and record ``facts`` with the effective GB/s for ``nbytes``
+    and the roofline ratio."""
+    _, timing = timed(benchmark, fn, inputs, upstream, passes, nbytes)
+    record(**facts, passes=passes, n=N, C=C, **timing)
 
 
 @pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
