@@ -145,6 +145,13 @@ def timed(benchmark, fn, inputs, upstream, passes: str, nbytes: int):
     return run, throughput_facts(run, nbytes, benchmark.stats.stats.median)
 
 
+def write_rows(path: str | None, rows: list[dict]) -> None:
+    """A sweep's rows as JSON at ``path`` (nothing without one)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 @pytest.fixture(scope="session")
 def env_info() -> dict:
     return environment()

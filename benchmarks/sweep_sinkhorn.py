@@ -17,15 +17,17 @@ import sys
 
 import torch
 import triton
+from conftest import write_rows  # beside this script: on sys.path
 from triton.testing import do_bench
 
+from mhc_kernels._host import multiprocessors
 from mhc_kernels.sinkhorn import triton as sk
 
 
 def time_config(x, grad, block, warps, per_sm, iters=20):
     num_mats, n = x.shape[0], x.shape[-1]
     np2 = triton.next_power_of_2(n)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    sms = multiprocessors(x.device)
     programs = max(1, min(triton.cdiv(num_mats, block), per_sm * sms))
     first, second = sk.order_axes("col_row")
     out = torch.empty_like(x)
@@ -73,9 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         best = sorted((r for r in rows if r["batch"] == 2**exponent), key=lambda r: r["fwd_ms"])
         for r in best[:12]:
             print(json.dumps(r))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_rows(args.out, rows)
     return 0
 
 

@@ -20,7 +20,7 @@ import json
 import sys
 
 import torch
-from conftest import peak_bandwidth_gbs  # beside this script: on sys.path
+from conftest import peak_bandwidth_gbs, write_rows  # beside this script: on sys.path
 from triton.testing import do_bench
 
 from mhc_kernels._host import cdiv, next_power_of_2
@@ -106,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in found[:5] + [r for r in found[5:] if r["shipped"]]:
             print(json.dumps(r), flush=True)
         rows += found
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_rows(args.out, rows)
     return 0
 
 
