@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     if ON_GPU:  # the opt-in fused projection and epilogue (the interpreter would run them here)
         tables.append(profiled("mHC block C=1488 fwd+bwd, every fused kernel",
                                block_case("mhc", backend="triton")))  # fmt: skip
+        tables.append(profiled("mHC block C=1488 fwd+bwd, every fused kernel, fused backward",
+                               block_case("mhc", backend="triton", fused_backward=True)))  # fmt: skip
     text = "\n\n".join(tables)
     print(text)
     if args.out:

@@ -114,11 +114,14 @@ def memory_summary(rows: list[dict]) -> dict:
     return out
 
 
+STREAM_KERNELS = ("projection", "epilogue", "pre_mix", "merge", "stream_grad")
+
+
 def streams_summary(rows: list[dict]) -> dict:
     """Fused stream kernels: time per provider, speed-ups and roofline ratio (same run)."""
     cases: dict[tuple, dict] = defaultdict(dict)
     for row in rows:
-        if row.get("kernel") in ("projection", "epilogue", "pre_mix", "merge") and "tokens" in row:
+        if row.get("kernel") in STREAM_KERNELS and "tokens" in row:
             key = (row["kernel"], row["passes"], row["dtype"], row["tokens"])
             cases[key][row["provider"]] = seconds(row)
             if row["provider"] == "triton" and "roofline_ratio" in row:

@@ -48,8 +48,9 @@ class Stack(nn.Module):
         return collapse_streams(h).to(x.dtype)
 
 
-VARIANTS = ["plain", "mhc", "mhc_recompute", "mhc_all_triton", "mhc_bf16_streams",
-            "plain_compiled", "mhc_all_triton_compiled"]  # fmt: skip
+VARIANTS = ["plain", "mhc", "mhc_recompute", "mhc_fused_backward", "mhc_all_triton",
+            "mhc_all_triton_fused", "mhc_bf16_streams", "plain_compiled",
+            "mhc_all_triton_compiled"]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"] if ON_GPU else ["fp32"])
@@ -58,7 +59,9 @@ VARIANTS = ["plain", "mhc", "mhc_recompute", "mhc_all_triton", "mhc_bf16_streams
 def test_block_fwd_bwd(benchmark, record, variant, dim, heads, dtype):
     """``mhc``: the default backends; ``mhc_recompute``: both connections recomputed, the second
     one's stream rebuilt (``recompute_block=2``); ``mhc_all_triton``: every fused kernel, the
-    opt-in projection and coefficient epilogue included (GPU only); ``mhc_bf16_streams``: the
+    opt-in projection and coefficient epilogue included (GPU only); ``mhc_fused_backward``: the
+    default backends with the connection's stream gradient in one pass (``fused_backward``),
+    ``mhc_all_triton_fused`` every fused kernel with it (GPU only); ``mhc_bf16_streams``: the
     default backends with the streams kept in bf16 under bf16 autocast (half the streams' bytes:
     benchmarks/README.md, what the layer-overhead target allows); ``*_compiled``: the block under
     ``torch.compile`` (GPU only), which takes the host's dispatch cost out of a launch-bound
@@ -70,7 +73,9 @@ def test_block_fwd_bwd(benchmark, record, variant, dim, heads, dtype):
         pytest.skip("bf16 streams are measured in the bf16 autocast block")
     torch.manual_seed(0)
     options = {"mhc": {}, "mhc_recompute": {"recompute": True, "recompute_block": 2},
+               "mhc_fused_backward": {"fused_backward": True},
                "mhc_all_triton": {"backend": "triton"},
+               "mhc_all_triton_fused": {"backend": "triton", "fused_backward": True},
                "mhc_bf16_streams": {"stream_dtype": torch.bfloat16}}  # fmt: skip
     name = variant.removesuffix("_compiled")
     block = Stack(dim, heads, mhc=name != "plain", **options.get(name, {})).to(DEVICE)
@@ -124,6 +129,7 @@ MEMORY_VARIANTS = {
     "plain": {"mhc": False},
     "mhc": {},
     "mhc_recompute": {"recompute": True},
+    "mhc_fused_backward": {"fused_backward": True},
     **{f"mhc_recompute_block{k}": {"recompute": True, "recompute_block": k} for k in BLOCKS},
 }
 

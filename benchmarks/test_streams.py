@@ -130,3 +130,30 @@ def test_coefficient_epilogue_speed(benchmark, record, provider, tokens, passes)
     floats = (2 * W + 1) if passes == "fwd" else (2 * W + 1) + (3 * W + 2)
     measure(benchmark, record, fn, inputs, upstream, passes, floats * tokens * 4,
             provider=provider, kernel="epilogue", tokens=tokens, dtype="fp32")  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("tokens", TOKENS, ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("provider", ["eager", "triton"])
+def test_stream_grad_speed(benchmark, record, provider, tokens, dtype):
+    """The fused connection backward's stream gradient (``fused_backward``): the pre-mix's, the
+    merge's and the projection's terms written once. Traffic per token: reads x, the merge's
+    upstream gradient (n C each) and the pre-mix's (C), writes n C: (3 n + 1) C elements."""
+    from mhc_kernels.streams import stream_grad
+
+    if provider != "eager" and not ON_GPU:
+        pytest.skip(f"{provider} is a GPU provider")
+    dt, W = DTYPES[dtype], N * N + 2 * N
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def draw(*shape, dtype=torch.float32):
+        return torch.randn(*shape, device=DEVICE, generator=gen).to(dtype)
+
+    inputs = [draw(tokens, N, C, dtype=dt), draw(tokens, C, dtype=dt), draw(tokens, N, C, dtype=dt),
+              draw(tokens, N).sigmoid(), draw(tokens, N, N).softmax(-1), draw(tokens),
+              draw(tokens, W), draw(N * C, W) / (N * C) ** 0.5]  # fmt: skip
+    backend = "triton" if provider == "triton" else "torch"
+    fn = functools.partial(stream_grad, backend=backend)
+    nbytes = (3 * N + 1) * C * tokens * torch.finfo(dt).bits // 8
+    measure(benchmark, record, fn, inputs, None, "fwd", nbytes, provider=provider,
+            kernel="stream_grad", tokens=tokens, dtype=dtype)  # fmt: skip

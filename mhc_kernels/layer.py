@@ -84,6 +84,14 @@ class MHCConfig:
         recompute_block: with ``recompute``, the number of consecutive connections that share one
             kept stream input (the paper's L_r): the others are rebuilt in backward from it
             (:mod:`mhc_kernels.recompute`). 1 keeps every connection's stream input.
+        fused_backward: compute the gradient of the connection's stream input in one pass
+            (:func:`mhc_kernels.streams.stream_grad`: the pre-mix's, the merge's and the
+            projection's terms together) instead of three stream tensors that autograd adds: about
+            12 instead of 22 stream tensors of memory traffic per connection, forward and
+            backward (benchmarks/README.md). Same gradients up to summation order; works with
+            either backend and with ``recompute``; eager only (under torch.compile the layer runs
+            as without it), and gradients of gradients are refused. Off by default until a GPU
+            has measured it.
     """
 
     n_streams: int = 4
@@ -99,6 +107,7 @@ class MHCConfig:
     identity_gap: float | None = None
     recompute: bool = False
     recompute_block: int = 1
+    fused_backward: bool = False
 
     def __post_init__(self):
         def check(name, ok, allowed):
@@ -124,6 +133,7 @@ class MHCConfig:
         check("coeff_dtype", self.coeff_dtype in COEFF_DTYPES, "torch.float32 or torch.float64")
         check("backend", self.backend in BACKENDS, f"one of {BACKENDS}")
         check("recompute", isinstance(self.recompute, bool), "True or False")
+        check("fused_backward", isinstance(self.fused_backward, bool), "True or False")
         check(
             "recompute_block",
             is_int(self.recompute_block) and self.recompute_block >= 1,
@@ -228,11 +238,18 @@ class HyperConnection(nn.Module):
 
     def coefficients_from(self, x, phi, bias, alpha):
         """:meth:`coefficients` with the given parameters (recomputation passes detached ones)."""
+        return self.gates(*self.project(x, phi), alpha, bias)
+
+    def project(self, x, phi):
+        """``x: (..., n, C)`` -> ``(v @ phi: (..., W), sum(v^2): (...))`` for ``v = vec(x)``: one
+        read of the streams."""
+        v = x.reshape(*x.shape[:-2], self.config.n_streams * self.dim)
+        return projection(v, phi, self.config.backend)
+
+    def gates(self, proj, sumsq, alpha, bias):
+        """The coefficients from :meth:`project`'s output: scale, bias, gates and Sinkhorn."""
         c, n = self.config, self.config.n_streams
-        v = x.reshape(*x.shape[:-2], n * self.dim)
-        proj, sumsq = projection(v, phi, c.backend)  # one read of the streams
         sinkhorn = (c.sinkhorn_iters, c.order, c.eps) if c.constraint == "sinkhorn" else None
-        # scale, bias, gates and Sinkhorn
         return epilogue(proj, sumsq, alpha, bias, n, n * self.dim, c.rms_eps, c.backend, sinkhorn)
 
     def connect(self, x: torch.Tensor, branch, *args, **kwargs) -> torch.Tensor:
@@ -248,14 +265,16 @@ class HyperConnection(nn.Module):
         return out
 
     def _connect(self, x: torch.Tensor, branch, *args, **kwargs) -> torch.Tensor:
-        backend = self.config.backend
-        if self.config.recompute and torch.is_grad_enabled():
+        c, backend = self.config, self.config.backend
+        if (c.recompute or c.fused_backward) and torch.is_grad_enabled():
             if not torch.compiler.is_compiling():
                 out, h_res = recompute.connect(self, x, branch, *args, **kwargs)
                 self._record(h_res)
                 return out
+        if c.recompute and torch.is_grad_enabled():
             # torch.compile cannot trace a backward that re-runs autograd: checkpoint each part
-            # (each connection keeps its stream input, as with recompute_block=1)
+            # (each connection keeps its stream input, as with recompute_block=1; the fused
+            # backward is eager only)
             h_pre, h_post, h_res = checkpoint(self.coefficients, x, use_reentrant=False)
             branch_in = checkpoint(pre_mix, x, h_pre, backend, use_reentrant=False)
             self._record(h_res)

@@ -29,6 +29,22 @@ def projection(v: torch.Tensor, phi: torch.Tensor, backend: str = "auto"):
     return projection_reference(v, phi)
 
 
+def projection_weight_grad(v: torch.Tensor, dproj: torch.Tensor, phi: torch.Tensor,
+                           backend: str = "auto") -> torch.Tensor:  # fmt: skip
+    """The gradient of :func:`projection`'s ``phi`` alone: ``v^T @ dproj`` for ``v: (..., K)``,
+    ``dproj: (..., W)``, in ``phi``'s dtype (the fused connection backward computes ``dv`` with
+    the streams' other gradients). Backends as for :func:`projection`."""
+    K, W = phi.shape
+    v, dproj = v.reshape(-1, K), dproj.reshape(-1, W)
+    if resolve_backend(backend, v.device, auto_triton=False) == "triton" and (
+        phi.dtype == torch.float32 and W <= 128
+    ):
+        from .triton import projection_dphi
+
+        return projection_dphi(v.contiguous(), dproj.float().contiguous())
+    return v.to(phi.dtype).T @ dproj.to(phi.dtype)
+
+
 def epilogue(
     proj: torch.Tensor,
     sumsq: torch.Tensor,
@@ -66,4 +82,5 @@ def epilogue(
     return pre, post, res
 
 
-__all__ = ["epilogue", "epilogue_reference", "projection", "projection_reference"]
+__all__ = ["epilogue", "epilogue_reference", "projection", "projection_reference",
+           "projection_weight_grad"]  # fmt: skip

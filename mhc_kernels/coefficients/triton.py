@@ -268,17 +268,28 @@ def projection_bwd(v, phi, dproj, dss):
     if T == 0 or K == 0:
         return dv, torch.zeros_like(phi)
     bt, bk, wp = _config(W)
-    token_blocks, k_blocks = cdiv(T, bt), cdiv(K, bk)
+    token_blocks = cdiv(T, bt)
     k_per = _parts(token_blocks, K, bk, v.device)
     _projection_dv_kernel[(token_blocks, cdiv(K, k_per))](v, phi, dproj, dss, dv, T, K, W, k_per,
                                                           BT=bt, BK=bk, WP=wp,
                                                           num_warps=NUM_WARPS)  # fmt: skip
+    return dv, projection_dphi(v, dproj)
+
+
+def projection_dphi(v, dproj):
+    """``v^T @ dproj`` (float32 ``(K, W)``) by the ``dphi`` kernel: v read once, in its dtype."""
+    T, K = v.shape
+    W = dproj.shape[1]
+    if T == 0 or K == 0:
+        return torch.zeros((K, W), dtype=torch.float32, device=v.device)
+    bt, bk, wp = _config(W)
+    k_blocks = cdiv(K, bk)
     t_per = _parts(k_blocks, T, bt, v.device)
     parts = cdiv(T, t_per)
     dphi = torch.empty((parts, K, W), dtype=torch.float32, device=v.device)
     _projection_dphi_kernel[(k_blocks, parts)](v, dproj, dphi, T, K, W, t_per, BT=bt, BK=bk, WP=wp,
                                                num_warps=dphi_warps(wp))  # fmt: skip
-    return dv, dphi[0] if parts == 1 else dphi.sum(0)
+    return dphi[0] if parts == 1 else dphi.sum(0)
 
 
 EPILOGUE_TILE_ELEMS = 512  # the backward's extra tiles spilled at 1024-2048 (ptxas -v)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..sinkhorn import resolve_backend
-from .reference import merge_reference, pre_mix_reference
+from .reference import merge_reference, pre_mix_reference, stream_grad_reference
 
 MAX_FUSED_STREAMS = 8
 
@@ -54,36 +54,54 @@ def merge(
     return merge_reference(x, y, h_post, h_res)
 
 
-def pre_mix_backward(x, h_pre, grad, backend: str = "auto"):
+def pre_mix_backward(x, h_pre, grad, backend: str = "auto", want_dx: bool = True):
     """The gradients of :func:`pre_mix` for the upstream gradient ``grad``: ``(dx, dh_pre)`` in
     the inputs' dtypes, as autograd would give them; the Triton path runs only the backward
-    kernel (recomputation uses it)."""
+    kernel (recomputation uses it). ``want_dx=False`` returns ``(None, dh_pre)`` without computing
+    ``dx`` (the fused connection backward writes it with :func:`stream_grad`)."""
     if _use_triton(backend, x):
         from .triton import pre_mix_backward_triton
 
-        return pre_mix_backward_triton(x, h_pre, grad)
-    return _reference_backward(pre_mix_reference, (x, h_pre), grad)
+        return pre_mix_backward_triton(x, h_pre, grad, want_dx)
+    return _reference_backward(pre_mix_reference, (x, h_pre), grad, want_dx)
 
 
-def merge_backward(x, y, h_post, h_res, grad, backend: str = "auto"):
+def merge_backward(x, y, h_post, h_res, grad, backend: str = "auto", want_dx: bool = True):
     """The gradients of :func:`merge` for the upstream gradient ``grad``: ``(dx, dy, dh_post,
     dh_res)`` in the inputs' dtypes, as autograd would give them. The Triton path runs only the
-    backward kernel (the forward is not re-run): recomputation uses it.
+    backward kernel (the forward is not re-run): recomputation uses it. ``want_dx=False``: ``dx``
+    is ``None``, not computed.
     """
     if _use_triton(backend, x):
         from .triton import merge_backward_triton
 
-        return merge_backward_triton(x, y, h_post, h_res, grad)
-    return _reference_backward(merge_reference, (x, y, h_post, h_res), grad)
+        return merge_backward_triton(x, y, h_post, h_res, grad, want_dx)
+    return _reference_backward(merge_reference, (x, y, h_post, h_res), grad, want_dx)
 
 
-def _reference_backward(reference, inputs, grad):
-    """The gradients of ``reference(*inputs)`` for ``grad``, through autograd (re-runs it)."""
-    leaves = [t.detach().requires_grad_() for t in inputs]
+def stream_grad(x, g_in, g_out, h_pre, h_res, dsumsq, dproj, phi, backend: str = "auto"):
+    """The gradient of a connection's stream input ``x`` in one pass: the pre-mix's (upstream
+    ``g_in``), the merge's (``g_out``, or ``None``) and the coefficient projection's (``dproj``,
+    ``dsumsq``, weights ``phi``) terms, which autograd would otherwise compute as three stream
+    tensors and add (:func:`stream_grad_reference` has the formula). Same ``backend`` rules as
+    :func:`pre_mix`; the Triton kernel takes float32 ``phi``.
+    """
+    if _use_triton(backend, x) and phi.dtype == torch.float32:
+        from .triton import stream_grad_triton
+
+        return stream_grad_triton(x, g_in, g_out, h_pre, h_res, dsumsq, dproj, phi)
+    return stream_grad_reference(x, g_in, g_out, h_pre, h_res, dsumsq, dproj, phi)
+
+
+def _reference_backward(reference, inputs, grad, want_dx: bool = True):
+    """The gradients of ``reference(*inputs)`` for ``grad``, through autograd (re-runs it); the
+    first input's is ``None`` (and not computed) unless ``want_dx``."""
+    leaves = [t.detach().requires_grad_(want_dx or i > 0) for i, t in enumerate(inputs)]
     with torch.enable_grad():
         out = reference(*leaves)
-    return torch.autograd.grad(out, leaves, grad)
+    grads = torch.autograd.grad(out, leaves[0 if want_dx else 1 :], grad)
+    return grads if want_dx else (None, *grads)
 
 
 __all__ = ["merge", "merge_backward", "merge_reference", "pre_mix", "pre_mix_backward",
-           "pre_mix_reference"]  # fmt: skip
+           "pre_mix_reference", "stream_grad", "stream_grad_reference"]  # fmt: skip

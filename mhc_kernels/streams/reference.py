@@ -5,6 +5,14 @@ For ``T`` tokens (any leading shape flattened), ``n`` streams of width ``C``::
     pre_mix(x, h_pre)[t, c]            = sum_j h_pre[t, j] x[t, j, c]                    (C out)
     merge(x, y, h_post, h_res)[t, i, c] = sum_j h_res[t, i, j] x[t, j, c] + h_post[t, i] y[t, c]
 
+and the gradient of one connection's stream input, the three terms autograd would add, in one::
+
+    stream_grad[t, i, c] = h_pre[t, i] g_in[t, c] + sum_j h_res[t, j, i] g_out[t, j, c]
+                           + 2 dsumsq[t] x[t, i, c] + sum_w dproj[t, w] phi[i C + c, w]
+
+(the pre-mix's, the merge's and the coefficient projection's backward: ``g_in`` is the gradient of
+the pre-mix output, ``g_out`` of the merge output, ``dproj`` and ``dsumsq`` of the projection).
+
 Streams may be bf16/fp16/fp32; coefficients are fp32 and the sums run in fp32 (float64 streams stay
 float64, for gradcheck); results have the streams' dtype.
 """
@@ -31,3 +39,31 @@ def merge_reference(
     dt = compute_dtype(x.dtype)
     mixed = torch.einsum("...ij,...jc->...ic", h_res.to(dt), x.to(dt))
     return (mixed + h_post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(-2)).to(x.dtype)
+
+
+@autocast_exempt
+def stream_grad_reference(
+    x: torch.Tensor,
+    g_in: torch.Tensor,
+    g_out: torch.Tensor | None,
+    h_pre: torch.Tensor,
+    h_res: torch.Tensor,
+    dsumsq: torch.Tensor,
+    dproj: torch.Tensor,
+    phi: torch.Tensor,
+) -> torch.Tensor:
+    """``x: (..., n, C)``, ``g_in: (..., C)``, ``g_out: (..., n, C)`` or ``None`` (no merge
+    gradient), ``h_pre: (..., n)``, ``h_res: (..., n, n)``, ``dsumsq: (...)``, ``dproj: (..., W)``,
+    ``phi: (n C, W)`` -> ``(..., n, C)`` in the dtype of ``x``, summed in ``phi``'s or x's wider
+    float dtype."""
+    n, C = x.shape[-2:]
+    dt = torch.promote_types(compute_dtype(x.dtype), phi.dtype)
+    dx = torch.addmm(
+        (2 * dsumsq.to(dt)).reshape(-1, 1) * x.to(dt).reshape(-1, n * C),
+        dproj.to(dt).reshape(-1, phi.shape[-1]),
+        phi.to(dt).T,
+    ).reshape(x.shape)
+    dx += h_pre.to(dt).unsqueeze(-1) * g_in.to(dt).unsqueeze(-2)
+    if g_out is not None:
+        dx += torch.einsum("...ji,...jc->...ic", h_res.to(dt), g_out.to(dt))
+    return dx.to(x.dtype)

@@ -80,8 +80,9 @@ def _pre_mix_fwd_kernel(x_ptr, h_ptr, out_ptr, T, n, C,
 @triton.jit
 def _pre_mix_bwd_kernel(x_ptr, h_ptr, g_ptr, dx_ptr, dh_part_ptr, T, n, C,
                         BT: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr,
-                      CV: tl.constexpr):  # fmt: skip
-    # dx[t, j, c] = h[t, j] g[t, c];  dh[t, j] = sum_c g[t, c] x[t, j, c] (this program's C part)
+                        CV: tl.constexpr, WRITE_DX: tl.constexpr):  # fmt: skip
+    # dx[t, j, c] = h[t, j] g[t, c] (unless WRITE_DX is off: the connection's stream gradient
+    # kernel writes it);  dh[t, j] = sum_c g[t, c] x[t, j, c] (this program's C part)
     C = _multiple(C, CV)
     tok, t64, c2, m2 = _token_channel_tile(T, C, BT, BC)
     part = dh_part_ptr + tl.program_id(1).to(tl.int64) * T * n
@@ -89,10 +90,11 @@ def _pre_mix_bwd_kernel(x_ptr, h_ptr, g_ptr, dx_ptr, dh_part_ptr, T, n, C,
     for j in tl.static_range(NP):
         Tj = T * (n > j)
         m2j = (tok[:, None] < Tj) & (c2 < C)
-        hj = tl.load(h_ptr + t64 * n + j, mask=tok < Tj, other=0.0)
         offs = t64[:, None] * n * C + j * C + c2
         xj = tl.load(x_ptr + offs, mask=m2j, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + offs, (hj[:, None] * g).to(dx_ptr.dtype.element_ty), mask=m2j)
+        if WRITE_DX:
+            hj = tl.load(h_ptr + t64 * n + j, mask=tok < Tj, other=0.0)
+            tl.store(dx_ptr + offs, (hj[:, None] * g).to(dx_ptr.dtype.element_ty), mask=m2j)
         tl.store(part + t64 * n + j, tl.sum(g * xj, axis=1), mask=tok < Tj)
 
 
@@ -121,8 +123,8 @@ def _merge_fwd_kernel(x_ptr, y_ptr, hpost_ptr, hres_ptr, out_ptr, T, n, C,
 def _merge_bwd_kernel(x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_ptr, dhpost_part_ptr,
                       dhres_part_ptr, T, n, C,
                       BT: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr,
-                      CV: tl.constexpr):  # fmt: skip
-    # dx[t, j] = sum_i h_res[t, i, j] g[t, i];  dy[t] = sum_i h_post[t, i] g[t, i]
+                      CV: tl.constexpr, WRITE_DX: tl.constexpr):  # fmt: skip
+    # dx[t, j] = sum_i h_res[t, i, j] g[t, i] (unless WRITE_DX is off);  dy[t] = sum_i h_post g
     # dh_res[t, i, j] = sum_c g[t, i, c] x[t, j, c];  dh_post[t, i] = sum_c g[t, i, c] y[t, c]
     C = _multiple(C, CV)
     tok, t64, c2, m2 = _token_channel_tile(T, C, BT, BC)
@@ -139,13 +141,53 @@ def _merge_bwd_kernel(x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_ptr, 
         Tj = T * (n > j)
         mij = (tok[:, None] < Tj) & (i2 < n)
         m2j = (tok[:, None] < Tj) & (c2 < C)
-        hcol = tl.load(hres_ptr + t64[:, None] * n * n + i2 * n + j, mask=mij, other=0.0)
         offs = t64[:, None] * n * C + j * C + c2
-        dxj = tl.sum(hcol[:, :, None] * g, axis=1)  # [BT, BC]
-        tl.store(dx_ptr + offs, dxj.to(dx_ptr.dtype.element_ty), mask=m2j)
+        if WRITE_DX:
+            hcol = tl.load(hres_ptr + t64[:, None] * n * n + i2 * n + j, mask=mij, other=0.0)
+            dxj = tl.sum(hcol[:, :, None] * g, axis=1)  # [BT, BC]
+            tl.store(dx_ptr + offs, dxj.to(dx_ptr.dtype.element_ty), mask=m2j)
         xj = tl.load(x_ptr + offs, mask=m2j, other=0.0).to(tl.float32)
         dcol = tl.sum(g * xj[:, None, :], axis=2)  # [BT, NP]: dh_res[t, :, j]
         tl.store(dhres_part_ptr + (cpart + t64[:, None]) * n * n + i2 * n + j, dcol, mask=mij)
+
+
+@triton.jit
+def _stream_grad_kernel(x_ptr, gin_ptr, gout_ptr, hpre_ptr, hres_ptr, dss_ptr, dproj_ptr,
+                        phit_ptr, dx_ptr, T, n, C, W,
+                        HAS_GOUT: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr,
+                        BC: tl.constexpr, CV: tl.constexpr):  # fmt: skip
+    # the connection's whole stream gradient, dx[t, i, c] =
+    #   h_pre[t, i] g_in[t, c]                    (pre-mix)
+    # + sum_j h_res[t, j, i] g_out[t, j, c]       (merge; without it when HAS_GOUT is off)
+    # + 2 dss[t] x[t, i, c] + sum_w dproj[t, w] phi[i C + c, w]     (projection; phi^T given)
+    # as one [BT, NP, BC] tile built from [BT, BC] rows, like the merge's forward (no sums over
+    # streams); BT tokens share each row of phi^T read by the rank-1 updates over w
+    # every load is addressed in the [BT, NP, BC] tile's own shape ([BT, 1, 1] per token, [BT, NP,
+    # 1] per stream, [BT, 1, BC] per row), so that no value changes layout through shared memory
+    C = _multiple(C, CV)
+    tok, t64, c2, m2 = _token_channel_tile(T, C, BT, BC)
+    i2, mi, t3, i3, c3, m3 = _stream_tile(tok, t64, c2, T, n, C, NP)
+    offs = t3 * n * C + i3 * C + c3
+    tm = t3 < T  # [BT, 1, 1]
+    row_mask = tm & (c3 < C)  # [BT, 1, BC]
+    hpre = tl.load(hpre_ptr + t3 * n + i3, mask=tm & (i3 < n), other=0.0)  # [BT, NP, 1]
+    g_in = tl.load(gin_ptr + t3 * C + c3, mask=row_mask, other=0.0).to(tl.float32)
+    dss = tl.load(dss_ptr + t3, mask=tm, other=0.0)
+    x = tl.load(x_ptr + offs, mask=m3, other=0.0).to(tl.float32)
+    acc = hpre * g_in + (2.0 * dss) * x
+    if HAS_GOUT:
+        for j in tl.static_range(NP):
+            tj = t3 < T * (n > j)  # no tokens in a padded stream
+            hrow = tl.load(hres_ptr + t3 * n * n + j * n + i3, mask=tj & (i3 < n), other=0.0)
+            gj = tl.load(gout_ptr + t3 * n * C + j * C + c3, mask=tj & (c3 < C), other=0.0)
+            acc += hrow * gj.to(tl.float32)  # h_res[t, j, i] g_out[t, j, c]
+    phi_row = i3 * C + c3  # [1, NP, BC]
+    phi_mask = (i3 < n) & (c3 < C)
+    for w in range(W):
+        dp = tl.load(dproj_ptr + t3 * W + w, mask=tm, other=0.0)  # [BT, 1, 1]
+        ph = tl.load(phit_ptr + w * n * C + phi_row, mask=phi_mask, other=0.0)
+        acc += dp * ph
+    tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=m3)
 
 
 # -------------------------------------------------------------------------------------- launchers
@@ -198,13 +240,15 @@ def pre_mix_fwd(x, h):
     return out
 
 
-def pre_mix_bwd(x, h, g):
+def pre_mix_bwd(x, h, g, want_dx: bool = True):
+    """``(dx, dh)``; ``want_dx=False``: ``(None, dh)`` (reads x and g, writes no stream)."""
     T, n, C = x.shape
     config = launch_config(T, n, C, x.element_size())
     grid = _grid(T, C, config)
-    dx = torch.empty_like(x)
+    dx = torch.empty_like(x) if want_dx else None
     dh = torch.empty((grid[1], T, n), dtype=torch.float32, device=x.device)  # per C block
-    _pre_mix_bwd_kernel[grid](x, h, g, dx, dh, T, n, C, **config)
+    _pre_mix_bwd_kernel[grid](x, h, g, x if dx is None else dx, dh, T, n, C, WRITE_DX=want_dx,
+                              **config)  # fmt: skip
     return dx, dh.sum(0)
 
 
@@ -217,15 +261,50 @@ def merge_fwd(x, y, h_post, h_res):
     return out
 
 
-def merge_bwd(x, y, h_post, h_res, g):
+def merge_bwd(x, y, h_post, h_res, g, want_dx: bool = True):
+    """``(dx, dy, dh_post, dh_res)``; ``want_dx=False``: ``dx`` is ``None`` (not computed)."""
     T, n, C = x.shape
     config = launch_config(T, n, C, x.element_size())
     grid = _grid(T, C, config)
-    dx, dy = torch.empty_like(x), torch.empty_like(y)
+    dx, dy = torch.empty_like(x) if want_dx else None, torch.empty_like(y)
     dh_post = torch.empty((grid[1], T, n), dtype=torch.float32, device=x.device)  # per C block
     dh_res = torch.empty((grid[1], T, n, n), dtype=torch.float32, device=x.device)
-    _merge_bwd_kernel[grid](x, y, h_post, h_res, g, dx, dy, dh_post, dh_res, T, n, C, **config)
+    _merge_bwd_kernel[grid](x, y, h_post, h_res, g, x if dx is None else dx, dy, dh_post, dh_res,
+                            T, n, C, WRITE_DX=want_dx, **config)  # fmt: skip
     return dx, dy, dh_post.sum(0), dh_res.sum(0)
+
+
+STREAM_GRAD_TOKENS = 16  # tokens per program that share each row of phi^T read (GPU)
+
+
+def stream_grad_config(tokens: int, n: int, C: int, itemsize: int = 4) -> dict:
+    """Launch options of the stream gradient kernel: ``launch_config``'s, except that a GPU program
+    takes 16 tokens (narrower C blocks: 128-byte stream rows), so that phi^T, read once per
+    program, costs about as much L2 traffic per token as the streams cost DRAM traffic instead of
+    16x more."""
+    config = launch_config(tokens, n, C, itemsize)
+    if interpreting():
+        return config
+    np2 = config["NP"]
+    tile = GPU_TILE_ELEMS_PER_THREAD * 32 * 4 * (4 // itemsize)
+    bt = min(next_power_of_2(max(tokens, 1)), STREAM_GRAD_TOKENS)
+    bc = min(next_power_of_2(C), max(16, tile // (bt * np2)))
+    bt = min(next_power_of_2(max(tokens, 1)), max(1, tile // (np2 * bc)))
+    return {**config, "BT": bt, "BC": bc, "num_warps": 4}
+
+
+def stream_grad(x, g_in, g_out, h_pre, h_res, dss, dproj, phi_t):
+    """The connection's stream gradient (``_stream_grad_kernel``): ``x, g_out (T, n, C)`` (``g_out``
+    may be ``None``), ``g_in (T, C)``, float32 ``h_pre (T, n)``, ``h_res (T, n, n)``, ``dss (T,)``,
+    ``dproj (T, W)``, ``phi_t (W, n C)`` -> ``dx`` like ``x``."""
+    T, n, C = x.shape
+    _check(x, n)
+    dx = torch.empty_like(x)
+    config = stream_grad_config(T, n, C, x.element_size())
+    _stream_grad_kernel[_grid(T, C, config)](
+        x, g_in, x if g_out is None else g_out, h_pre, h_res, dss, dproj, phi_t, dx, T, n, C,
+        phi_t.shape[0], HAS_GOUT=g_out is not None, **config)  # fmt: skip
+    return dx
 
 
 def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
@@ -233,7 +312,9 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
 
     The full-width C block (C >= 512) for each padded n and stream dtype; narrower C uses smaller
     blocks of the same kernels with fewer registers. The merge takes the branch output ``y`` in its
-    own dtype, so it is compiled for every (stream dtype, branch dtype) pair.
+    own dtype, so it is compiled for every (stream dtype, branch dtype) pair. ``pre_mix_dh`` and
+    ``merge_bwd_nodx`` are the backwards without their stream gradient (the fused connection
+    backward's), ``stream_grad`` that gradient.
     """
     f = "*fp32"
     for np2, dt in itertools.product((1, 2, 4, 8), dtypes):
@@ -241,26 +322,79 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
         consts = launch_config(2**20, np2, 2**20, itemsize)
         warps = consts.pop("num_warps")
         bt, bc = consts["BT"], consts["BC"]
-        tail = {"T": "i32", "n": "i32", "C": "i32", **dict.fromkeys(consts, "constexpr")}
         s = f"*{dt}"
+        pre_bwd = {"x_ptr": s, "h_ptr": f, "g_ptr": s, "dx_ptr": s, "dh_part_ptr": f}
         kernels = {
-            f"pre_mix_fwd-{dt}": (_pre_mix_fwd_kernel, {"x_ptr": s, "h_ptr": f, "out_ptr": s}),
-            f"pre_mix_bwd-{dt}": (_pre_mix_bwd_kernel, {"x_ptr": s, "h_ptr": f, "g_ptr": s,
-                                                        "dx_ptr": s, "dh_part_ptr": f}),
-        }  # fmt: skip
+            f"pre_mix_fwd-{dt}": (_pre_mix_fwd_kernel, {"x_ptr": s, "h_ptr": f, "out_ptr": s}, {}),
+            f"pre_mix_bwd-{dt}": (_pre_mix_bwd_kernel, pre_bwd, {"WRITE_DX": True}),
+            f"pre_mix_dh-{dt}": (_pre_mix_bwd_kernel, pre_bwd, {"WRITE_DX": False}),
+        }
         for ydt in dtypes:
             y = f"*{ydt}"
             tag = dt if ydt == dt else f"{dt}-y{ydt}"
             kernels[f"merge_fwd-{tag}"] = (
                 _merge_fwd_kernel,
                 {"x_ptr": s, "y_ptr": y, "hpost_ptr": f, "hres_ptr": f, "out_ptr": s},
+                {},
             )
-            kernels[f"merge_bwd-{tag}"] = (_merge_bwd_kernel, {
-                "x_ptr": s, "y_ptr": y, "hpost_ptr": f, "hres_ptr": f, "g_ptr": s,
-                "dx_ptr": s, "dy_ptr": y, "dhpost_part_ptr": f, "dhres_part_ptr": f})  # fmt: skip
-        for name, (kernel, ptrs) in kernels.items():
+            merge_bwd = {
+                "x_ptr": s,
+                "y_ptr": y,
+                "hpost_ptr": f,
+                "hres_ptr": f,
+                "g_ptr": s,
+                "dx_ptr": s,
+                "dy_ptr": y,
+                "dhpost_part_ptr": f,
+                "dhres_part_ptr": f,
+            }
+            kernels[f"merge_bwd-{tag}"] = (_merge_bwd_kernel, merge_bwd, {"WRITE_DX": True})
+            kernels[f"merge_bwd_nodx-{tag}"] = (_merge_bwd_kernel, merge_bwd, {"WRITE_DX": False})
+        for name, (kernel, ptrs, extra) in kernels.items():
             kind, tag = name.split("-", 1)
-            yield f"{kind}-NP{np2}-BT{bt}-BC{bc}-{tag}", kernel, {**ptrs, **tail}, consts, warps
+            tail = {
+                "T": "i32",
+                "n": "i32",
+                "C": "i32",
+                **dict.fromkeys([*consts, *extra], "constexpr"),
+            }
+            yield (
+                f"{kind}-NP{np2}-BT{bt}-BC{bc}-{tag}",
+                kernel,
+                {**ptrs, **tail},
+                {**consts, **extra},
+                warps,
+            )
+        grad_consts = stream_grad_config(2**20, np2, 2**20, itemsize)
+        grad_warps = grad_consts.pop("num_warps")
+        for has_gout in (True, False):
+            ptrs = {
+                "x_ptr": s,
+                "gin_ptr": s,
+                "gout_ptr": s,
+                "hpre_ptr": f,
+                "hres_ptr": f,
+                "dss_ptr": f,
+                "dproj_ptr": f,
+                "phit_ptr": f,
+                "dx_ptr": s,
+            }
+            consts_g = {"HAS_GOUT": has_gout, **grad_consts}
+            tail = {
+                "T": "i32",
+                "n": "i32",
+                "C": "i32",
+                "W": "i32",
+                **dict.fromkeys(consts_g, "constexpr"),
+            }
+            kind = "stream_grad" if has_gout else "stream_grad_nogout"
+            yield (
+                f"{kind}-NP{np2}-BT{grad_consts['BT']}-BC{grad_consts['BC']}-{dt}",
+                _stream_grad_kernel,
+                {**ptrs, **tail},
+                consts_g,
+                grad_warps,
+            )
 
 
 # ------------------------------------------------------------------------------ autograd (ops)
@@ -328,15 +462,19 @@ def pre_mix_triton(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     return _pre_mix(*_pre_mix_inputs(x, h_pre)).reshape(*x.shape[:-2], x.shape[-1])
 
 
-def pre_mix_backward_triton(x, h_pre, grad):
-    """The backward kernel alone: gradients shaped and typed like the inputs."""
-    grads = pre_mix_bwd(*_pre_mix_inputs(x, h_pre), grad.reshape(-1, x.shape[-1]).contiguous())
-    return _shaped_like(grads, (x, h_pre))
+def pre_mix_backward_triton(x, h_pre, grad, want_dx: bool = True):
+    """The backward kernel alone: gradients shaped and typed like the inputs (``dx`` ``None``
+    unless ``want_dx``)."""
+    dx, dh = pre_mix_bwd(*_pre_mix_inputs(x, h_pre), grad.reshape(-1, x.shape[-1]).contiguous(),
+                         want_dx)  # fmt: skip
+    return _shaped_like((dx, dh), (x, h_pre))
 
 
-def _shaped_like(grads, inputs) -> tuple[torch.Tensor, ...]:
-    """The launchers' gradients in their inputs' shapes and dtypes (as autograd would give them)."""
-    return tuple(g.reshape(t.shape).to(t.dtype) for g, t in zip(grads, inputs, strict=True))
+def _shaped_like(grads, inputs) -> tuple[torch.Tensor | None, ...]:
+    """The launchers' gradients in their inputs' shapes and dtypes (as autograd would give them);
+    ``None`` stays ``None``."""
+    return tuple(None if g is None else g.reshape(t.shape).to(t.dtype)
+                 for g, t in zip(grads, inputs, strict=True))  # fmt: skip
 
 
 def _merge_inputs(x, y, h_post, h_res):
@@ -354,8 +492,28 @@ def merge_triton(x, y, h_post, h_res):
     return _merge(*_merge_inputs(x, y, h_post, h_res)).reshape(x.shape)
 
 
-def merge_backward_triton(x, y, h_post, h_res, grad):
-    """The backward kernel alone: gradients shaped and typed like the inputs."""
+def merge_backward_triton(x, y, h_post, h_res, grad, want_dx: bool = True):
+    """The backward kernel alone: gradients shaped and typed like the inputs (``dx`` ``None``
+    unless ``want_dx``)."""
     n, C = x.shape[-2:]
-    grads = merge_bwd(*_merge_inputs(x, y, h_post, h_res), grad.reshape(-1, n, C).contiguous())
+    grads = merge_bwd(*_merge_inputs(x, y, h_post, h_res), grad.reshape(-1, n, C).contiguous(),
+                      want_dx)  # fmt: skip
     return _shaped_like(grads, (x, y, h_post, h_res))
+
+
+def stream_grad_triton(x, g_in, g_out, h_pre, h_res, dsumsq, dproj, phi):
+    """:func:`mhc_kernels.streams.stream_grad` by one kernel (``x`` shaped ``(..., n, C)``)."""
+    n, C = x.shape[-2:]
+    x3 = x.reshape(-1, n, C).contiguous()
+
+    def streams(t):  # the kernel reads the upstream gradients in the streams' dtype
+        return t.reshape(x3.shape[0], -1, C).to(x.dtype).contiguous()
+
+    dx = stream_grad(x3, streams(g_in).reshape(-1, C),
+                     None if g_out is None else streams(g_out),
+                     h_pre.reshape(-1, n).float().contiguous(),
+                     h_res.reshape(-1, n, n).float().contiguous(),
+                     dsumsq.reshape(-1).float().contiguous(),
+                     dproj.reshape(-1, phi.shape[-1]).float().contiguous(),
+                     phi.T.contiguous())  # fmt: skip
+    return dx.reshape(x.shape)

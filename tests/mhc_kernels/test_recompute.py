@@ -65,13 +65,21 @@ def test_outputs_and_every_gradient_equal_keeping_everything(block):
         torch.testing.assert_close(g, e)
 
 
+LEAN = [
+    {"recompute": True, "recompute_block": 3},
+    {"fused_backward": True},
+    {"fused_backward": True, "recompute": True, "recompute_block": 3},
+]
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_low_precision_streams_and_fused_kernels(backend, dtype, device):
-    """Either backend rebuilds the streams (Triton: interpreter on CPU), bf16 streams included.
-    Gradients of a stream sum the same terms in another order (the coefficient and pre-mix parts
-    arrive together), so the bound is the float64 reference's: within twice the larger error of
-    the runs that keep everything (either backend), plus one rounding."""
+    """Either backend rebuilds the streams (Triton: interpreter on CPU) and runs the fused
+    backward, bf16 streams included. Gradients of a stream sum the same terms in another order
+    (the coefficient, pre-mix and merge parts arrive together), so the bound is the float64
+    reference's: within twice the larger error of the runs that keep everything (either backend),
+    plus one rounding."""
     x, upstream = torch.randn(2, 7, N, C, device=device), torch.randn(2, 7, N, C, device=device)
 
     def results(backend, dt, **options):
@@ -83,11 +91,12 @@ def test_low_precision_streams_and_fused_kernels(backend, dtype, device):
     exact = results("torch", torch.float64)
     kept = results(backend, dtype)
     other = results("triton" if backend == "torch" else "torch", dtype)
-    lean = results(backend, dtype, recompute=True, recompute_block=3)
-    for i, (g, k, o, e) in enumerate(zip(lean, kept, other, exact, strict=True)):
-        error = torch.maximum((k - e).abs().max(), (o - e).abs().max())
-        bound = 2 * error + torch.finfo(dtype).eps * e.abs().max()
-        assert (g - e).abs().max() <= bound, f"output/gradient {i}"
+    for options in LEAN:
+        lean = results(backend, dtype, **options)
+        for i, (g, k, o, e) in enumerate(zip(lean, kept, other, exact, strict=True)):
+            error = torch.maximum((k - e).abs().max(), (o - e).abs().max())
+            bound = 2 * error + torch.finfo(dtype).eps * e.abs().max()
+            assert (g - e).abs().max() <= bound, f"{options}: output/gradient {i}"
 
 
 @pytest.mark.parametrize("block", [1, 2, 3, 4])
@@ -248,3 +257,86 @@ def test_every_connection_drops_the_expand_mark():
     assert alive() is not None  # held by the mark until a connection has run
     out = layer(x)
     assert alive() is None and out.shape == x.shape
+
+
+# ----------------------------------------------------------------------------- fused backward
+
+
+def test_fused_backward_equals_autograds_sum_of_the_three_stream_gradients():
+    x, upstream = torch.randn(3, 5, N, C), torch.randn(3, 5, N, C)
+    expected = outputs_and_grads(make_stack(), x, upstream)
+    for options in LEAN[1:]:
+        got = outputs_and_grads(make_stack(**options), x, upstream)
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e)
+
+
+class Constant(nn.Module):
+    def forward(self, h):
+        return torch.ones_like(h)
+
+
+def test_fused_backward_for_partial_requests_and_frozen_parameters():
+    """Gradients of the parameters alone, of the streams alone, with frozen connections (LoRA
+    without trainable mHC) and for a branch that ignores its input: each as autograd's."""
+    x, upstream = torch.randn(2, 3, N, C), torch.randn(2, 3, N, C)
+
+    def grads(layers, wanted, freeze=False, ignore_input=False):
+        if freeze:
+            for layer in layers:
+                for p in (layer.phi, layer.bias, layer.alpha):
+                    p.requires_grad_(False)
+        if ignore_input:
+            layers[2].branch = Constant()
+        xg = x.clone().requires_grad_()
+        inputs = {"x": [xg], "params": [p for layer in layers for p in layer.parameters()
+                                         if p.requires_grad]}[wanted]  # fmt: skip
+        return torch.autograd.grad(run(layers, xg), inputs, upstream)
+
+    for case in [("params",), ("x",), ("x", True), ("params", False, True)]:
+        got = grads(make_stack(fused_backward=True), *case)
+        for g, e in zip(got, grads(make_stack(), *case), strict=True):
+            torch.testing.assert_close(g, e)
+
+
+def test_fused_backward_hand_over_ends_with_each_backward_pass():
+    """The merge's gradient handed to the coefficient backward is dropped when a pass ends: a
+    pass that stops between the two (asking only for the last branch's weights: the last merge
+    runs, its coefficient backward does not) leaves nothing that a later pass on the retained
+    graph could add twice."""
+    layers = make_stack(fused_backward=True)
+    x = torch.randn(2, 3, N, C, requires_grad=True)
+    out = run(layers, x)
+    upstream = torch.randn_like(out)
+    handed = []
+    put = recompute._Link.put
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(recompute._Link, "put", lambda self, g: (handed.append(self), put(self, g)))
+        torch.autograd.grad(out, list(layers[-1].branch.parameters()), upstream, retain_graph=True)
+    assert len(handed) == 1 and handed[0].grad is None
+    (got,) = torch.autograd.grad(out, x, upstream, retain_graph=True)
+    (again,) = torch.autograd.grad(out, x, upstream)
+    plain = make_stack()
+    (expected,) = torch.autograd.grad(run(plain, x), x, upstream)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(again, expected)
+
+
+def test_fused_backward_saves_no_more_than_autograd():
+    x = torch.randn(3, 5, N, C, requires_grad=True)
+    fused = saved_storage_bytes(lambda: run(make_stack(fused_backward=True), x))
+    assert fused <= saved_storage_bytes(lambda: run(make_stack(), x))
+
+
+def test_fused_backward_under_torch_compile_runs_as_without_it():
+    layers = make_stack(fused_backward=True)[:2]
+    for layer in layers:
+        layer.config.sinkhorn_iters = 3
+    x, upstream = torch.randn(2, 3, N, C), torch.randn(2, 3, N, C)
+    compiled = torch.compile(lambda t: run(layers, t), fullgraph=True, backend="aot_eager")
+    got = outputs_and_grads(layers, x, upstream, fn=compiled)
+    for g, e in zip(got, outputs_and_grads(layers, x, upstream), strict=True):
+        torch.testing.assert_close(g, e)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        (grad,) = torch.autograd.grad(run(layers, x.requires_grad_()).sum(), x, create_graph=True)
+        grad.sum().backward()

@@ -128,7 +128,8 @@ def test_every_shipped_configuration_compiles_for_gpu_targets_without_spills():
         kind, np2, *_, dtype = r["kernel"].split("-")
         if kind.startswith(("pre_mix", "merge")) and "-y" not in r["kernel"]:
             streams[(kind, np2, r["arch"], dtype)] = r
-    assert len(streams) == 4 * 4 * 3 * 3
+    # 6 kinds: pre_mix_fwd/bwd/dh, merge_fwd/bwd/bwd_nodx
+    assert len(streams) == 6 * 4 * 3 * 3
     assert all(r["loads_v2"] == 0 and r["loads_v4"] > 0 for r in streams.values())
     for (kind, np2, arch, _), r in streams.items():
         if kind.endswith("_fwd"):

@@ -96,6 +96,75 @@ def test_pre_mix_backward_alone_equals_autograd_through_pre_mix(backend, dtype, 
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_backwards_without_their_stream_gradient(backend, dtype, device):
+    """``want_dx=False`` (the fused connection backward): no dx, the other gradients as before."""
+    from mhc_kernels.streams import merge_backward, pre_mix_backward
+
+    dt = DTYPES[dtype]
+    x, y = torch.randn(3, 7, 4, 24, device=device).to(dt), torch.randn(3, 7, 24, device=device)
+    h_pre, h_res = torch.rand(3, 7, 4, device=device), torch.rand(3, 7, 4, 4, device=device)
+    g_in, g_out = torch.randn_like(y).to(dt), torch.randn_like(x)
+    for full, lean in [
+        (pre_mix_backward(x, h_pre, g_in, backend), pre_mix_backward(x, h_pre, g_in, backend, False)),
+        (merge_backward(x, y.to(dt), h_pre, h_res, g_out, backend),
+         merge_backward(x, y.to(dt), h_pre, h_res, g_out, backend, False)),
+    ]:  # fmt: skip
+        assert lean[0] is None
+        for g, e in zip(lean[1:], full[1:], strict=True):
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("merge_grad", [True, False], ids=["merge", "no-merge"])
+@pytest.mark.parametrize("n,C", [(1, 24), (3, 130), (4, 72), (8, 16)], ids=lambda v: str(v))
+def test_stream_grad_matches_the_reference(n, C, merge_grad, dtype, device):
+    """The connection's one-pass stream gradient against the float64 formula, and the formula
+    against autograd's sum of the pre-mix's, merge's and projection's stream gradients."""
+    from mhc_kernels.coefficients import projection
+    from mhc_kernels.streams import stream_grad
+
+    T, W, dt = 37, n * n + 2 * n, DTYPES[dtype]
+    x = torch.randn(T, n, C, device=device).to(dt)
+    g_in, g_out = torch.randn(T, C, device=device).to(dt), torch.randn(T, n, C, device=device)
+    g_out = g_out.to(dt) if merge_grad else None
+    h_pre, h_res = torch.rand(T, n, device=device), torch.rand(T, n, n, device=device)
+    dss, dproj = torch.randn(T, device=device), torch.randn(T, W, device=device)
+    phi = torch.randn(n * C, W, device=device) / (n * C) ** 0.5
+
+    def run(backend, dtype, phi_dtype=torch.float32):
+        args = [t if t is None else t.to(dtype) for t in (x, g_in, g_out)]
+        return stream_grad(*args, h_pre, h_res, dss, dproj, phi.to(phi_dtype), backend).double()
+
+    got, ref = run("triton", dt), run("torch", dt)
+    exact = run("torch", torch.float64, torch.float64)
+    floor = max(1e-6, torch.finfo(dt).eps) * exact.abs().max()
+    assert (got - exact).abs().max() <= 4 * (ref - exact).abs().max() + floor
+
+    leaves = [t.double().requires_grad_() for t in (x, h_pre, h_res)]
+    v = leaves[0].reshape(T, n * C)
+    outs = [pre_mix(leaves[0], leaves[1], "torch"), *projection(v, phi.double(), "torch")]
+    ups = [g_in.double(), dproj.double(), dss.double()]
+    if merge_grad:
+        outs.append(merge(leaves[0], torch.zeros(T, C).double(), h_pre.double(), leaves[2]))
+        ups.append(g_out.double())
+    (autograd_dx,) = torch.autograd.grad(outs, leaves[0], ups)
+    torch.testing.assert_close(exact, autograd_dx)
+
+
+def test_projection_weight_grad_matches_the_reference(device):
+    from mhc_kernels.coefficients import projection_weight_grad
+
+    v = torch.randn(3, 13, 4 * 72, device=device).to(torch.bfloat16)
+    dproj, phi = torch.randn(3, 13, 24, device=device), torch.zeros(4 * 72, 24, device=device)
+    got = projection_weight_grad(v, dproj, phi, "triton")
+    exact = v.double().reshape(-1, 4 * 72).T @ dproj.double().reshape(-1, 24)
+    assert got.dtype == torch.float32 and got.shape == phi.shape
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(projection_weight_grad(v, dproj, phi, "torch"), got)
+
+
 def test_leading_shapes_and_dtypes(device):
     x = torch.randn(2, 3, 4, 16, device=device, dtype=torch.bfloat16)
     h = torch.rand(2, 3, 4, device=device)
