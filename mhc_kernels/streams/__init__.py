@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 
 from ..sinkhorn import resolve_backend
-from .reference import merge_reference, pre_mix_reference, stream_grad_reference
+from .reference import (
+    merge_grads_without_dx_reference,
+    merge_reference,
+    pre_mix_coefficient_grad_reference,
+    pre_mix_reference,
+    stream_grad_reference,
+)
 
 MAX_FUSED_STREAMS = 8
 
@@ -63,7 +69,9 @@ def pre_mix_backward(x, h_pre, grad, backend: str = "auto", want_dx: bool = True
         from .triton import pre_mix_backward_triton
 
         return pre_mix_backward_triton(x, h_pre, grad, want_dx)
-    return _reference_backward(pre_mix_reference, (x, h_pre), grad, want_dx)
+    if not want_dx:  # one contraction (autograd would re-run the pre-mix first)
+        return None, pre_mix_coefficient_grad_reference(x, grad).to(h_pre.dtype)
+    return _reference_backward(pre_mix_reference, (x, h_pre), grad)
 
 
 def merge_backward(x, y, h_post, h_res, grad, backend: str = "auto", want_dx: bool = True):
@@ -76,7 +84,10 @@ def merge_backward(x, y, h_post, h_res, grad, backend: str = "auto", want_dx: bo
         from .triton import merge_backward_triton
 
         return merge_backward_triton(x, y, h_post, h_res, grad, want_dx)
-    return _reference_backward(merge_reference, (x, y, h_post, h_res), grad, want_dx)
+    if not want_dx:  # three contractions (autograd would re-run the merge first)
+        dy, dh_post, dh_res = merge_grads_without_dx_reference(x, y, h_post, grad)
+        return None, dy, dh_post.to(h_post.dtype), dh_res.to(h_res.dtype)
+    return _reference_backward(merge_reference, (x, y, h_post, h_res), grad)
 
 
 def stream_grad(x, g_in, g_out, h_pre, h_res, dsumsq, dproj, phi, backend: str = "auto"):
@@ -93,14 +104,12 @@ def stream_grad(x, g_in, g_out, h_pre, h_res, dsumsq, dproj, phi, backend: str =
     return stream_grad_reference(x, g_in, g_out, h_pre, h_res, dsumsq, dproj, phi)
 
 
-def _reference_backward(reference, inputs, grad, want_dx: bool = True):
-    """The gradients of ``reference(*inputs)`` for ``grad``, through autograd (re-runs it); the
-    first input's is ``None`` (and not computed) unless ``want_dx``."""
-    leaves = [t.detach().requires_grad_(want_dx or i > 0) for i, t in enumerate(inputs)]
+def _reference_backward(reference, inputs, grad):
+    """The gradients of ``reference(*inputs)`` for ``grad``, through autograd (re-runs it)."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
     with torch.enable_grad():
         out = reference(*leaves)
-    grads = torch.autograd.grad(out, leaves[0 if want_dx else 1 :], grad)
-    return grads if want_dx else (None, *grads)
+    return torch.autograd.grad(out, leaves, grad)
 
 
 __all__ = ["merge", "merge_backward", "merge_reference", "pre_mix", "pre_mix_backward",

@@ -42,6 +42,27 @@ def merge_reference(
 
 
 @autocast_exempt
+def pre_mix_coefficient_grad_reference(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of :func:`pre_mix_reference`'s ``h_pre`` alone for the upstream ``grad``:
+    ``sum_c grad[t, c] x[t, j, c]`` (float32, or float64 for float64 streams)."""
+    dt = compute_dtype(x.dtype)
+    return torch.einsum("...jc,...c->...j", x.to(dt), grad.to(dt))
+
+
+@autocast_exempt
+def merge_grads_without_dx_reference(
+    x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`merge_reference` but the streams': ``dy = sum_i h_post[i] g[i]``
+    (in y's dtype), ``dh_post[i] = sum_c g[i, c] y[c]``, ``dh_res[i, j] = sum_c g[i, c] x[j, c]``
+    (float32, or float64 for float64 streams)."""
+    dt = compute_dtype(x.dtype)
+    g = grad.to(dt)
+    dy = torch.einsum("...i,...ic->...c", h_post.to(dt), g).to(y.dtype)
+    return dy, torch.einsum("...ic,...c->...i", g, y.to(dt)), g @ x.to(dt).transpose(-1, -2)
+
+
+@autocast_exempt
 def stream_grad_reference(
     x: torch.Tensor,
     g_in: torch.Tensor,
@@ -58,12 +79,12 @@ def stream_grad_reference(
     float dtype."""
     n, C = x.shape[-2:]
     dt = torch.promote_types(compute_dtype(x.dtype), phi.dtype)
-    dx = torch.addmm(
+    dx = torch.addmm(  # the other terms accumulate in place: one stream tensor in all
         (2 * dsumsq.to(dt)).reshape(-1, 1) * x.to(dt).reshape(-1, n * C),
         dproj.to(dt).reshape(-1, phi.shape[-1]),
         phi.to(dt).T,
-    ).reshape(x.shape)
-    dx += h_pre.to(dt).unsqueeze(-1) * g_in.to(dt).unsqueeze(-2)
+    ).reshape(-1, n, C)
+    dx.addcmul_(h_pre.to(dt).reshape(-1, n, 1), g_in.to(dt).reshape(-1, 1, C))
     if g_out is not None:
-        dx += torch.einsum("...ji,...jc->...ic", h_res.to(dt), g_out.to(dt))
-    return dx.to(x.dtype)
+        dx.baddbmm_(h_res.to(dt).reshape(-1, n, n).transpose(1, 2), g_out.to(dt).reshape(-1, n, C))
+    return dx.reshape(x.shape).to(x.dtype)
