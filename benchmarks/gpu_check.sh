@@ -78,7 +78,7 @@ python - "$work/$name.json" <<'PY'
 import json, sys
 data = json.load(open(sys.argv[1]))
 print(json.dumps({"targets": data["sinkhorn"]["targets"], "layer_overhead": data["layer_overhead"],
-                  "activation_memory": data["activation_memory"],
+                  "activation_memory": data["activation_memory"], "connection": data["connection"],
                   "streams": {k: {m: round(v, 3) if isinstance(v, float) else v for m, v in e.items()}
                               for k, e in data["streams"].items()}}, indent=1, default=str))
 PY

@@ -135,6 +135,28 @@ def streams_summary(rows: list[dict]) -> dict:
     return out
 
 
+def connection_summary(rows: list[dict]) -> dict:
+    """One connection alone, fwd+bwd (``test_connection_fwd_bwd``): time per backend with and
+    without the fused backward, its speed-up and roofline ratios (same run)."""
+    out: dict[str, dict] = defaultdict(dict)
+    for row in rows:
+        if row.get("kernel") == "connection":
+            case = out[f"{row['dtype']}-T{row['tokens']}"]
+            way = "fused_backward" if row["fused_backward"] else "autograd_sum"
+            case[f"{row['backend']}-{way}"] = seconds(row)
+            if "roofline_ratio" in row:
+                case[f"{row['backend']}-{way}-roofline_ratio"] = row["roofline_ratio"]
+    for case in out.values():
+        for backend in ("auto", "triton"):
+            plain, fused = (
+                case.get(f"{backend}-autograd_sum"),
+                case.get(f"{backend}-fused_backward"),
+            )
+            if plain and fused:
+                case[f"{backend}-fused_speedup"] = plain / fused
+    return dict(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("benchmark_json", nargs="+")
@@ -152,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["layer_overhead"] = layer_summary(rows)
     summary["activation_memory"] = memory_summary(rows)
     summary["streams"] = streams_summary(rows)
+    summary["connection"] = connection_summary(rows)
     summary["rows"] = rows
     text = json.dumps(summary, indent=1, default=str)
     if args.out:

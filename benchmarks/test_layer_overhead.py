@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from blocks import Attention, SwiGLU
-from conftest import DEVICE, ON_GPU, synchronized
+from conftest import DEVICE, ON_GPU, synchronized, timed
 from torch import nn
 
 from mhc_kernels import MHCLayer, collapse_streams, expand_streams
@@ -94,6 +94,35 @@ def test_block_fwd_bwd(benchmark, record, variant, dim, heads, dtype):
     run()
     benchmark.pedantic(run, rounds=10 if ON_GPU else 7, warmup_rounds=2)
     record(variant=variant, dim=dim, cells=CELLS, sets=sets, n_streams=N_STREAMS, dtype=dtype)
+
+
+def connection_traffic(n: int, C: int) -> int:
+    """Elements per token a connection must move, forward + backward, with one pass per kernel of
+    the fused design: forward projection n C, pre-mix (n + 1) C, merge (2n + 1) C; backward merge
+    without dx (2n + 2) C, dH_pre (n + 1) C, stream gradient (3n + 1) C, phi's gradient n C."""
+    return (4 * n + 2) * C + (7 * n + 4) * C
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"] if ON_GPU else ["fp32"])
+@pytest.mark.parametrize("backend", ["auto", "triton"] if ON_GPU else ["auto"])
+@pytest.mark.parametrize("fused", [False, True], ids=["autograd_sum", "fused_backward"])
+def test_connection_fwd_bwd(benchmark, record, fused, backend, dtype):
+    """One connection alone (identity branch), C = 1488, n = 4, fwd+bwd with every gradient:
+    what mHC itself costs, the branch's time left out. ``fused_backward`` against autograd adding
+    the three stream gradients; ``triton`` adds the opt-in projection and epilogue kernels. The
+    roofline ratio is against :func:`connection_traffic` (the fused design's passes)."""
+    dim, tokens = 1488, (16 if ON_GPU else 4) * CELLS
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    torch.manual_seed(0)
+    layer = MHCLayer(nn.Identity(), dim, N_STREAMS, init="paper", backend=backend,
+                     fused_backward=fused).to(DEVICE)  # fmt: skip
+    x = torch.randn(tokens, N_STREAMS, dim, device=DEVICE).to(dt)
+    upstream = torch.randn_like(x)
+    params = [layer.phi, layer.bias, layer.alpha]
+    nbytes = connection_traffic(N_STREAMS, dim) * tokens * x.element_size()
+    _, facts = timed(benchmark, lambda x, *_: layer(x), [x, *params], upstream, "fwd+bwd", nbytes)
+    record(kernel="connection", fused_backward=fused, backend=backend, dtype=dtype, dim=dim,
+           tokens=tokens, n_streams=N_STREAMS, **facts)  # fmt: skip
 
 
 WEIGHT_VIEWS = ("TBackward0", "ToCopyBackward0", "ViewBackward0", "TransposeBackward0")
