@@ -108,16 +108,17 @@ def test_mhc_layers_subset_and_out_of_range(model_folder):
 
 
 def test_mhc_recomputation_gives_the_same_gradients(model_folder):
-    """``mhc.recompute = k``: one kept stream per k connections, same loss and gradients."""
+    """``mhc.recompute = k``: one kept stream per k connections, same loss and gradients; the
+    same for the fused backward (``mhc.extra: {fused_backward: true}``)."""
     _, folder = model_folder
     lora = LoraSettings(enable=True, r=4, alpha=8, dropout=0.0)
     grads = []
-    for k in (0, 3):
+    for settings in ({}, {"recompute": 3}, {"extra": {"fused_backward": True}}):
         torch.manual_seed(0)  # the same LoRA initialisation
         model, info = load_pretrained(folder)
         prepare_for_finetuning(model, input_dim=12, pert_names=PERTS,
                                pretrained_perts=info.pert_names, lora=lora,
-                               mhc=MHCSettings(enable=True, recompute=k))  # fmt: skip
+                               mhc=MHCSettings(enable=True, **settings))  # fmt: skip
         with torch.no_grad():  # streams that differ, so every part of mHC is live
             for name, p in model.named_parameters():
                 if "hc." in name or "lora_B" in name:
@@ -126,8 +127,9 @@ def test_mhc_recomputation_gives_the_same_gradients(model_folder):
         upstream = torch.randn(16, 12, generator=torch.Generator().manual_seed(0))
         (model(batch_for(model.config)) * upstream).sum().backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+    for other in grads[1:]:
+        assert other.keys() == grads[0].keys()
+        for name in grads[0]:
+            torch.testing.assert_close(other[name], grads[0][name], msg=name)
     with pytest.raises(ValueError, match="mhc.recompute"):
         MHCSettings(enable=True, recompute=-1).mhc_config()
