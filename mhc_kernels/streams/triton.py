@@ -1,16 +1,20 @@
-"""Fused Triton stream mixing: pre-mix and post/residual merge, forward and backward.
+"""Fused Triton stream mixing: pre-mix and post/residual merge, forward and backward, and the
+fused connection backward's stream gradient.
 
 Limits: n up to 8 (padded to a power of two, padded streams masked), any C (blocks of up to 512
-with masks; a multiple of 16, which Triton specialises, gets 16-byte loads); streams float32,
-float16 or bfloat16, coefficients float32. The grid is (token blocks, C blocks): a program owns
-BT tokens x BC channels of every stream, loads those tokens' coefficients, and unrolls the streams
-so that sums over streams stay in each thread's registers (BC runs across threads).
+with masks; a multiple of 8 gets 16-byte loads); streams float32, float16 or bfloat16,
+coefficients float32. The grid is (token blocks, C blocks): a program owns BT tokens x BC channels
+of every stream, loads those tokens' coefficients, and unrolls the streams so that sums over
+streams stay in each thread's registers (BC runs across threads).
 
 Traffic per token (the fused layer's point, paper §4.3): pre-mix reads n*C, writes C; merge reads
 (n + 1)*C, writes n*C. Backward: pre-mix reads (n + 1)*C and writes n*C plus n coefficient
-gradients; merge reads (2n + 1)*C and writes (n + 1)*C plus n^2 + n coefficient gradients. Each
-program writes its C block's share of the coefficient gradients; the launcher adds the C blocks'
-shares (C / 512 of them: no atomics, deterministic). Measured on an H200: benchmarks/README.md.
+gradients; merge reads (2n + 1)*C and writes (n + 1)*C plus n^2 + n coefficient gradients. The
+fused connection backward runs both without their stream gradient (pre-mix: reads (n + 1)*C;
+merge: reads (2n + 1)*C, writes C) and writes that gradient once (``_stream_grad_kernel``: reads
+(2n + 1)*C, writes n*C, phi^T read once per 16 tokens). Each program writes its C block's share of
+the coefficient gradients; the launcher adds the C blocks' shares (C / 512 of them: no atomics,
+deterministic). Measured on an H200: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -160,10 +164,9 @@ def _stream_grad_kernel(x_ptr, gin_ptr, gout_ptr, hpre_ptr, hres_ptr, dss_ptr, d
     #   h_pre[t, i] g_in[t, c]                    (pre-mix)
     # + sum_j h_res[t, j, i] g_out[t, j, c]       (merge; without it when HAS_GOUT is off)
     # + 2 dss[t] x[t, i, c] + sum_w dproj[t, w] phi[i C + c, w]     (projection; phi^T given)
-    # as one [BT, NP, BC] tile built from [BT, BC] rows, like the merge's forward (no sums over
-    # streams); BT tokens share each row of phi^T read by the rank-1 updates over w
-    # every load is addressed in the [BT, NP, BC] tile's own shape ([BT, 1, 1] per token, [BT, NP,
-    # 1] per stream, [BT, 1, BC] per row), so that no value changes layout through shared memory
+    # as one [BT, NP, BC] tile with no sums over streams; every load is addressed in the tile's own
+    # shape ([BT, 1, 1] per token, [BT, NP, 1] per stream, [BT, 1, BC] per row) so that values
+    # need not change layout; BT tokens share each row of phi^T read by the rank-1 updates over w
     C = _multiple(C, CV)
     tok, t64, c2, m2 = _token_channel_tile(T, C, BT, BC)
     i2, mi, t3, i3, c3, m3 = _stream_tile(tok, t64, c2, T, n, C, NP)
