@@ -509,11 +509,10 @@ def stream_grad_triton(x, g_in, g_out, h_pre, h_res, dsumsq, dproj, phi):
     n, C = x.shape[-2:]
     x3 = x.reshape(-1, n, C).contiguous()
 
-    def streams(t):  # the kernel reads the upstream gradients in the streams' dtype
-        return t.reshape(x3.shape[0], -1, C).to(x.dtype).contiguous()
+    def like_x(t, *shape):  # the kernel reads the upstream gradients in the streams' dtype
+        return t.reshape(x3.shape[0], *shape).to(x.dtype).contiguous()
 
-    dx = stream_grad(x3, streams(g_in).reshape(-1, C),
-                     None if g_out is None else streams(g_out),
+    dx = stream_grad(x3, like_x(g_in, C), None if g_out is None else like_x(g_out, n, C),
                      h_pre.reshape(-1, n).float().contiguous(),
                      h_res.reshape(-1, n, n).float().contiguous(),
                      dsumsq.reshape(-1).float().contiguous(),
