@@ -58,7 +58,7 @@ _ATTRIBUTE = "_mhc_rebuild"
 
 class _Rebuild:
     """How the backward gets one stream back: re-run the merge that produced it (``merge_node``,
-    the merge's autograd node) from that merge's saved inputs."""
+    the merge's autograd node) from that merge's saved inputs (unpacked once: :func:`_saved`)."""
 
     __slots__ = ("merge_node", "depth", "version", "value")
 
@@ -69,7 +69,7 @@ class _Rebuild:
     def get(self) -> torch.Tensor:
         if self.value is None:
             node = self.merge_node
-            y, h_post, h_res = node.saved_tensors[-3:]
+            y, h_post, h_res = _saved(node)[-3:]
             with torch.no_grad():
                 self.value = merge(_stream_input(node), y, h_post, h_res, node.backend)
         return self.value
@@ -108,12 +108,28 @@ def _rebuild_of(x: torch.Tensor) -> _Rebuild | _Expanded | None:
     return rebuild if rebuild is not None and rebuild.version == x._version else None
 
 
+def _saved(ctx) -> tuple[torch.Tensor, ...]:
+    """``ctx.saved_tensors``, unpacked once per backward: a merge's are read by the rebuild of its
+    output and then by its own backward, and torch.utils.checkpoint (non-reentrant) lets each
+    saved tensor be unpacked only once. The backward that owns ``ctx`` ends with :func:`_done`."""
+    saved = getattr(ctx, "unpacked", None)
+    if saved is None:
+        saved = ctx.unpacked = ctx.saved_tensors
+    return saved
+
+
+def _done(ctx) -> None:
+    """Drop :func:`_saved`'s references at the end of ``ctx``'s backward (autograd frees the saved
+    tensors themselves then; a reference here would keep them to the end of the step)."""
+    ctx.unpacked = None
+
+
 def _stream_input(ctx) -> torch.Tensor:
     """The stream input of the Function whose context is ``ctx``: rebuilt by merges, or kept as
     the first saved tensor (the streams themselves, or the source they were expanded from)."""
     if ctx.rebuild is not None:
         return ctx.rebuild.get()
-    kept = ctx.saved_tensors[0]
+    kept = _saved(ctx)[0]
     if ctx.expanded_from is None:
         return kept
     with torch.no_grad():
@@ -156,7 +172,8 @@ class _CoefficientsAndPreMix(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_in, g_post, g_res):
-        inputs = _detached((_stream_input(ctx), *ctx.saved_tensors[-3:]), ctx.needs_input_grad[2:])
+        inputs = _detached((_stream_input(ctx), *_saved(ctx)[-3:]), ctx.needs_input_grad[2:])
+        _done(ctx)
         with torch.enable_grad():
             h_pre, h_post, h_res = ctx.connection.coefficients_from(*inputs)
         # the pre-mix's backward alone (its output is not needed), then the coefficients'
@@ -214,9 +231,10 @@ class _FusedCoefficientsAndPreMix(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_in, g_post, g_res):
         connection, backend = ctx.connection, ctx.connection.config.backend
-        phi, bias, alpha, proj, sumsq, h_pre, h_res = ctx.saved_tensors[-7:]
+        phi, bias, alpha, proj, sumsq, h_pre, h_res = _saved(ctx)[-7:]
         needs_x, needs_phi, needs_bias, needs_alpha = ctx.needs_input_grad[3:]
         x, g_out = _stream_input(ctx), ctx.link.take()
+        _done(ctx)
         if g_in is None:  # the branch ignored its input
             g_in = x.new_zeros((*x.shape[:-2], x.shape[-1]))
         _, dh_pre = pre_mix_backward(x, h_pre, g_in, backend, want_dx=False)
@@ -251,7 +269,8 @@ class _Merge(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        inputs = (_stream_input(ctx), *ctx.saved_tensors[-3:])
+        inputs = (_stream_input(ctx), *_saved(ctx)[-3:])
+        _done(ctx)
         needs = ctx.needs_input_grad[4:]
         fused = ctx.link is not None
         grads = merge_backward(*inputs, grad, ctx.backend, want_dx=not fused)

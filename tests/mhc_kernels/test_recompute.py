@@ -350,3 +350,25 @@ def test_no_tokens(backend, options):
     x = torch.randn(0, N, C, requires_grad=True)
     layer(x).sum().backward()
     assert x.grad.shape == x.shape and float(layer.phi.grad.abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_inside_activation_checkpointing(reentrant):
+    """Connections inside torch.utils.checkpoint (as a trainer's activation checkpointing wraps
+    whole layers): the same gradients. Non-reentrant checkpointing lets each saved tensor be
+    unpacked once; a merge's are read by the rebuild of its output and by its own backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, upstream = torch.randn(2, 3, N, C), torch.randn(2, 3, N, C)
+
+    def grads(layers, wrapped):
+        xg = x.clone().requires_grad_()
+        out = (checkpoint(lambda t: run(layers, t), xg, use_reentrant=reentrant) if wrapped
+               else run(layers, xg))  # fmt: skip
+        out.backward(upstream)
+        return [xg.grad, *(p.grad for layer in layers for p in layer.parameters())]
+
+    expected = grads(make_stack(), False)
+    for options in LEAN:
+        for g, e in zip(grads(make_stack(**options), True), expected, strict=True):
+            torch.testing.assert_close(g, e)
