@@ -122,11 +122,12 @@ def throughput_facts(fn, nbytes: int, median_s: float) -> dict:
     return facts
 
 
-def timed(benchmark, fn, inputs, upstream, passes: str, nbytes: int):
+def timed(benchmark, fn, inputs, upstream, passes: str, nbytes: int, cpu_rounds: int = 3):
     """Time ``fn(*inputs)``, forward only (``passes="fwd"``, no grad) or with the gradients of
     ``inputs`` for ``upstream``: pytest-benchmark's median of single synchronised calls (20 rounds
-    on a GPU, 3 on CPU, after a warm-up call for compilation, autotuning and the allocator), then
-    :func:`throughput_facts`. Returns ``(run, facts)``, ``run`` being the unsynchronised call."""
+    on a GPU, ``cpu_rounds`` on CPU, after a warm-up call for compilation, autotuning and the
+    allocator), then :func:`throughput_facts`. Returns ``(run, facts)``, ``run`` being the
+    unsynchronised call."""
     if passes == "fwd":
 
         def run():
@@ -141,7 +142,7 @@ def timed(benchmark, fn, inputs, upstream, passes: str, nbytes: int):
 
     synced = synchronized(run)
     synced()
-    benchmark.pedantic(synced, rounds=20 if ON_GPU else 3, warmup_rounds=1)
+    benchmark.pedantic(synced, rounds=20 if ON_GPU else cpu_rounds, warmup_rounds=1)
     return run, throughput_facts(run, nbytes, benchmark.stats.stats.median)
 
 
