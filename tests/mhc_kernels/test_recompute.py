@@ -344,10 +344,10 @@ def test_fused_backward_under_torch_compile_runs_as_without_it():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("options", [{}, *LEAN], ids=["kept", "recompute", "fused", "both"])
-def test_no_tokens(backend, options):
+def test_no_tokens(backend, options, device):
     """An empty batch runs forward and backward on every path (zero parameter gradients)."""
-    layer = make_stack(backend, **options)[0]
-    x = torch.randn(0, N, C, requires_grad=True)
+    layer = make_stack(backend, **options)[0].to(device)
+    x = torch.randn(0, N, C, device=device, requires_grad=True)
     layer(x).sum().backward()
     assert x.grad.shape == x.shape and float(layer.phi.grad.abs().sum()) == 0.0
 
