@@ -372,3 +372,35 @@ def test_inside_activation_checkpointing(reentrant):
     for options in LEAN:
         for g, e in zip(grads(make_stack(**options), True), expected, strict=True):
             torch.testing.assert_close(g, e)
+
+
+class ScaledLinear(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.lin = nn.Linear(dim, dim)
+
+    def forward(self, h, scale=1.0):
+        return self.lin(h) * scale
+
+
+@pytest.mark.parametrize("coefficients", ["fp32-torch", "fp32-triton", "fp64-torch"])
+@pytest.mark.parametrize("constraint", ["sinkhorn", "none"])
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_fused_backward_for_every_stream_count_and_constraint(n, constraint, coefficients, device):
+    """n = 1 to 8 (padded streams in the kernel), unconstrained HC, float64 coefficients, and
+    branch keyword arguments: the fused backward's gradients are autograd's."""
+    dtype, backend = coefficients.split("-")
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        layer = MHCLayer(ScaledLinear(24), 24, n, init="paper", constraint=constraint,
+                         coeff_dtype=getattr(torch, {"fp32": "float32", "fp64": "float64"}[dtype]),
+                         backend=backend, fused_backward=fused).to(device)  # fmt: skip
+        nn.init.normal_(layer.phi, std=0.3)
+        x = torch.randn(2, 5, n, 24, device=device).requires_grad_()
+        out = layer(x, scale=0.7)
+        results.append(
+            [out, *torch.autograd.grad(out, [x, *layer.parameters()], torch.ones_like(out))]
+        )
+    for got, expected in zip(results[1], results[0], strict=True):  # fp32 streams: fp32 bounds
+        torch.testing.assert_close(got.float(), expected.float())
