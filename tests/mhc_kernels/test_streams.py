@@ -305,3 +305,22 @@ def test_coefficient_epilogue_matches_the_reference(n, T, sinkhorn, device):
         bound = 4 * (r - e).abs().max() + T**0.5 * 2**-24 * scale + 1e-7
         worst = ((g - e).abs() - bound).max()
         assert worst <= 0, f"{name}: error exceeds its bound by {worst:.3g}"
+
+
+def test_explicit_triton_refuses_float64_weights_for_the_fused_backward(device):
+    """``backend="triton"`` never falls back silently: float64 phi (coeff_dtype=float64) is an
+    error for the stream gradient and phi's gradient; ``torch`` computes them."""
+    from mhc_kernels.coefficients import projection_weight_grad
+    from mhc_kernels.streams import stream_grad
+
+    T, n, C, W = 4, 2, 8, 8
+    x, dproj = torch.randn(T, n, C, device=device), torch.randn(T, W, device=device)
+    args = [x, torch.randn(T, C, device=device), None, torch.rand(T, n, device=device),
+            torch.rand(T, n, n, device=device), torch.randn(T, device=device), dproj]  # fmt: skip
+    phi = torch.randn(n * C, W, dtype=torch.float64, device=device)
+    with pytest.raises(ValueError, match="float32 phi"):
+        stream_grad(*args, phi, backend="triton")
+    with pytest.raises(ValueError, match="float32 phi"):
+        projection_weight_grad(x, dproj, phi, "triton")
+    assert stream_grad(*args, phi, backend="torch").dtype == torch.float32
+    assert projection_weight_grad(x, dproj, phi, "torch").dtype == torch.float64
