@@ -317,7 +317,9 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
     blocks of the same kernels with fewer registers. The merge takes the branch output ``y`` in its
     own dtype, so it is compiled for every (stream dtype, branch dtype) pair. ``pre_mix_dh`` and
     ``merge_bwd_nodx`` are the backwards without their stream gradient (the fused connection
-    backward's), ``stream_grad`` that gradient.
+    backward's; the latter for equal dtypes only: the compile check's time on 2 cores),
+    ``stream_grad`` that gradient (with the merge's term: without it, when the merge's output has
+    no gradient, the kernel is a subset of this code).
     """
     f = "*fp32"
     for np2, dt in itertools.product((1, 2, 4, 8), dtypes):
@@ -352,7 +354,9 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
                 "dhres_part_ptr": f,
             }
             kernels[f"merge_bwd-{tag}"] = (_merge_bwd_kernel, merge_bwd, {"WRITE_DX": True})
-            kernels[f"merge_bwd_nodx-{tag}"] = (_merge_bwd_kernel, merge_bwd, {"WRITE_DX": False})
+            if ydt == dt:  # less code than merge_bwd, whose mixed-dtype variants cover y's cast
+                kernels[f"merge_bwd_nodx-{tag}"] = (_merge_bwd_kernel, merge_bwd,
+                                                    {"WRITE_DX": False})  # fmt: skip
         for name, (kernel, ptrs, extra) in kernels.items():
             kind, tag = name.split("-", 1)
             tail = {
@@ -370,34 +374,13 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
             )
         grad_consts = stream_grad_config(2**20, np2, 2**20, itemsize)
         grad_warps = grad_consts.pop("num_warps")
-        for has_gout in (True, False):
-            ptrs = {
-                "x_ptr": s,
-                "gin_ptr": s,
-                "gout_ptr": s,
-                "hpre_ptr": f,
-                "hres_ptr": f,
-                "dss_ptr": f,
-                "dproj_ptr": f,
-                "phit_ptr": f,
-                "dx_ptr": s,
-            }
-            consts_g = {"HAS_GOUT": has_gout, **grad_consts}
-            tail = {
-                "T": "i32",
-                "n": "i32",
-                "C": "i32",
-                "W": "i32",
-                **dict.fromkeys(consts_g, "constexpr"),
-            }
-            kind = "stream_grad" if has_gout else "stream_grad_nogout"
-            yield (
-                f"{kind}-NP{np2}-BT{grad_consts['BT']}-BC{grad_consts['BC']}-{dt}",
-                _stream_grad_kernel,
-                {**ptrs, **tail},
-                consts_g,
-                grad_warps,
-            )
+        ptrs = {"x_ptr": s, "gin_ptr": s, "gout_ptr": s, "hpre_ptr": f, "hres_ptr": f,
+                "dss_ptr": f, "dproj_ptr": f, "phit_ptr": f, "dx_ptr": s}  # fmt: skip
+        consts_g = {"HAS_GOUT": True, **grad_consts}
+        tail = {"T": "i32", "n": "i32", "C": "i32", "W": "i32",
+                **dict.fromkeys(consts_g, "constexpr")}  # fmt: skip
+        yield (f"stream_grad-NP{np2}-BT{grad_consts['BT']}-BC{grad_consts['BC']}-{dt}",
+               _stream_grad_kernel, {**ptrs, **tail}, consts_g, grad_warps)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ autograd (ops)
