@@ -266,12 +266,12 @@ class HyperConnection(nn.Module):
 
     def _connect(self, x: torch.Tensor, branch, *args, **kwargs) -> torch.Tensor:
         c, backend = self.config, self.config.backend
-        if (c.recompute or c.fused_backward) and torch.is_grad_enabled():
-            if not torch.compiler.is_compiling():
-                out, h_res = recompute.connect(self, x, branch, *args, **kwargs)
-                self._record(h_res)
-                return out
-        if c.recompute and torch.is_grad_enabled():
+        training = torch.is_grad_enabled()
+        if training and (c.recompute or c.fused_backward) and not torch.compiler.is_compiling():
+            out, h_res = recompute.connect(self, x, branch, *args, **kwargs)
+            self._record(h_res)
+            return out
+        if training and c.recompute:
             # torch.compile cannot trace a backward that re-runs autograd: checkpoint each part
             # (each connection keeps its stream input, as with recompute_block=1; the fused
             # backward is eager only)
