@@ -37,13 +37,9 @@ def projection_weight_grad(v: torch.Tensor, dproj: torch.Tensor, phi: torch.Tens
     K, W = phi.shape
     v, dproj = v.reshape(-1, K), dproj.reshape(-1, W)
     if resolve_backend(backend, v.device, auto_triton=False) == "triton":
-        from .triton import MAX_COLUMNS, projection_dphi
+        from .triton import projection_dphi
 
-        if phi.dtype != torch.float32 or W > MAX_COLUMNS:
-            raise ValueError(
-                f"the fused projection takes float32 phi with <= {MAX_COLUMNS} columns"
-            )
-        return projection_dphi(v.contiguous(), dproj.float().contiguous())
+        return projection_dphi(v.contiguous(), dproj.float().contiguous(), phi)
     return v.to(phi.dtype).T @ dproj.to(phi.dtype)
 
 

@@ -243,11 +243,15 @@ def _parts(blocks: int, length: int, block: int, device: torch.device) -> int:
     return cdiv(cdiv(length, parts), block) * block
 
 
+def _check_weights(phi: torch.Tensor) -> None:
+    if phi.shape[1] > MAX_COLUMNS or phi.dtype != torch.float32:
+        raise ValueError(f"the fused projection takes float32 phi with <= {MAX_COLUMNS} columns")
+
+
 def projection_fwd(v: torch.Tensor, phi: torch.Tensor):
     T, K = v.shape
     W = phi.shape[1]
-    if W > MAX_COLUMNS or phi.dtype != torch.float32:
-        raise ValueError(f"the fused projection takes float32 phi with <= {MAX_COLUMNS} columns")
+    _check_weights(phi)
     if T == 0 or K == 0:
         return v.new_zeros((T, W), dtype=torch.float32), v.new_zeros((T,), dtype=torch.float32)
     bt, bk, wp = _config(W)
@@ -273,11 +277,13 @@ def projection_bwd(v, phi, dproj, dss):
     _projection_dv_kernel[(token_blocks, cdiv(K, k_per))](v, phi, dproj, dss, dv, T, K, W, k_per,
                                                           BT=bt, BK=bk, WP=wp,
                                                           num_warps=NUM_WARPS)  # fmt: skip
-    return dv, projection_dphi(v, dproj)
+    return dv, projection_dphi(v, dproj, phi)
 
 
-def projection_dphi(v, dproj):
-    """``v^T @ dproj`` (float32 ``(K, W)``) by the ``dphi`` kernel: v read once, in its dtype."""
+def projection_dphi(v, dproj, phi):
+    """``v^T @ dproj`` (float32 ``(K, W)``, the gradient of ``phi``) by the ``dphi`` kernel: v read
+    once, in its dtype."""
+    _check_weights(phi)
     T, K = v.shape
     W = dproj.shape[1]
     if T == 0 or K == 0:
