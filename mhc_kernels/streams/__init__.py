@@ -97,12 +97,13 @@ def stream_grad(x, g_in, g_out, h_pre, h_res, dsumsq, dproj, phi, backend: str =
     tensors and add (:func:`stream_grad_reference` has the formula). Same ``backend`` rules as
     :func:`pre_mix`; the Triton kernel takes float32 ``phi`` (``auto`` leaves float64 to PyTorch).
     """
-    if _use_triton(backend, x) and (phi.dtype == torch.float32 or backend == "triton"):
-        if phi.dtype != torch.float32:
-            raise ValueError("the fused stream gradient takes float32 phi (coeff_dtype=float32)")
-        from .triton import stream_grad_triton
+    if _use_triton(backend, x):
+        if phi.dtype == torch.float32:
+            from .triton import stream_grad_triton
 
-        return stream_grad_triton(x, g_in, g_out, h_pre, h_res, dsumsq, dproj, phi)
+            return stream_grad_triton(x, g_in, g_out, h_pre, h_res, dsumsq, dproj, phi)
+        if backend == "triton":
+            raise ValueError("the fused stream gradient takes float32 phi (coeff_dtype=float32)")
     return stream_grad_reference(x, g_in, g_out, h_pre, h_res, dsumsq, dproj, phi)
 
 
