@@ -78,8 +78,8 @@ class MHCConfig:
         backend: Sinkhorn backend, ``"auto"``, ``"torch"`` or ``"triton"``.
         identity_gap: diagonal logit gap of H_res under ``init="identity"``; ``None`` picks
             ``log(9 (n - 1))`` (diagonal 0.9).
-        recompute: keep only the stream input, the branch output and the coefficients for
-            backward and re-run the coefficients, pre-mix and merge there (paper §4.3.2): less
+        recompute: keep only the stream input, the branch output, the projection and the
+            coefficients for backward and re-run the coefficient path there (paper §4.3.2): less
             activation memory for one more pass over the cheap parts of the layer.
         recompute_block: with ``recompute``, the number of consecutive connections that share one
             kept stream input (the paper's L_r): the others are rebuilt in backward from it
@@ -234,11 +234,7 @@ class HyperConnection(nn.Module):
 
     def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x: (..., n, C)`` -> ``H_pre (..., n)``, ``H_post (..., n)``, ``H_res (..., n, n)``."""
-        return self.coefficients_from(x, self.phi, self.bias, self.alpha)
-
-    def coefficients_from(self, x, phi, bias, alpha):
-        """:meth:`coefficients` with the given parameters (recomputation passes detached ones)."""
-        return self.gates(*self.project(x, phi), alpha, bias)
+        return self.gates(*self.project(x, self.phi), self.alpha, self.bias)
 
     def project(self, x, phi):
         """``x: (..., n, C)`` -> ``(v @ phi: (..., W), sum(v^2): (...))`` for ``v = vec(x)``: one

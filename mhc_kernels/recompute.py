@@ -1,7 +1,10 @@
 """Activation recomputation for a chain of mHC connections (paper §4.3.2), and the fused backward.
 
-A connection with either option runs as two autograd Functions, coefficients + pre-mix and merge,
-with the branch between them; their backwards are written here.
+A connection with either option runs as autograd Functions whose backwards are written here:
+the projection ``x -> (v @ phi, sum(v^2))``, the coefficients from it (with recomputation only; else
+plain autograd), the pre-mix and the merge, with the branch between the last two. Autograd runs
+their backwards in the order merge, branch, pre-mix, coefficients, projection: each reads the
+stream input ``x_l`` for its own gradients, and the projection's is the last.
 
 Without recomputation a connection keeps, for its backward, its n-stream input ``x_l`` (n * C values
 per token in the streams' dtype), its branch output ``y_l``, its coefficients and every
@@ -11,15 +14,17 @@ intermediate of the coefficient path. A plain residual keeps none of these; ``x_
 Consecutive connections are tied by their merge, ``x_{l+1} = H_res,l x_l + H_post,l^T y_l``, and
 ``y_l``, ``H_post,l``, ``H_res,l`` are kept anyway (the merge's backward needs them). So a block of
 ``block`` consecutive connections keeps only the stream input of its first connection; the backward
-rebuilds the others by re-running the merges from it, and every connection re-runs its coefficients
-and pre-mix from its (kept or rebuilt) input in its own backward.
+rebuilds the others by re-running the merges from it. Each connection also keeps its projection
+(n^2 + 2n + 1 floats per token) instead of the coefficient path's intermediates and re-runs that
+small path (scale, bias, gates, Sinkhorn) in its backward.
 
-Kept per connection: ``y_l`` and the n^2 + 2n coefficients per token (and whatever the branch keeps
-for itself), plus one stream per block. While the backward walks through a block, up to ``block - 1``
-rebuilt streams are alive at once; each is dropped after the last backward that reads it (the
-connection's coefficient and pre-mix backward). The paper picks ``block ~ sqrt(n L / (n + 2))`` for
-``L`` connections. ``block = 1`` keeps every connection's stream input (recomputation within the
-connection only).
+Kept per connection: ``y_l``, the projection and the n^2 + 2n coefficients per token (and whatever
+the branch keeps for itself), plus one stream per block. While the backward walks through a block,
+up to ``block - 1`` rebuilt streams are alive at once; each is dropped after the last backward that
+reads it (the connection's projection backward: a rebuilt stream is a merge's output, so it needs
+a gradient and that backward runs). The paper picks ``block ~ sqrt(n L / (n + 2))`` for ``L``
+connections. ``block = 1`` keeps every connection's stream input (recomputation of the coefficients
+only).
 
 A rebuilt stream is the forward's, bit for bit (the same kernels on the same inputs), so gradients
 equal those without recomputation. The connection's operations ignore autocast (float32 coefficient
@@ -30,13 +35,13 @@ Gradients of gradients are not available with recomputation (``create_graph=True
 The fused backward (``MHCConfig.fused_backward``): without it the gradient of a stream input is
 three stream tensors that autograd adds (the merge's ``H_res^T g_out``, the pre-mix's
 ``H_pre g_in``, the projection's ``2 v dsumsq + dproj phi^T``: 3 S written, 6 S of traffic to add
-them). With it the merge's backward skips its term and hands its upstream gradient ``g_out`` to the
-coefficient backward of the same connection through a :class:`_Link` (autograd runs that backward
-after the merge's, which reads its H_post and H_res), and that backward writes all three terms at
-once (:func:`mhc_kernels.streams.stream_grad`). The hand-over is dropped at the end of each backward
-pass, so a pass that stops between the two leaves nothing behind. It keeps the projection
-``(v @ phi, sum(v^2))`` (n^2 + 2n + 1 floats per token) and re-runs only the small coefficient
-epilogue in backward; combined with recomputation, the stream input is kept or rebuilt as above.
+them). With it the merge's and the pre-mix's backwards skip their terms and hand their upstream
+gradients to the projection's backward of the same connection through a :class:`_Link`, and that
+backward writes all three terms at once (:func:`mhc_kernels.streams.stream_grad`). The hand-over
+is dropped at the end of each backward pass, so a pass that stops between them leaves nothing
+behind. Nothing is re-run for it (the first version re-ran the coefficient path inside a nested
+autograd call: about 0.5 ms more host time per connection, which an eager GPU step, bound by
+its host, pays in full; benchmarks/host_overhead.py), and it keeps what autograd keeps.
 
 How a stream finds its recipe: the merge's output tensor carries it as an attribute. The first
 connection's input, when :func:`mhc_kernels.expand_streams` made it, carries its source instead
@@ -50,7 +55,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .coefficients import projection_weight_grad
+from .coefficients import projection_backward
 from .streams import merge, merge_backward, pre_mix, pre_mix_backward, stream_grad
 
 _ATTRIBUTE = "_mhc_rebuild"
@@ -154,158 +159,161 @@ def _grads(outputs, upstream, inputs) -> tuple[torch.Tensor | None, ...]:
     return tuple(next(grads) if t.requires_grad else None for t in inputs)
 
 
-def _detached(tensors, needs) -> list[torch.Tensor]:
-    return [t.detach().requires_grad_(need) for t, need in zip(tensors, needs, strict=True)]
-
-
-class _CoefficientsAndPreMix(torch.autograd.Function):
-    """``x -> (H_pre x, H_post, H_res)`` keeping only the parameters and (unless it can be rebuilt)
-    ``x``; the backward re-runs the coefficients, then runs the pre-mix's backward alone."""
-
-    @staticmethod
-    def forward(ctx, connection, rebuild, x, phi, bias, alpha):
-        ctx.connection = connection
-        _save(ctx, rebuild, x, phi, bias, alpha)
-        h_pre, h_post, h_res = connection.coefficients_from(x, phi, bias, alpha)
-        return pre_mix(x, h_pre, connection.config.backend), h_post, h_res
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_in, g_post, g_res):
-        inputs = _detached((_stream_input(ctx), *_saved(ctx)[-3:]), ctx.needs_input_grad[2:])
-        _done(ctx)
-        with torch.enable_grad():
-            h_pre, h_post, h_res = ctx.connection.coefficients_from(*inputs)
-        # the pre-mix's backward alone (its output is not needed), then the coefficients'
-        x = inputs[0].detach()
-        dx, dh_pre = pre_mix_backward(x, h_pre.detach(), g_in, ctx.connection.config.backend)
-        grads = _grads((h_pre, h_post, h_res), (dh_pre, g_post, g_res), inputs)
-        if ctx.rebuild is not None:
-            ctx.rebuild.release()  # the last backward that reads this stream
-        if not inputs[0].requires_grad:
-            return None, None, *grads
-        return None, None, dx if grads[0] is None else grads[0] + dx, *grads[1:]
-
-
 class _Link:
-    """The fused backward's hand-over within one connection: the merge's backward leaves its
-    upstream gradient here instead of computing its stream-gradient term, and the coefficient
-    backward (which autograd runs after it: the merge reads its H_post and H_res) takes it and
-    adds that term into the stream gradient it writes anyway. Dropped when the backward pass
-    ends, taken or not, so that a later pass never sees a stale one."""
+    """The fused backward's hand-over within one connection: the merge's and the pre-mix's
+    backwards leave their upstream gradients (and H_res, H_pre) here instead of computing their
+    stream-gradient terms, and the projection's backward, which autograd runs after both (the
+    coefficients come from the projection), adds those terms into the stream gradient it writes
+    anyway. Dropped when the backward pass ends, taken or not, so that a later pass never sees a
+    stale one."""
 
-    __slots__ = ("grad",)
+    __slots__ = ("merge", "pre_mix")
 
     def __init__(self):
-        self.grad: torch.Tensor | None = None
+        self.drop()
 
-    def put(self, grad: torch.Tensor) -> None:
-        self.grad = grad
+    def put(self, part: str, grad: torch.Tensor, h: torch.Tensor) -> None:
+        setattr(self, part, (grad, h))
         torch.autograd.Variable._execution_engine.queue_callback(self.drop)
 
-    def take(self) -> torch.Tensor | None:
-        grad, self.grad = self.grad, None
-        return grad
+    def take(self):
+        """``((g_out, H_res), (g_in, H_pre))``, each ``None`` if its backward did not run."""
+        parts = self.merge, self.pre_mix
+        self.drop()
+        return parts
 
     def drop(self) -> None:
-        self.grad = None
+        self.merge = self.pre_mix = None
 
 
-class _FusedCoefficientsAndPreMix(torch.autograd.Function):
-    """``x -> (H_pre x, H_post, H_res)`` keeping the parameters, the projection ``(v @ phi,
-    sum(v^2))``, H_pre, H_res and (unless it can be rebuilt) ``x``. The backward writes the
-    connection's whole stream gradient in one pass: the pre-mix's gradient of H_pre first (a
-    read of x, no stream written), the coefficients' backward (scale, gates, Sinkhorn: small,
-    re-run under autograd), then :func:`stream_grad` with the merge's upstream gradient from
-    ``link`` and the parameter gradient of phi."""
+class _Projection(torch.autograd.Function):
+    """``x -> (v @ phi, sum(v^2))`` keeping phi and (unless it can be rebuilt) ``x``. Its backward
+    runs after every other one of the connection (the coefficients, hence the pre-mix and merge,
+    depend on it), so it is the last to read ``x``; with a ``link`` it writes the connection's
+    whole stream gradient (:func:`stream_grad`), without one the projection's term alone."""
 
     @staticmethod
-    def forward(ctx, connection, rebuild, link, x, phi, bias, alpha):
+    def forward(ctx, connection, rebuild, link, x, phi):
         ctx.connection, ctx.link = connection, link
-        proj, sumsq = connection.project(x, phi)
-        h_pre, h_post, h_res = connection.gates(proj, sumsq, alpha, bias)
-        _save(ctx, rebuild, x, phi, bias, alpha, proj, sumsq, h_pre, h_res)
-        return pre_mix(x, h_pre, connection.config.backend), h_post, h_res
+        _save(ctx, rebuild, x, phi)
+        return connection.project(x, phi)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_in, g_post, g_res):
-        connection, backend = ctx.connection, ctx.connection.config.backend
-        phi, bias, alpha, proj, sumsq, h_pre, h_res = _saved(ctx)[-7:]
-        needs_x, needs_phi, needs_bias, needs_alpha = ctx.needs_input_grad[3:]
-        x, g_out = _stream_input(ctx), ctx.link.take()
+    def backward(ctx, dproj, dsumsq):
+        backend = ctx.connection.config.backend
+        phi = _saved(ctx)[-1]
+        x = _stream_input(ctx)
         _done(ctx)
-        if g_in is None:  # the branch ignored its input
-            g_in = x.new_zeros((*x.shape[:-2], x.shape[-1]))
-        _, dh_pre = pre_mix_backward(x, h_pre, g_in, backend, want_dx=False)
-        leaves = _detached((proj, sumsq, alpha, bias), (True, True, needs_alpha, needs_bias))
-        with torch.enable_grad():
-            gates = connection.gates(*leaves)
-        pairs = [
-            (h, g) for h, g in zip(gates, (dh_pre, g_post, g_res), strict=True) if g is not None
-        ]
-        dproj, dsumsq, dalpha, dbias = _grads(*zip(*pairs, strict=True), inputs=leaves)
-        dx = dphi = None
-        if needs_x:
+        needs_x, needs_phi = ctx.needs_input_grad[3:]
+        fused = ctx.link is not None and needs_x
+        v = x.reshape(*x.shape[:-2], phi.shape[0])
+        dv, dphi = projection_backward(v, phi, dproj, dsumsq, backend,
+                                       want_dv=needs_x and not fused, want_dphi=needs_phi)  # fmt: skip
+        dx = None if dv is None else dv.reshape(x.shape)
+        if fused:
+            merged, mixed = ctx.link.take()
+            g_out, h_res = merged or (None, dproj.new_zeros((*x.shape[:-1], x.shape[-2])))
+            if mixed is None:  # the branch ignored its input
+                mixed = x.new_zeros((*x.shape[:-2], x.shape[-1])), dproj.new_zeros(x.shape[:-1])
+            g_in, h_pre = mixed
             dx = stream_grad(x, g_in, g_out, h_pre, h_res, dsumsq, dproj, phi, backend)
-        if needs_phi:
-            dphi = projection_weight_grad(x, dproj, phi, backend)
         if ctx.rebuild is not None:
             ctx.rebuild.release()  # the last backward that reads this stream
-        return None, None, None, dx, dphi, dbias, dalpha
+        return None, None, None, dx, dphi
+
+
+class _Gates(torch.autograd.Function):
+    """The coefficients from the projection (scale, bias, gates, Sinkhorn) keeping only their
+    inputs (n^2 + 2n + 1 floats per token): the backward re-runs them under autograd
+    (recomputation; without it autograd keeps their intermediates, which are small)."""
+
+    @staticmethod
+    def forward(ctx, connection, proj, sumsq, alpha, bias):
+        ctx.connection = connection
+        ctx.save_for_backward(proj, sumsq, alpha, bias)
+        return connection.gates(proj, sumsq, alpha, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_pre, g_post, g_res):
+        leaves = [t.detach().requires_grad_(need)
+                  for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[1:], strict=True)]  # fmt: skip
+        with torch.enable_grad():
+            gates = ctx.connection.gates(*leaves)
+        return None, *_grads(gates, (g_pre, g_post, g_res), leaves)
+
+
+class _PreMix(torch.autograd.Function):
+    """``H_pre x`` keeping H_pre and (unless it can be rebuilt) ``x``; the backward runs the
+    pre-mix's backward alone, and with a ``link`` leaves its stream-gradient term to the
+    projection's backward (reading x for the gradient of H_pre only)."""
+
+    @staticmethod
+    def forward(ctx, backend, rebuild, link, x, h_pre):
+        ctx.backend, ctx.link = backend, link
+        _save(ctx, rebuild, x, h_pre)
+        return pre_mix(x, h_pre, backend)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        h_pre = _saved(ctx)[-1]
+        x = _stream_input(ctx)
+        _done(ctx)
+        needs_x, needs_h = ctx.needs_input_grad[3:]
+        fused = ctx.link is not None and needs_x
+        dx, dh = pre_mix_backward(x, h_pre, grad, ctx.backend, want_dx=needs_x and not fused)
+        if fused:
+            ctx.link.put("pre_mix", grad, h_pre)
+        return None, None, None, dx, dh if needs_h else None
 
 
 class _Merge(torch.autograd.Function):
     """``H_res x + H_post^T y`` keeping ``y``, the coefficients and (unless it can be rebuilt)
-    ``x``; the backward runs the merge's backward alone (PyTorch path: through autograd). With a
-    ``link`` (fused backward) it leaves its stream-gradient term to the coefficient backward."""
+    ``x``; the backward runs the merge's backward alone, and with a ``link`` leaves its
+    stream-gradient term to the projection's backward."""
 
     @staticmethod
-    def forward(ctx, backend, last_reader, rebuild, link, x, y, h_post, h_res):
-        ctx.backend, ctx.last_reader, ctx.link = backend, last_reader, link
+    def forward(ctx, backend, rebuild, link, x, y, h_post, h_res):
+        ctx.backend, ctx.link = backend, link
         _save(ctx, rebuild, x, y, h_post, h_res)
         return merge(x, y, h_post, h_res, backend)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        inputs = (_stream_input(ctx), *_saved(ctx)[-3:])
+        y, h_post, h_res = _saved(ctx)[-3:]
+        x = _stream_input(ctx)
         _done(ctx)
-        needs = ctx.needs_input_grad[4:]
-        fused = ctx.link is not None
-        grads = merge_backward(*inputs, grad, ctx.backend, want_dx=not fused)
-        if fused and needs[0]:
-            ctx.link.put(grad)
-        if ctx.rebuild is not None and ctx.last_reader:
-            ctx.rebuild.release()
-        return (
-            None,
-            None,
-            None,
-            None,
-            *(g if need else None for g, need in zip(grads, needs, strict=True)),
+        needs = ctx.needs_input_grad[3:]
+        fused = ctx.link is not None and needs[0]
+        grads = merge_backward(
+            x, y, h_post, h_res, grad, ctx.backend, want_dx=needs[0] and not fused
         )
+        if fused:
+            ctx.link.put("merge", grad, h_res)
+        grads = (g if need else None for g, need in zip(grads, needs, strict=True))
+        return None, None, None, *grads
 
 
 def connect(connection, x: torch.Tensor, branch, *args, **kwargs):
     """``connection.connect`` with recomputation and/or the fused backward (as its config says):
-    returns ``(output, H_res)``."""
+    returns ``(output, H_res)``. Autograd runs the connection's backwards in the order merge,
+    branch, pre-mix, coefficients, projection; a rebuilt stream (a merge's output, so it needs a
+    gradient, so the projection's backward runs) is dropped after the projection's."""
     config = connection.config
     rebuild = _rebuild_of(x) if config.recompute else None
-    params = (connection.phi, connection.bias, connection.alpha)
-    link = None
-    if config.fused_backward:
-        link = _Link()
-        branch_in, h_post, h_res = _FusedCoefficientsAndPreMix.apply(
-            connection, rebuild, link, x, *params
-        )
+    link = _Link() if config.fused_backward else None
+    proj, sumsq = _Projection.apply(connection, rebuild, link, x, connection.phi)
+    params = (proj, sumsq, connection.alpha, connection.bias)
+    if config.recompute:  # keep the gates' inputs alone, re-run them in backward
+        h_pre, h_post, h_res = _Gates.apply(connection, *params)
     else:
-        branch_in, h_post, h_res = _CoefficientsAndPreMix.apply(connection, rebuild, x, *params)
+        h_pre, h_post, h_res = connection.gates(*params)
+    branch_in = _PreMix.apply(config.backend, rebuild, link, x, h_pre)
     y = connection.run_branch(branch, branch_in, *args, **kwargs)
-    # the coefficient backward reads x after the merge's; when it is not on the graph (frozen
-    # parameters, x without gradient) the merge's backward is the last one that reads x
-    last_reader = not h_post.requires_grad
-    out = _Merge.apply(config.backend, last_reader, rebuild, link, x, y, h_post, h_res)
+    out = _Merge.apply(config.backend, rebuild, link, x, y, h_post, h_res)
     depth = 1 + (rebuild.depth if isinstance(rebuild, _Rebuild) else 0)  # kept x: depth 0
     if config.recompute and depth < config.recompute_block and out.grad_fn is not None:
         setattr(out, _ATTRIBUTE, _Rebuild(out.grad_fn, depth, out._version))

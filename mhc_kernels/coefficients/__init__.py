@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..sinkhorn import resolve_backend, sinkhorn_knopp
-from .reference import epilogue_reference, projection_reference
+from .reference import epilogue_reference, projection_backward_reference, projection_reference
 
 
 def projection(v: torch.Tensor, phi: torch.Tensor, backend: str = "auto"):
@@ -29,18 +29,29 @@ def projection(v: torch.Tensor, phi: torch.Tensor, backend: str = "auto"):
     return projection_reference(v, phi)
 
 
-def projection_weight_grad(v: torch.Tensor, dproj: torch.Tensor, phi: torch.Tensor,
-                           backend: str = "auto") -> torch.Tensor:  # fmt: skip
-    """The gradient of :func:`projection`'s ``phi`` alone: ``v^T @ dproj`` for ``v: (..., K)``,
-    ``dproj: (..., W)``, in ``phi``'s dtype (the fused connection backward computes ``dv`` with
-    the streams' other gradients). Backends as for :func:`projection`."""
+def projection_backward(v: torch.Tensor, phi: torch.Tensor, dproj: torch.Tensor,
+                        dsumsq: torch.Tensor | None = None, backend: str = "auto", *,
+                        want_dv: bool = True, want_dphi: bool = True):  # fmt: skip
+    """The gradients of :func:`projection` for the upstream ``(dproj, dsumsq)``: ``(dv, dphi)``
+    as autograd would give them, each ``None`` unless wanted, without re-running the forward
+    (recomputation and the fused connection backward call it; the latter wants ``dphi`` alone and
+    writes ``dv`` with the streams' other gradients). ``dsumsq`` is read for ``dv`` only. Backends
+    as for :func:`projection`; Triton reads v once for each gradient."""
     K, W = phi.shape
-    v, dproj = v.reshape(-1, K), dproj.reshape(-1, W)
-    if resolve_backend(backend, v.device, auto_triton=False) == "triton":
-        from .triton import projection_dphi
+    if want_dv and dsumsq is None:
+        raise ValueError("the gradient of v needs dsumsq")
+    if resolve_backend(backend, v.device, auto_triton=False) != "triton":
+        return projection_backward_reference(v, phi, dproj, dsumsq, want_dv, want_dphi)
+    from .triton import projection_dphi, projection_dv
 
-        return projection_dphi(v.contiguous(), dproj.float().contiguous(), phi)
-    return v.to(phi.dtype).T @ dproj.to(phi.dtype)
+    v2, dproj = v.reshape(-1, K).contiguous(), dproj.reshape(-1, W).float().contiguous()
+    dv = dphi = None
+    if want_dv:
+        dss = dsumsq.reshape(-1).float().contiguous()
+        dv = projection_dv(v2, phi.contiguous(), dproj, dss).reshape(v.shape)
+    if want_dphi:
+        dphi = projection_dphi(v2, dproj, phi)
+    return dv, dphi
 
 
 def epilogue(
@@ -80,5 +91,5 @@ def epilogue(
     return pre, post, res
 
 
-__all__ = ["epilogue", "epilogue_reference", "projection", "projection_reference",
-           "projection_weight_grad"]  # fmt: skip
+__all__ = ["epilogue", "epilogue_reference", "projection", "projection_backward",
+           "projection_reference"]  # fmt: skip

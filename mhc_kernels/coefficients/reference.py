@@ -36,16 +36,23 @@ class _Projection(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dproj, dsumsq):
-        v, phi = ctx.saved_tensors
-        vc = v.reshape(-1, v.shape[-1]).to(phi.dtype)
-        dproj = dproj.reshape(-1, phi.shape[-1])
-        dv = dphi = None
-        if ctx.needs_input_grad[0]:
-            dv = torch.addmm(vc * (2 * dsumsq.reshape(-1, 1)), dproj, phi.T)
-            dv = dv.reshape(v.shape).to(v.dtype)
-        if ctx.needs_input_grad[1]:
-            dphi = vc.T @ dproj
-        return dv, dphi
+        return projection_backward_reference(*ctx.saved_tensors, dproj, dsumsq,
+                                             *ctx.needs_input_grad)  # fmt: skip
+
+
+def projection_backward_reference(v, phi, dproj, dsumsq, want_dv: bool = True,
+                                  want_dphi: bool = True):  # fmt: skip
+    """The gradients of :func:`projection_reference` for ``(dproj, dsumsq)``: ``(dv, dphi)``, each
+    ``None`` unless wanted (``dsumsq`` is read for ``dv`` only)."""
+    vc = v.reshape(-1, v.shape[-1]).to(phi.dtype)
+    dproj = dproj.reshape(-1, phi.shape[-1]).to(phi.dtype)
+    dv = dphi = None
+    if want_dv:
+        dv = torch.addmm(vc * (2 * dsumsq.reshape(-1, 1).to(phi.dtype)), dproj, phi.T)
+        dv = dv.reshape(v.shape).to(v.dtype)
+    if want_dphi:
+        dphi = vc.T @ dproj
+    return dv, dphi
 
 
 def epilogue_reference(

@@ -266,18 +266,24 @@ def projection_fwd(v: torch.Tensor, phi: torch.Tensor):
 
 
 def projection_bwd(v, phi, dproj, dss):
+    return projection_dv(v, phi, dproj, dss), projection_dphi(v, dproj, phi)
+
+
+def projection_dv(v, phi, dproj, dss):
+    """``2 v dss + dproj @ phi^T`` (the gradient of ``v``, in its dtype) by the ``dv`` kernel."""
+    _check_weights(phi)
     T, K = v.shape
     W = phi.shape[1]
     dv = torch.empty_like(v)
     if T == 0 or K == 0:
-        return dv, torch.zeros_like(phi)
+        return dv
     bt, bk, wp = _config(W)
     token_blocks = cdiv(T, bt)
     k_per = _parts(token_blocks, K, bk, v.device)
     _projection_dv_kernel[(token_blocks, cdiv(K, k_per))](v, phi, dproj, dss, dv, T, K, W, k_per,
                                                           BT=bt, BK=bk, WP=wp,
                                                           num_warps=NUM_WARPS)  # fmt: skip
-    return dv, projection_dphi(v, dproj, phi)
+    return dv
 
 
 def projection_dphi(v, dproj, phi):

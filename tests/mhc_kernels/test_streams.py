@@ -156,16 +156,26 @@ def test_stream_grad_matches_the_reference(n, C, merge_grad, dtype, device):
     torch.testing.assert_close(exact, autograd_dx)
 
 
-def test_projection_weight_grad_matches_the_reference(device):
-    from mhc_kernels.coefficients import projection_weight_grad
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_projection_backward_matches_autograd_without_rerunning(backend, device):
+    """``projection_backward`` gives autograd's gradients of ``projection`` (bf16 streams), each
+    only when wanted: the fused connection backward asks for phi's alone."""
+    from mhc_kernels.coefficients import projection, projection_backward
 
-    v = torch.randn(3, 13, 4 * 72, device=device).to(torch.bfloat16)
-    dproj, phi = torch.randn(3, 13, 24, device=device), torch.zeros(4 * 72, 24, device=device)
-    got = projection_weight_grad(v, dproj, phi, "triton")
+    v = torch.randn(3, 13, 4 * 72, device=device).to(torch.bfloat16).requires_grad_()
+    phi = (0.1 * torch.randn(4 * 72, 24, device=device)).requires_grad_()
+    dproj, dss = torch.randn(3, 13, 24, device=device), torch.randn(3, 13, device=device)
+    expected = torch.autograd.grad(projection(v, phi, backend), (v, phi), (dproj, dss))
+    dv, dphi = projection_backward(v.detach(), phi.detach(), dproj, dss, backend)
+    assert dv.dtype == v.dtype and dphi.dtype == torch.float32
+    for got, exp in zip((dv, dphi), expected, strict=True):
+        torch.testing.assert_close(got, exp)
     exact = v.double().reshape(-1, 4 * 72).T @ dproj.double().reshape(-1, 24)
-    assert got.dtype == torch.float32 and got.shape == phi.shape
-    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(projection_weight_grad(v, dproj, phi, "torch"), got)
+    torch.testing.assert_close(dphi.double(), exact, rtol=1e-5, atol=1e-5)
+    only = projection_backward(v.detach(), phi.detach(), dproj, None, backend, want_dv=False)
+    assert only[0] is None and torch.equal(only[1], dphi)
+    only = projection_backward(v.detach(), phi.detach(), dproj, dss, backend, want_dphi=False)
+    assert only[1] is None and torch.equal(only[0], dv)
 
 
 def test_leading_shapes_and_dtypes(device):
@@ -310,7 +320,7 @@ def test_coefficient_epilogue_matches_the_reference(n, T, sinkhorn, device):
 def test_explicit_triton_refuses_float64_weights_for_the_fused_backward(device):
     """``backend="triton"`` never falls back silently: float64 phi (coeff_dtype=float64) is an
     error for the stream gradient and phi's gradient; ``torch`` computes them."""
-    from mhc_kernels.coefficients import projection_weight_grad
+    from mhc_kernels.coefficients import projection_backward
     from mhc_kernels.streams import stream_grad
 
     T, n, C, W = 4, 2, 8, 8
@@ -321,6 +331,7 @@ def test_explicit_triton_refuses_float64_weights_for_the_fused_backward(device):
     with pytest.raises(ValueError, match="float32 phi"):
         stream_grad(*args, phi, backend="triton")
     with pytest.raises(ValueError, match="float32 phi"):
-        projection_weight_grad(x, dproj, phi, "triton")
+        projection_backward(x.reshape(T, -1), phi, dproj, None, "triton", want_dv=False)
     assert stream_grad(*args, phi, backend="torch").dtype == torch.float32
-    assert projection_weight_grad(x, dproj, phi, "torch").dtype == torch.float64
+    dphi = projection_backward(x.reshape(T, -1), phi, dproj, None, "torch", want_dv=False)[1]
+    assert dphi.dtype == torch.float64
