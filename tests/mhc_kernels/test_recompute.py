@@ -322,6 +322,28 @@ def test_fused_backward_hand_over_ends_with_each_backward_pass():
     torch.testing.assert_close(again, expected)
 
 
+@pytest.mark.parametrize("options", LEAN)
+def test_backward_re_runs_the_coefficients_only_with_recomputation(options, monkeypatch):
+    """The fused backward keeps the coefficient path's graph (no re-run inside a nested autograd
+    call: host time a small GPU step pays in full); recomputation re-runs it once per connection
+    and never the projection (it keeps the projection's output)."""
+    calls = {"gates": 0, "project": 0}
+    for name in calls:
+        real = getattr(MHCLayer, name)
+
+        def counted(self, *args, _name=name, _real=real):
+            calls[_name] += 1
+            return _real(self, *args)
+
+        monkeypatch.setattr(MHCLayer, name, counted)
+    layers = make_stack(**options)
+    out = run(layers, torch.randn(2, 3, N, C, requires_grad=True))
+    assert calls == {"gates": LAYERS, "project": LAYERS}
+    out.square().sum().backward()
+    rerun = LAYERS if options.get("recompute") else 0
+    assert calls == {"gates": LAYERS + rerun, "project": LAYERS}
+
+
 def test_fused_backward_saves_no_more_than_autograd():
     x = torch.randn(3, 5, N, C, requires_grad=True)
     fused = saved_storage_bytes(lambda: run(make_stack(fused_backward=True), x))
