@@ -49,7 +49,7 @@ class Stack(nn.Module):
 
 
 VARIANTS = ["plain", "mhc", "mhc_recompute", "mhc_fused_backward", "mhc_all_triton",
-            "mhc_all_triton_fused", "mhc_bf16_streams", "plain_compiled",
+            "mhc_all_triton_fused", "mhc_bf16_streams", "plain_compiled", "mhc_compiled",
             "mhc_all_triton_compiled"]  # fmt: skip
 
 
@@ -65,7 +65,8 @@ def test_block_fwd_bwd(benchmark, record, variant, dim, heads, dtype):
     default backends with the streams kept in bf16 under bf16 autocast (half the streams' bytes:
     benchmarks/README.md, what the layer-overhead target allows); ``*_compiled``: the block under
     ``torch.compile`` (GPU only), which takes the host's dispatch cost out of a launch-bound
-    block, as a training loop can."""
+    block, as a training loop can (``mhc_compiled``: the default backends, whose PyTorch epilogue
+    inductor fuses by itself; ``mhc_all_triton_compiled``: the fused kernels as custom ops)."""
     if variant.startswith("mhc_all_triton") or variant.endswith("_compiled"):
         if not ON_GPU:
             pytest.skip("the fused kernels and inductor's Triton code run natively only on a GPU")
