@@ -78,12 +78,13 @@ class MHCConfig:
         backend: Sinkhorn backend, ``"auto"``, ``"torch"`` or ``"triton"``.
         identity_gap: diagonal logit gap of H_res under ``init="identity"``; ``None`` picks
             ``log(9 (n - 1))`` (diagonal 0.9).
-        recompute: keep only the stream input, the branch output, the projection and the
-            coefficients for backward and re-run the coefficient path there (paper §4.3.2): less
-            activation memory for one more pass over the cheap parts of the layer.
+        recompute: keep one stream input per ``recompute_block`` connections for backward and
+            rebuild the others there by re-running the merges (paper §4.3.2): less activation
+            memory for one more merge per rebuilt stream.
         recompute_block: with ``recompute``, the number of consecutive connections that share one
             kept stream input (the paper's L_r): the others are rebuilt in backward from it
-            (:mod:`mhc_kernels.recompute`). 1 keeps every connection's stream input.
+            (:mod:`mhc_kernels.recompute`). 1 keeps every connection's stream input (only the
+            first connection's, when made by :func:`expand_streams`, shrinks to its source).
         fused_backward: compute the gradient of the connection's stream input in one pass
             (:func:`mhc_kernels.streams.stream_grad`: the pre-mix's, the merge's and the
             projection's terms together) instead of three stream tensors that autograd adds: about

@@ -1,30 +1,33 @@
 """Activation recomputation for a chain of mHC connections (paper §4.3.2), and the fused backward.
 
-A connection with either option runs as autograd Functions whose backwards are written here:
-the projection ``x -> (v @ phi, sum(v^2))``, the coefficients from it (with recomputation only; else
-plain autograd), the pre-mix and the merge, with the branch between the last two. Autograd runs
-their backwards in the order merge, branch, pre-mix, coefficients, projection: each reads the
-stream input ``x_l`` for its own gradients, and the projection's is the last.
+A connection with either option runs as three autograd Functions whose backwards are written
+here, the projection ``x -> (v @ phi, sum(v^2))``, the pre-mix and the merge, with the coefficient
+path (scale, bias, gates, Sinkhorn) between the first two as plain autograd and the branch between
+the last two. Autograd runs their backwards in the order merge, branch, pre-mix, coefficients,
+projection: each reads the stream input ``x_l`` for its own gradients, the projection's last.
 
 Without recomputation a connection keeps, for its backward, its n-stream input ``x_l`` (n * C values
-per token in the streams' dtype), its branch output ``y_l``, its coefficients and every
-intermediate of the coefficient path. A plain residual keeps none of these; ``x_l`` alone is
-16 * C bytes per token for n = 4 fp32 streams, most of what mHC adds.
+per token in the streams' dtype), its branch output ``y_l``, its coefficients and the coefficient
+path's intermediates. A plain residual keeps none of these; ``x_l`` alone is 16 * C bytes per token
+for n = 4 fp32 streams, most of what mHC adds; the coefficient path's intermediates are about
+3 (n^2 + 2n) + 2n + 1 floats per token (81 for n = 4, 1.4% of one fp32 stream at C = 1488; a
+Sinkhorn kernel that copies its strided logits adds n^2).
 
 Consecutive connections are tied by their merge, ``x_{l+1} = H_res,l x_l + H_post,l^T y_l``, and
 ``y_l``, ``H_post,l``, ``H_res,l`` are kept anyway (the merge's backward needs them). So a block of
 ``block`` consecutive connections keeps only the stream input of its first connection; the backward
-rebuilds the others by re-running the merges from it. Each connection also keeps its projection
-(n^2 + 2n + 1 floats per token) instead of the coefficient path's intermediates and re-runs that
-small path (scale, bias, gates, Sinkhorn) in its backward.
+rebuilds the others by re-running the merges from it. Nothing else is re-run: re-running the
+coefficient path as well (an earlier version) saved those few floats per token for a nested
+autograd call per connection, about 0.5 ms of host time that an eager GPU step pays in full
+(benchmarks/host_overhead.py).
 
-Kept per connection: ``y_l``, the projection and the n^2 + 2n coefficients per token (and whatever
-the branch keeps for itself), plus one stream per block. While the backward walks through a block,
-up to ``block - 1`` rebuilt streams are alive at once; each is dropped after the last backward that
-reads it (the connection's projection backward: a rebuilt stream is a merge's output, so it needs
-a gradient and that backward runs). The paper picks ``block ~ sqrt(n L / (n + 2))`` for ``L``
-connections. ``block = 1`` keeps every connection's stream input (recomputation of the coefficients
-only).
+Kept per connection: ``y_l``, the coefficients and the coefficient path's intermediates (and
+whatever the branch keeps for itself), plus one stream per block. While the backward walks through
+a block, up to ``block - 1`` rebuilt streams are alive at once; each is dropped after the last
+backward that reads it (the connection's projection backward: a rebuilt stream is a merge's
+output, so it needs a gradient and that backward runs). The paper picks
+``block ~ sqrt(n L / (n + 2))`` for ``L`` connections. ``block = 1`` keeps every connection's stream
+input.
 
 A rebuilt stream is the forward's, bit for bit (the same kernels on the same inputs), so gradients
 equal those without recomputation. The connection's operations ignore autocast (float32 coefficient
@@ -40,8 +43,7 @@ gradients to the projection's backward of the same connection through a :class:`
 backward writes all three terms at once (:func:`mhc_kernels.streams.stream_grad`). The hand-over
 is dropped at the end of each backward pass, so a pass that stops between them leaves nothing
 behind. Nothing is re-run for it (the first version re-ran the coefficient path inside a nested
-autograd call: about 0.5 ms more host time per connection, which an eager GPU step, bound by
-its host, pays in full; benchmarks/host_overhead.py), and it keeps what autograd keeps.
+autograd call, as recomputation did), and it keeps what autograd keeps.
 
 How a stream finds its recipe: the merge's output tensor carries it as an attribute. The first
 connection's input, when :func:`mhc_kernels.expand_streams` made it, carries its source instead
@@ -152,13 +154,6 @@ def _save(ctx, rebuild: _Rebuild | _Expanded | None, x: torch.Tensor, *others: t
         ctx.save_for_backward(*(others if rebuild is not None else (x, *others)))
 
 
-def _grads(outputs, upstream, inputs) -> tuple[torch.Tensor | None, ...]:
-    """Gradients for ``inputs`` (``None`` for those that do not require one)."""
-    wanted = [t for t in inputs if t.requires_grad]
-    grads = iter(torch.autograd.grad(outputs, wanted, upstream, allow_unused=True))
-    return tuple(next(grads) if t.requires_grad else None for t in inputs)
-
-
 class _Link:
     """The fused backward's hand-over within one connection: the merge's and the pre-mix's
     backwards leave their upstream gradients (and H_res, H_pre) here instead of computing their
@@ -223,27 +218,6 @@ class _Projection(torch.autograd.Function):
         return None, None, None, dx, dphi
 
 
-class _Gates(torch.autograd.Function):
-    """The coefficients from the projection (scale, bias, gates, Sinkhorn) keeping only their
-    inputs (n^2 + 2n + 1 floats per token): the backward re-runs them under autograd
-    (recomputation; without it autograd keeps their intermediates, which are small)."""
-
-    @staticmethod
-    def forward(ctx, connection, proj, sumsq, alpha, bias):
-        ctx.connection = connection
-        ctx.save_for_backward(proj, sumsq, alpha, bias)
-        return connection.gates(proj, sumsq, alpha, bias)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_pre, g_post, g_res):
-        leaves = [t.detach().requires_grad_(need)
-                  for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[1:], strict=True)]  # fmt: skip
-        with torch.enable_grad():
-            gates = ctx.connection.gates(*leaves)
-        return None, *_grads(gates, (g_pre, g_post, g_res), leaves)
-
-
 class _PreMix(torch.autograd.Function):
     """``H_pre x`` keeping H_pre and (unless it can be rebuilt) ``x``; the backward runs the
     pre-mix's backward alone, and with a ``link`` leaves its stream-gradient term to the
@@ -306,11 +280,7 @@ def connect(connection, x: torch.Tensor, branch, *args, **kwargs):
     rebuild = _rebuild_of(x) if config.recompute else None
     link = _Link() if config.fused_backward else None
     proj, sumsq = _Projection.apply(connection, rebuild, link, x, connection.phi)
-    params = (proj, sumsq, connection.alpha, connection.bias)
-    if config.recompute:  # keep the gates' inputs alone, re-run them in backward
-        h_pre, h_post, h_res = _Gates.apply(connection, *params)
-    else:
-        h_pre, h_post, h_res = connection.gates(*params)
+    h_pre, h_post, h_res = connection.gates(proj, sumsq, connection.alpha, connection.bias)
     branch_in = _PreMix.apply(config.backend, rebuild, link, x, h_pre)
     y = connection.run_branch(branch, branch_in, *args, **kwargs)
     out = _Merge.apply(config.backend, rebuild, link, x, y, h_post, h_res)

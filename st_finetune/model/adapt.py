@@ -67,10 +67,9 @@ class MHCSettings:
         alpha_init: initial gates.
         backend: Sinkhorn backend (``"auto"``, ``"torch"``, ``"triton"``).
         recompute: activation memory traded for compute: 0 keeps every activation; ``k >= 1``
-            keeps one stream input per ``k`` consecutive connections, rebuilds the others in
-            backward by re-running the merges and re-runs the coefficient path there
-            (:mod:`mhc_kernels.recompute`; 3 or 4 suit ST-Tahoe's 12 connections). Results are the
-            same.
+            keeps one stream input per ``k`` consecutive connections and rebuilds the others in
+            backward by re-running the merges (:mod:`mhc_kernels.recompute`; 3 or 4 suit
+            ST-Tahoe's 12 connections). Results are the same.
         extra: further :class:`mhc_kernels.MHCConfig` fields.
     """
 

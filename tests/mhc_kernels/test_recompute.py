@@ -106,7 +106,7 @@ def test_one_stream_is_kept_per_block(block):
     every = saved_storage_bytes(lambda: run(make_stack(recompute=True), x))
     lean = saved_storage_bytes(lambda: run(make_stack(recompute=True, recompute_block=block), x))
     assert every - lean == (LAYERS - math.ceil(LAYERS / block)) * stream_bytes
-    assert every < saved_storage_bytes(lambda: run(make_stack(), x))
+    assert every <= saved_storage_bytes(lambda: run(make_stack(), x))  # never more than autograd
 
 
 def rebuilds(outputs):
@@ -323,10 +323,11 @@ def test_fused_backward_hand_over_ends_with_each_backward_pass():
 
 
 @pytest.mark.parametrize("options", LEAN)
-def test_backward_re_runs_the_coefficients_only_with_recomputation(options, monkeypatch):
-    """The fused backward keeps the coefficient path's graph (no re-run inside a nested autograd
-    call: host time a small GPU step pays in full); recomputation re-runs it once per connection
-    and never the projection (it keeps the projection's output)."""
+def test_backward_re_runs_neither_the_projection_nor_the_coefficients(options, monkeypatch):
+    """Recomputation rebuilds streams, and nothing else: the coefficient path keeps its graph (its
+    intermediates are a few floats per token) and the fused backward adds nothing to re-run either
+    (re-running them inside a nested autograd call cost more host time than a small GPU step
+    has)."""
     calls = {"gates": 0, "project": 0}
     for name in calls:
         real = getattr(MHCLayer, name)
@@ -338,10 +339,8 @@ def test_backward_re_runs_the_coefficients_only_with_recomputation(options, monk
         monkeypatch.setattr(MHCLayer, name, counted)
     layers = make_stack(**options)
     out = run(layers, torch.randn(2, 3, N, C, requires_grad=True))
-    assert calls == {"gates": LAYERS, "project": LAYERS}
     out.square().sum().backward()
-    rerun = LAYERS if options.get("recompute") else 0
-    assert calls == {"gates": LAYERS + rerun, "project": LAYERS}
+    assert calls == {"gates": LAYERS, "project": LAYERS}
 
 
 def test_fused_backward_saves_no_more_than_autograd():
