@@ -269,9 +269,9 @@ class HyperConnection(nn.Module):
             self._record(h_res)
             return out
         if training and c.recompute:
-            # torch.compile cannot trace a backward that re-runs autograd: checkpoint each part
-            # (each connection keeps its stream input, as with recompute_block=1; the fused
-            # backward is eager only)
+            # torch.compile cannot trace the rebuild of streams from objects attached to tensors
+            # and autograd nodes: checkpoint each part (each connection keeps its stream input,
+            # as with recompute_block=1; the fused backward is eager only)
             h_pre, h_post, h_res = checkpoint(self.coefficients, x, use_reentrant=False)
             branch_in = checkpoint(pre_mix, x, h_pre, backend, use_reentrant=False)
             self._record(h_res)

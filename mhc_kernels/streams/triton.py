@@ -68,7 +68,7 @@ def _stream_tile(tok, t64, c2, T, n, C, NP: tl.constexpr):
 @triton.jit
 def _pre_mix_fwd_kernel(x_ptr, h_ptr, out_ptr, T, n, C,
                         BT: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr,
-                      CV: tl.constexpr):  # fmt: skip
+                        CV: tl.constexpr):  # fmt: skip
     C = _multiple(C, CV)
     tok, t64, c2, m2 = _token_channel_tile(T, C, BT, BC)
     acc = tl.zeros((BT, BC), dtype=tl.float32)

@@ -202,8 +202,9 @@ def test_recording_h_res_works_with_recomputation():
 
 
 def test_torch_compile_falls_back_to_checkpointing_each_connection():
-    """torch.compile cannot trace a backward that re-runs autograd: compiled, each connection is
-    checkpointed on its own (fullgraph), with the eager gradients."""
+    """torch.compile cannot trace the rebuild of streams (objects attached to tensors and autograd
+    nodes): compiled, each connection is checkpointed on its own (fullgraph), with the eager
+    gradients."""
     layers = make_stack(recompute=True, recompute_block=3)[:2]
     for layer in layers:
         layer.config.sinkhorn_iters = 3  # a short unrolled loop keeps the compile quick
