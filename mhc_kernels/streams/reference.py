@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ..coefficients.reference import projection_backward_reference
 from ..sinkhorn.reference import autocast_exempt, compute_dtype
 
 
@@ -79,11 +80,10 @@ def stream_grad_reference(
     float dtype."""
     n, C = x.shape[-2:]
     dt = torch.promote_types(compute_dtype(x.dtype), phi.dtype)
-    dx = torch.addmm(  # the other terms accumulate in place: one stream tensor in all
-        (2 * dsumsq.to(dt)).reshape(-1, 1) * x.to(dt).reshape(-1, n * C),
-        dproj.to(dt).reshape(-1, phi.shape[-1]),
-        phi.to(dt).T,
-    ).reshape(-1, n, C)
+    # the projection's term, in dt; the other terms accumulate in place: one stream tensor in all
+    dx, _ = projection_backward_reference(x.to(dt).reshape(-1, n * C), phi.to(dt), dproj, dsumsq,
+                                          want_dphi=False)  # fmt: skip
+    dx = dx.reshape(-1, n, C)
     dx.addcmul_(h_pre.to(dt).reshape(-1, n, 1), g_in.to(dt).reshape(-1, 1, C))
     if g_out is not None:
         dx.baddbmm_(h_res.to(dt).reshape(-1, n, n).transpose(1, 2), g_out.to(dt).reshape(-1, n, C))
