@@ -57,10 +57,12 @@ def kernel_launcher(kernel: str, T: int, n: int, C: int, dtype: torch.dtype):
         )
         nbytes = (3 * n * C + 2 * C) * T * e
     fn = getattr(st, f"_{kernel}_kernel")
+    extra = {"WRITE_DX": True} if kernel.endswith("_bwd") else {}  # the backwards as autograd's
 
     def launch(bt: int, bc: int, warps: int):
         fn[(cdiv(T, bt), cdiv(C, bc))](*args, T, n, C, BT=bt, NP=next_power_of_2(n), BC=bc,
-                                       CV=8 if C % 8 == 0 else 1, num_warps=warps)  # fmt: skip
+                                       CV=8 if C % 8 == 0 else 1, num_warps=warps,
+                                       **extra)  # fmt: skip
 
     return launch, nbytes
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -15,10 +14,14 @@ BACKEND_ENV = "MHC_BACKEND"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-@functools.cache
+# Looked up once at import (~15 us a lookup), and a plain global so that torch.compile can trace
+# through resolve_backend: Dynamo refuses to trace importlib.util.find_spec.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """True when the ``triton`` package can be imported (looked up once: ~15 us a lookup)."""
-    return importlib.util.find_spec("triton") is not None
+    """True when the ``triton`` package can be imported."""
+    return _TRITON_FOUND
 
 
 def triton_can_run(device: torch.device) -> tuple[bool, str]:

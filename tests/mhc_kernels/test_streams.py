@@ -150,7 +150,15 @@ def test_stream_grad_matches_the_reference(n, C, merge_grad, dtype, device):
     outs = [pre_mix(leaves[0], leaves[1], "torch"), *projection(v, phi.double(), "torch")]
     ups = [g_in.double(), dproj.double(), dss.double()]
     if merge_grad:
-        outs.append(merge(leaves[0], torch.zeros(T, C).double(), h_pre.double(), leaves[2]))
+        outs.append(
+            merge(
+                leaves[0],
+                torch.zeros(T, C, device=device).double(),
+                h_pre.double(),
+                leaves[2],
+                "torch",
+            )
+        )
         ups.append(g_out.double())
     (autograd_dx,) = torch.autograd.grad(outs, leaves[0], ups)
     torch.testing.assert_close(exact, autograd_dx)
