@@ -7,11 +7,12 @@ GPU time per block), so the host cost of the Triton path matters by itself. This
 on any machine: under ``TRITON_INTERPRET=1`` every Triton kernel launch is replaced by a no-op, so
 what remains is the Python, autograd and launcher work around the kernels (tiny tensors: 2 x 4
 tokens, n = 4, C = 8), and ``backend="auto"`` picks what it picks on a GPU (the Sinkhorn and stream
-kernels; the projection and the coefficient epilogue in PyTorch). Paths: the PyTorch reference
+kernels and, since the H200 run of 2026-11-27, the fused coefficient epilogue; the projection in
+PyTorch). Paths: the PyTorch reference
 (real ops), ``auto`` through the ``torch.library`` custom ops (what torch.compile calls; the GPU
 runs of 2026-11-26 ran this way in eager mode too), ``auto`` through the eager autograd Functions
 alone and with the fused backward or recomputation, and every fused kernel (``backend="triton"``:
-projection and epilogue too) alone and with the fused backward. The paths take turns, 100 steps
+the projection too) alone and with the fused backward. The paths take turns, 100 steps
 each per round (this machine's run-to-run spread is about 30%); median and best round per path.
 """
 

@@ -59,14 +59,14 @@ VARIANTS = ["plain", "mhc", "mhc_recompute", "mhc_fused_backward", "mhc_all_trit
 def test_block_fwd_bwd(benchmark, record, variant, dim, heads, dtype):
     """``mhc``: the default backends; ``mhc_recompute``: both connections recomputed, the second
     one's stream rebuilt (``recompute_block=2``); ``mhc_all_triton``: every fused kernel, the
-    opt-in projection and coefficient epilogue included (GPU only); ``mhc_fused_backward``: the
+    opt-in projection included (GPU only); ``mhc_fused_backward``: the
     default backends with the connection's stream gradient in one pass (``fused_backward``),
     ``mhc_all_triton_fused`` every fused kernel with it (GPU only); ``mhc_bf16_streams``: the
     default backends with the streams kept in bf16 under bf16 autocast (half the streams' bytes:
     benchmarks/README.md, what the layer-overhead target allows); ``*_compiled``: the block under
     ``torch.compile`` (GPU only), which takes the host's dispatch cost out of a launch-bound
-    block, as a training loop can (``mhc_compiled``: the default backends, whose PyTorch epilogue
-    inductor fuses by itself; ``mhc_all_triton_compiled``: the fused kernels as custom ops)."""
+    block, as a training loop can (``mhc_compiled``: the default backends, ``mhc_all_triton_compiled``
+    with the fused projection too, the fused kernels as custom ops)."""
     if variant.startswith("mhc_all_triton") or variant.endswith("_compiled"):
         if not ON_GPU:
             pytest.skip("the fused kernels and inductor's Triton code run natively only on a GPU")
@@ -110,7 +110,7 @@ def connection_traffic(n: int, C: int) -> int:
 def test_connection_fwd_bwd(benchmark, record, fused, backend, dtype):
     """One connection alone (identity branch), C = 1488, n = 4, fwd+bwd with every gradient:
     what mHC itself costs, the branch's time left out. ``fused_backward`` against autograd adding
-    the three stream gradients; ``triton`` adds the opt-in projection and epilogue kernels. The
+    the three stream gradients; ``triton`` adds the opt-in projection kernels. The
     roofline ratio is against :func:`connection_traffic` (the fused design's passes)."""
     dim, tokens = 1488, (16 if ON_GPU else 4) * CELLS
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]

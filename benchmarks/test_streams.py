@@ -17,6 +17,7 @@ from conftest import DEVICE, ON_GPU, timed
 
 from mhc_kernels.coefficients import epilogue, projection
 from mhc_kernels.coefficients.reference import epilogue_reference, projection_reference
+from mhc_kernels.sinkhorn import sinkhorn_knopp
 from mhc_kernels.sinkhorn.reference import sinkhorn_knopp_reference
 from mhc_kernels.streams import merge, pre_mix
 from mhc_kernels.streams.reference import merge_reference, pre_mix_reference
@@ -90,8 +91,16 @@ def test_stream_kernel_speed(benchmark, record, provider, kernel, tokens, dtype,
             kernel=kernel, tokens=tokens, dtype=dtype)  # fmt: skip
 
 
-def _split_epilogue(proj, ss, alpha, bias, sinkhorn, backend):
+def _front_door_epilogue(proj, ss, alpha, bias, sinkhorn, backend):
     return epilogue(proj, ss, alpha, bias, N, N * C, 1e-6, backend, sinkhorn)
+
+
+def _split_epilogue(proj, ss, alpha, bias, sinkhorn):
+    """The PyTorch formula, then Sinkhorn's own kernel (``auto`` on a GPU before the fused
+    epilogue was measured)."""
+    pre, post, res = epilogue_reference(proj, ss, alpha, bias, N, N * C, 1e-6)
+    iters, order, eps = sinkhorn
+    return pre, post, sinkhorn_knopp(res.unflatten(-1, (N, N)), iters, order=order, eps=eps)
 
 
 def _reference_epilogue(proj, ss, alpha, bias):
@@ -104,8 +113,9 @@ def _reference_epilogue(proj, ss, alpha, bias):
 @pytest.mark.parametrize("provider", ["eager", "split", "compile", "triton"])
 def test_coefficient_epilogue_speed(benchmark, record, provider, tokens, passes):
     """Scale, bias, gates and Sinkhorn (20 iterations) from the projection, float32: all in
-    PyTorch (``eager``), PyTorch then Sinkhorn's kernel (``split``: the layer's default path on
-    a GPU), ``torch.compile`` of the references, and the fused kernel (``triton``). Traffic: the
+    PyTorch (``eager``), PyTorch then Sinkhorn's kernel (``split``: the layer's path on a GPU
+    until the H200 run of 2026-11-27), ``torch.compile`` of the references, and the fused kernel
+    (``triton``; ``auto`` on a GPU since that run). Traffic: the
     fwd reads W + 1 and writes W floats per token; the bwd reads 2 W + 1 and writes W + 1 more."""
     if provider != "eager" and not ON_GPU:
         pytest.skip(f"{provider} is a GPU provider")
@@ -119,10 +129,10 @@ def test_coefficient_epilogue_speed(benchmark, record, provider, tokens, passes)
     bias = torch.randn(W, device=DEVICE, generator=gen)
     inputs = [proj, ss, alpha, bias]
     sinkhorn = (20, "col_row", 1e-12)
-    fn = {"eager": functools.partial(_split_epilogue, sinkhorn=sinkhorn, backend="torch"),
-          "split": functools.partial(_split_epilogue, sinkhorn=sinkhorn, backend="auto"),
+    fn = {"eager": functools.partial(_front_door_epilogue, sinkhorn=sinkhorn, backend="torch"),
+          "split": functools.partial(_split_epilogue, sinkhorn=sinkhorn),
           "compile": torch.compile(_reference_epilogue),
-          "triton": functools.partial(_split_epilogue, sinkhorn=sinkhorn, backend="triton"),
+          "triton": functools.partial(_front_door_epilogue, sinkhorn=sinkhorn, backend="triton"),
           }[provider]  # fmt: skip
     upstream = [torch.randn(tokens, N, device=DEVICE, generator=gen),
                 torch.randn(tokens, N, device=DEVICE, generator=gen),

@@ -75,7 +75,10 @@ class MHCConfig:
         eps: Sinkhorn normaliser epsilon.
         rms_eps: added to the mean square before the square root of the RMS.
         coeff_dtype: dtype of the coefficient path (float32 or float64), whatever the streams' dtype.
-        backend: Sinkhorn backend, ``"auto"``, ``"torch"`` or ``"triton"``.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` for every kernel of the layer. ``auto``:
+            on CUDA the fused Triton Sinkhorn, stream and coefficient-epilogue kernels with the
+            projection in PyTorch (cuBLAS); ``triton`` adds the fused projection; elsewhere
+            PyTorch.
         identity_gap: diagonal logit gap of H_res under ``init="identity"``; ``None`` picks
             ``log(9 (n - 1))`` (diagonal 0.9).
         recompute: keep one stream input per ``recompute_block`` connections for backward and
@@ -91,8 +94,9 @@ class MHCConfig:
             12 instead of 22 stream tensors of memory traffic per connection, forward and
             backward (benchmarks/README.md). Same gradients up to summation order; works with
             either backend and with ``recompute``; eager only (under torch.compile the layer runs
-            as without it), and gradients of gradients are refused. Off by default until a GPU
-            has measured it.
+            as without it), and gradients of gradients are refused. Off by default: on an H200
+            the layer with it was no faster (one connection 0.7-1.1x, the block slower; the
+            step is bound by the host's dispatch, benchmarks/README.md).
     """
 
     n_streams: int = 4

@@ -12,10 +12,10 @@ def projection(v: torch.Tensor, phi: torch.Tensor, backend: str = "auto"):
     """``v: (..., K)``, ``phi: (K, W)`` -> ``(v @ phi: (..., W), sum(v^2): (...))``.
 
     Triton reads the streams once for both (float32 ``phi`` only). Same ``backend`` rules as
-    :func:`mhc_kernels.sinkhorn_knopp`, except that ``auto`` stays on PyTorch: on an H200 the first
-    fused forward tied cuBLAS but its backward was 1.5-2.5x slower (benchmarks/README.md); the
-    kernels now split their work across the whole GPU and run only when asked for
-    (``backend="triton"`` or ``MHC_BACKEND=triton``) until a GPU has measured them.
+    :func:`mhc_kernels.sinkhorn_knopp`, except that ``auto`` stays on PyTorch: on an H200
+    (benchmarks/README.md) the fused forward beats cuBLAS (1.2-1.9x) but its backward loses to it
+    (forward+backward 0.6-0.9x), so the kernels run only when asked for (``backend="triton"`` or
+    ``MHC_BACKEND=triton``).
 
     Example:
         >>> proj, sumsq = projection(torch.ones(3, 8), torch.ones(8, 24))
@@ -54,6 +54,9 @@ def projection_backward(v: torch.Tensor, phi: torch.Tensor, dproj: torch.Tensor,
     return dv, dphi
 
 
+FUSED_EPILOGUE_MAX_N = 8  # the streams ``auto`` hands to the fused epilogue (compile-checked)
+
+
 def epilogue(
     proj: torch.Tensor,
     sumsq: torch.Tensor,
@@ -69,9 +72,11 @@ def epilogue(
     with ``sinkhorn=(iters, order, eps)`` projecting H_res by :func:`mhc_kernels.sinkhorn_knopp`,
     or H_res's logits for ``sinkhorn=None``; :func:`epilogue_reference` has the formula.
 
-    Triton does all of it, Sinkhorn included, in one kernel each way (float32 only) instead of
-    about a dozen small PyTorch operations and a Sinkhorn kernel; like :func:`projection`, ``auto``
-    keeps it off until it has been measured on a GPU (Sinkhorn then follows its own ``backend``).
+    Triton does all of it, Sinkhorn included, in one kernel each way instead of about a dozen
+    small PyTorch operations and a Sinkhorn kernel: on an H200 (n = 4, C = 1488, 4,096 and 16,384
+    tokens) forward+backward 0.82-0.97 ms against 1.57-1.75 ms, the forward 0.15 ms against
+    0.22-0.50 ms. ``auto`` takes it on CUDA for float32 inputs and ``n <= 8`` (what the compile
+    check covers); otherwise it runs the PyTorch formula, and Sinkhorn follows its own ``backend``.
 
     Example:
         >>> pre, post, res = epilogue(torch.zeros(2, 8), torch.ones(2), torch.ones(3),
@@ -79,7 +84,10 @@ def epilogue(
         >>> pre.tolist(), post.tolist(), res.shape
         ([[0.5, 0.5], [0.5, 0.5]], [[1.0, 1.0], [1.0, 1.0]], torch.Size([2, 2, 2]))
     """
-    if resolve_backend(backend, proj.device, auto_triton=False) == "triton":
+    fits = n <= FUSED_EPILOGUE_MAX_N and all(
+        t.dtype == torch.float32 for t in (proj, sumsq, alpha, bias)
+    )
+    if resolve_backend(backend, proj.device, auto_triton=fits) == "triton":
         from .triton import epilogue_triton
 
         return epilogue_triton(proj, sumsq, alpha, bias, n, features, rms_eps, *(sinkhorn or ()))

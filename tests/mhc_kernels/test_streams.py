@@ -325,6 +325,30 @@ def test_coefficient_epilogue_matches_the_reference(n, T, sinkhorn, device):
         assert worst <= 0, f"{name}: error exceeds its bound by {worst:.3g}"
 
 
+@pytest.mark.parametrize(("n", "dtype", "fused"), [(4, torch.float32, True), (8, torch.float32, True),
+                                                 (9, torch.float32, False), (4, torch.float64, False)])  # fmt: skip
+def test_auto_takes_the_fused_epilogue_on_a_gpu_where_it_fits(n, dtype, fused, monkeypatch):
+    """On CUDA ``auto`` runs the fused epilogue for float32 inputs and n <= 8 (faster on an H200,
+    benchmarks/README.md) and the PyTorch formula otherwise; CPU stays on PyTorch."""
+    import mhc_kernels.coefficients as coefficients
+    import mhc_kernels.coefficients.triton as fused_kernels
+
+    calls = []
+    monkeypatch.setattr(fused_kernels, "epilogue_triton", lambda *a: calls.append(a) or (0, 0, 0))
+    real = coefficients.resolve_backend
+    as_on_a_gpu = lambda backend, device, **kw: real(backend, torch.device("cuda"), **kw)  # noqa: E731
+    monkeypatch.setattr("mhc_kernels.sinkhorn.triton_available", lambda: True)
+    W = n * n + 2 * n
+    args = (torch.zeros(2, W, dtype=dtype), torch.ones(2, dtype=dtype), torch.ones(3, dtype=dtype),
+            torch.zeros(W, dtype=dtype), n, n * 8, 1e-6)  # fmt: skip
+    coefficients.epilogue(*args)
+    assert not calls  # a CPU tensor: PyTorch
+    monkeypatch.setattr(coefficients, "resolve_backend", as_on_a_gpu)
+    monkeypatch.delenv("MHC_BACKEND", raising=False)
+    coefficients.epilogue(*args)
+    assert bool(calls) == fused
+
+
 def test_explicit_triton_refuses_float64_weights_for_the_fused_backward(device):
     """``backend="triton"`` never falls back silently: float64 phi (coeff_dtype=float64) is an
     error for the stream gradient and phi's gradient; ``torch`` computes them."""
