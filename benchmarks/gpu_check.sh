@@ -68,7 +68,7 @@ want layer-streams && step layer-streams 150 "${bench[@]}" benchmarks/test_layer
 want profile && step profile 60 python benchmarks/profile_layer.py --out "$work/profile.txt"
 want sweep && step sweep 120 python benchmarks/sweep_sinkhorn.py --out "$work/sweep.json"
 want sweep-streams && step sweep-streams 120 python benchmarks/sweep_streams.py \
-  --out "$work/sweep-streams.json"
+  --dtypes fp32 bf16 --out "$work/sweep-streams.json"
 want compile && step compile 240 "${bench[@]}" benchmarks/test_sinkhorn.py benchmarks/test_streams.py \
   benchmarks/test_layer_overhead.py -k "${MHC_COMPILE_CASES:-compile}"
 want stability-large && MHC_STABILITY_SCALE=large step stability-large 300 "${bench[@]}" \

@@ -89,9 +89,10 @@ def layer_summary(rows: list[dict]) -> dict:
             times[(row["dim"], row["dtype"])][row["variant"]] = row["median_s"]
     out = {}
     for (dim, dtype), t in sorted(times.items()):
-        extra = {}  # a compiled variant against the compiled plain block
+        extra = {}  # a compiled (graphed) variant against the compiled (graphed) plain block
         for v, s in t.items():
-            base = "plain_compiled" if v.endswith("_compiled") else "plain"
+            suffix = next((x for x in ("_compiled", "_graphed") if v.endswith(x)), "")
+            base = "plain" + suffix
             if v != base and base in t:
                 extra[f"overhead_{v}"] = s / t[base] - 1
         out[f"C{dim}-{dtype}"] = {**t, **extra}

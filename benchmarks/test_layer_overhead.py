@@ -50,7 +50,7 @@ class Stack(nn.Module):
 
 VARIANTS = ["plain", "mhc", "mhc_recompute", "mhc_fused_backward", "mhc_all_triton",
             "mhc_all_triton_fused", "mhc_bf16_streams", "plain_compiled", "mhc_compiled",
-            "mhc_all_triton_compiled"]  # fmt: skip
+            "mhc_all_triton_compiled", "plain_graphed", "mhc_graphed"]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"] if ON_GPU else ["fp32"])
@@ -66,10 +66,13 @@ def test_block_fwd_bwd(benchmark, record, variant, dim, heads, dtype):
     benchmarks/README.md, what the layer-overhead target allows); ``*_compiled``: the block under
     ``torch.compile`` (GPU only), which takes the host's dispatch cost out of a launch-bound
     block, as a training loop can (``mhc_compiled``: the default backends, ``mhc_all_triton_compiled``
-    with the fused projection too, the fused kernels as custom ops)."""
-    if variant.startswith("mhc_all_triton") or variant.endswith("_compiled"):
+    with the fused projection too, the fused kernels as custom ops); ``*_graphed``: the block's
+    forward and backward each replayed as one CUDA graph (``torch.cuda.make_graphed_callables``,
+    GPU only), which leaves the host out: the GPU's own time, what mHC costs a step that is not
+    bound by its host."""
+    if variant.startswith("mhc_all_triton") or variant.endswith(("_compiled", "_graphed")):
         if not ON_GPU:
-            pytest.skip("the fused kernels and inductor's Triton code run natively only on a GPU")
+            pytest.skip("the fused kernels, inductor's code and CUDA graphs run only on a GPU")
     if variant == "mhc_bf16_streams" and dtype != "bf16":
         pytest.skip("bf16 streams are measured in the bf16 autocast block")
     torch.manual_seed(0)
@@ -78,13 +81,19 @@ def test_block_fwd_bwd(benchmark, record, variant, dim, heads, dtype):
                "mhc_all_triton": {"backend": "triton"},
                "mhc_all_triton_fused": {"backend": "triton", "fused_backward": True},
                "mhc_bf16_streams": {"stream_dtype": torch.bfloat16}}  # fmt: skip
-    name = variant.removesuffix("_compiled")
+    name = variant.removesuffix("_compiled").removesuffix("_graphed")
     block = Stack(dim, heads, mhc=name != "plain", **options.get(name, {})).to(DEVICE)
     if variant.endswith("_compiled"):
         block = torch.compile(block)
     sets = 16 if ON_GPU else 1
     x = torch.randn(sets, CELLS, dim, device=DEVICE)
-    autocast = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    # a graphed callable runs under autocast only with autocast's weight cache off (its docs)
+    graphed = variant.endswith("_graphed")
+    autocast = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=dtype == "bf16",
+                              cache_enabled=not graphed)  # fmt: skip
+    if graphed:
+        with autocast:
+            block = torch.cuda.make_graphed_callables(block, (x,))
 
     def run():
         with autocast:
