@@ -32,3 +32,15 @@ def multiprocessors(device: torch.device) -> int:
     """Streaming multiprocessors of the CUDA ``device`` (looked up once per device)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _multiprocessors(index)
+
+
+def rows(t: torch.Tensor, *tail: int) -> torch.Tensor:
+    """``t.reshape(-1, *tail)``, or ``t`` itself when it is shaped so already: on a tensor that
+    needs its gradient a reshape adds an autograd view node each way (a few us of host time each),
+    and the layer hands the kernels tensors in their layout."""
+    return t if t.dim() == len(tail) + 1 and t.shape[1:] == tail else t.reshape(-1, *tail)
+
+
+def shaped(t: torch.Tensor, shape) -> torch.Tensor:
+    """``t.reshape(shape)``, or ``t`` itself when it has that shape (see :func:`rows`)."""
+    return t if t.shape == shape else t.reshape(shape)

@@ -51,6 +51,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import recompute
+from ._host import rows, shaped
 from .coefficients import epilogue, projection
 from .sinkhorn import BACKENDS
 from .sinkhorn.reference import ORDER_DIMS
@@ -281,10 +282,14 @@ class HyperConnection(nn.Module):
             self._record(h_res)
             y = self.run_branch(branch, branch_in, *args, **kwargs)
             return checkpoint(merge, x, y, h_post, h_res, backend, use_reentrant=False)
-        h_pre, h_post, h_res = self.coefficients(x)
+        # the tokens as rows, once: the kernels' layout, so that no front door adds views (and
+        # autograd nodes) of its own; the branch sees its input in the caller's shape
+        x2 = rows(x, *x.shape[-2:])
+        h_pre, h_post, h_res = self.coefficients(x2)
         self._record(h_res)
-        y = self.run_branch(branch, pre_mix(x, h_pre, backend), *args, **kwargs)
-        return merge(x, y, h_post, h_res, backend)
+        branch_in = shaped(pre_mix(x2, h_pre, backend), (*x.shape[:-2], self.dim))
+        y = self.run_branch(branch, branch_in, *args, **kwargs)
+        return shaped(merge(x2, rows(y, self.dim), h_post, h_res, backend), x.shape)
 
     def _record(self, h_res: torch.Tensor) -> None:
         if self.record_h_res:
@@ -299,6 +304,11 @@ class HyperConnection(nn.Module):
             raise TypeError(
                 f"the wrapped branch must return a tensor of shape (..., C), got {type(y).__name__}; "
                 "wrap a module that returns a tuple so that it returns its first element"
+            )
+        if y.shape != branch_in.shape:
+            raise ValueError(
+                f"the wrapped branch must return its input's shape {tuple(branch_in.shape)}, got "
+                f"{tuple(y.shape)}: mHC adds its output to the streams"
             )
         return y
 

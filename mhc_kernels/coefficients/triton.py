@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .._autograd import differentiable, save_inputs
-from .._host import cdiv, multiprocessors, next_power_of_2
+from .._host import cdiv, multiprocessors, next_power_of_2, rows, shaped
 from ..sinkhorn.triton import (
     interpreting,
     launch_config,
@@ -490,7 +490,7 @@ def epilogue_triton(proj, sumsq, alpha, bias, n: int, features: int, rms_eps: fl
     logits) in one kernel each way."""
     W = proj.shape[-1]
     lead = proj.shape[:-1]
-    pre, post, res = _epilogue(proj.reshape(-1, W).contiguous(), sumsq.reshape(-1).contiguous(),
+    pre, post, res = _epilogue(rows(proj, W).contiguous(), rows(sumsq).contiguous(),
                                alpha.contiguous(), bias.contiguous(), n, features, rms_eps, iters,
                                order, eps)  # fmt: skip
-    return pre.reshape(*lead, n), post.reshape(*lead, n), res.reshape(*lead, n, n)
+    return shaped(pre, (*lead, n)), shaped(post, (*lead, n)), shaped(res, (*lead, n, n))

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .._autograd import backward_from_saved, differentiable, save_inputs
-from .._host import cdiv, next_power_of_2
+from .._host import cdiv, next_power_of_2, rows, shaped
 from ..sinkhorn.triton import interpreting
 
 # --------------------------------------------------------------------------------------- kernels
@@ -441,17 +441,17 @@ _merge = differentiable(_merge_op, _merge_bwd_op, merge_fwd, merge_bwd, save_inp
 
 def _pre_mix_inputs(x, h_pre):
     n, C = x.shape[-2:]
-    return x.reshape(-1, n, C).contiguous(), h_pre.reshape(-1, n).float().contiguous()
+    return rows(x, n, C).contiguous(), rows(h_pre, n).float().contiguous()
 
 
 def pre_mix_triton(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
-    return _pre_mix(*_pre_mix_inputs(x, h_pre)).reshape(*x.shape[:-2], x.shape[-1])
+    return shaped(_pre_mix(*_pre_mix_inputs(x, h_pre)), (*x.shape[:-2], x.shape[-1]))
 
 
 def pre_mix_backward_triton(x, h_pre, grad, want_dx: bool = True):
     """The backward kernel alone: gradients shaped and typed like the inputs (``dx`` ``None``
     unless ``want_dx``)."""
-    dx, dh = pre_mix_bwd(*_pre_mix_inputs(x, h_pre), grad.reshape(-1, x.shape[-1]).contiguous(),
+    dx, dh = pre_mix_bwd(*_pre_mix_inputs(x, h_pre), rows(grad, x.shape[-1]).contiguous(),
                          want_dx)  # fmt: skip
     return _shaped_like((dx, dh), (x, h_pre))
 
@@ -459,7 +459,7 @@ def pre_mix_backward_triton(x, h_pre, grad, want_dx: bool = True):
 def _shaped_like(grads, inputs) -> tuple[torch.Tensor | None, ...]:
     """The launchers' gradients in their inputs' shapes and dtypes (as autograd would give them);
     ``None`` stays ``None``."""
-    return tuple(None if g is None else g.reshape(t.shape).to(t.dtype)
+    return tuple(None if g is None else shaped(g, t.shape).to(t.dtype)
                  for g, t in zip(grads, inputs, strict=True))  # fmt: skip
 
 
@@ -469,20 +469,23 @@ def _merge_inputs(x, y, h_post, h_res):
     # y keeps its dtype (a bf16 branch output under autocast is read as is: no fp32 copy is made
     # and saved for backward); its gradient comes back in that dtype
     y = y if y.dtype in KERNEL_DTYPES else y.to(x.dtype)
-    return (x.reshape(-1, n, C).contiguous(), y.reshape(-1, C).contiguous(),
-            h_post.reshape(-1, n).float().contiguous(),
-            h_res.reshape(-1, n, n).float().contiguous())  # fmt: skip
+    return (
+        rows(x, n, C).contiguous(),
+        rows(y, C).contiguous(),
+        rows(h_post, n).float().contiguous(),
+        rows(h_res, n, n).float().contiguous(),
+    )
 
 
 def merge_triton(x, y, h_post, h_res):
-    return _merge(*_merge_inputs(x, y, h_post, h_res)).reshape(x.shape)
+    return shaped(_merge(*_merge_inputs(x, y, h_post, h_res)), x.shape)
 
 
 def merge_backward_triton(x, y, h_post, h_res, grad, want_dx: bool = True):
     """The backward kernel alone: gradients shaped and typed like the inputs (``dx`` ``None``
     unless ``want_dx``)."""
     n, C = x.shape[-2:]
-    grads = merge_bwd(*_merge_inputs(x, y, h_post, h_res), grad.reshape(-1, n, C).contiguous(),
+    grads = merge_bwd(*_merge_inputs(x, y, h_post, h_res), rows(grad, n, C).contiguous(),
                       want_dx)  # fmt: skip
     return _shaped_like(grads, (x, y, h_post, h_res))
 

@@ -213,6 +213,25 @@ def test_wrong_stream_shape_names_the_fix():
         layer(torch.randn(2, 8))
 
 
+def test_a_branch_that_changes_the_shape_is_an_error():
+    """The branch's output is added to the streams: a wrong shape is named, not reshaped."""
+    layer = MHCLayer(nn.Linear(8, 16), dim=8, n_streams=4)
+    with pytest.raises(ValueError, match=r"input's shape \(2, 3, 8\), got \(2, 3, 16\)"):
+        layer(torch.randn(2, 3, 4, 8))
+
+
+def test_the_kernels_layout_is_made_once_per_connection():
+    """Tokens become rows once per connection, not in every front door (a view each way on the
+    host of a launch-bound step): `rows`/`shaped` hand back a tensor already shaped so."""
+    from mhc_kernels._host import rows, shaped
+
+    t = torch.randn(6, 4, 8, requires_grad=True)
+    assert rows(t, 4, 8) is t and shaped(t, (6, 4, 8)) is t
+    assert rows(t, 32).shape == (6, 32) and shaped(t, (2, 3, 4, 8)).shape == (2, 3, 4, 8)
+    s = t.sum((1, 2))
+    assert rows(s) is s and rows(torch.zeros(2, 3)).shape == (6,)
+
+
 @pytest.mark.parametrize(
     "field,value",
     [
