@@ -57,6 +57,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from ._host import rows, shaped
 from .coefficients import projection_backward
 from .streams import merge, merge_backward, pre_mix, pre_mix_backward, stream_grad
 
@@ -139,8 +140,8 @@ def _stream_input(ctx) -> torch.Tensor:
     kept = _saved(ctx)[0]
     if ctx.expanded_from is None:
         return kept
-    with torch.no_grad():
-        return expand(kept, ctx.expanded_from)
+    with torch.no_grad():  # the connection's Functions take the streams as rows of tokens
+        return rows(expand(kept, ctx.expanded_from), ctx.expanded_from, kept.shape[-1])
 
 
 def _save(ctx, rebuild: _Rebuild | _Expanded | None, x: torch.Tensor, *others: torch.Tensor):
@@ -279,12 +280,18 @@ def connect(connection, x: torch.Tensor, branch, *args, **kwargs):
     config = connection.config
     rebuild = _rebuild_of(x) if config.recompute else None
     link = _Link() if config.fused_backward else None
-    proj, sumsq = _Projection.apply(connection, rebuild, link, x, connection.phi)
+    # the tokens as rows, once (as HyperConnection does): the Functions, their saved tensors and
+    # rebuilt streams all have the kernels' layout; the branch and the next connection see the
+    # caller's shape (the recipe of the output travels on the tensor returned)
+    n, C = x.shape[-2:]
+    x2 = rows(x, n, C)
+    proj, sumsq = _Projection.apply(connection, rebuild, link, x2, connection.phi)
     h_pre, h_post, h_res = connection.gates(proj, sumsq, connection.alpha, connection.bias)
-    branch_in = _PreMix.apply(config.backend, rebuild, link, x, h_pre)
-    y = connection.run_branch(branch, branch_in, *args, **kwargs)
-    out = _Merge.apply(config.backend, rebuild, link, x, y, h_post, h_res)
+    branch_in = _PreMix.apply(config.backend, rebuild, link, x2, h_pre)
+    y = connection.run_branch(branch, shaped(branch_in, (*x.shape[:-2], C)), *args, **kwargs)
+    out = _Merge.apply(config.backend, rebuild, link, x2, rows(y, C), h_post, h_res)
+    merge_node, out = out.grad_fn, shaped(out, x.shape)
     depth = 1 + (rebuild.depth if isinstance(rebuild, _Rebuild) else 0)  # kept x: depth 0
-    if config.recompute and depth < config.recompute_block and out.grad_fn is not None:
-        setattr(out, _ATTRIBUTE, _Rebuild(out.grad_fn, depth, out._version))
+    if config.recompute and depth < config.recompute_block and merge_node is not None:
+        setattr(out, _ATTRIBUTE, _Rebuild(merge_node, depth, out._version))
     return out, h_res
