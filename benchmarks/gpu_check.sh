@@ -9,9 +9,10 @@
 # $OUT/gpu-<name>-<time>.tgz after every step. Each step is capped (tests 150 s, Sinkhorn 120,
 # layer + streams 150, profile 60, sweep 120, sweep-streams 120, compile 240, large stability
 # 300): run the steps that fit the device time with MHC_GPU_STEPS (names below; all by default)
-# and narrow the torch.compile cases with MHC_COMPILE_CASES (a pytest -k). On an H200 tests,
-# Sinkhorn, layer + streams and profile took 100 (capped) + 50 + 20 + 11 s; a machine start costs
-# 1-2 minutes more.
+# and narrow the torch.compile cases with MHC_COMPILE_CASES (a pytest -k). On an H200
+# (2026-11-27) the steps' pytest times were: tests 105 s, Sinkhorn 50, layer + streams 91 (before
+# the CUDA-graph variants), sweep-streams 19 (fp32 only), compile 202; the five steps of the first
+# call took 310 s in all, and a machine start costs 40-120 s more.
 # Usage: [MHC_BENCH_COMMIT=<sha>] [MHC_GPU_STEPS="tests sinkhorn"] bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."

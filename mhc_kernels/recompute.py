@@ -45,10 +45,10 @@ is dropped at the end of each backward pass, so a pass that stops between them l
 behind. Nothing is re-run for it (the first version re-ran the coefficient path inside a nested
 autograd call, as recomputation did), and it keeps what autograd keeps.
 
-How a stream finds its recipe: the merge's output tensor carries it as an attribute. The first
-connection's input, when :func:`mhc_kernels.expand_streams` made it, carries its source instead
-(n identical copies of C values), and the first connection keeps only the source: C values per
-token instead of n * C. A consumer that receives anything else (a view, a stream changed in place
+How a stream finds its recipe: the connection's output (the merge's, in the caller's shape)
+carries it as an attribute. The first connection's input, when :func:`mhc_kernels.expand_streams`
+made it, carries its source instead (n identical copies of C values), and the first connection
+keeps only the source: C values per token instead of n * C. A consumer that receives anything else (a view, a stream changed in place
 since it was made, the output of a plain residual in between) keeps the tensor it was given.
 """
 
