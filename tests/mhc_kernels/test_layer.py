@@ -220,11 +220,21 @@ def test_a_branch_that_changes_the_shape_is_an_error():
         layer(torch.randn(2, 3, 4, 8))
 
 
-def test_the_kernels_layout_is_made_once_per_connection():
-    """Tokens become rows once per connection, not in every front door (a view each way on the
-    host of a launch-bound step): `rows`/`shaped` hand back a tensor already shaped so."""
+def test_the_kernels_layout_is_made_once_per_connection(monkeypatch):
+    """Tokens become rows once per connection, not in every front door (a view and an autograd
+    node each way on the host of a launch-bound step): the pre-mix and the merge get (T, n, C)
+    streams and (T, C) branch outputs; `rows`/`shaped` hand back a tensor already shaped so."""
+    import mhc_kernels.layer as layer_module
     from mhc_kernels._host import rows, shaped
 
+    seen = []
+    for name in ("pre_mix", "merge"):
+        real = getattr(layer_module, name)
+        spy = lambda *a, real=real: seen.append([t.dim() for t in a[:2]]) or real(*a)  # noqa: E731
+        monkeypatch.setattr(layer_module, name, spy)
+    x = torch.randn(2, 3, 4, 8, requires_grad=True)
+    out = MHCLayer(Block(8), dim=8, n_streams=4)(x)
+    assert out.shape == x.shape and seen == [[3, 2], [3, 2]]
     t = torch.randn(6, 4, 8, requires_grad=True)
     assert rows(t, 4, 8) is t and shaped(t, (6, 4, 8)) is t
     assert rows(t, 32).shape == (6, 32) and shaped(t, (2, 3, 4, 8)).shape == (2, 3, 4, 8)

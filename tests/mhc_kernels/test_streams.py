@@ -333,6 +333,7 @@ def test_auto_takes_the_fused_epilogue_on_a_gpu_where_it_fits(n, dtype, fused, m
     import mhc_kernels.coefficients as coefficients
     import mhc_kernels.coefficients.triton as fused_kernels
 
+    monkeypatch.delenv("MHC_BACKEND", raising=False)
     calls = []
     monkeypatch.setattr(fused_kernels, "epilogue_triton", lambda *a: calls.append(a) or (0, 0, 0))
     real = coefficients.resolve_backend
@@ -344,7 +345,6 @@ def test_auto_takes_the_fused_epilogue_on_a_gpu_where_it_fits(n, dtype, fused, m
     coefficients.epilogue(*args)
     assert not calls  # a CPU tensor: PyTorch
     monkeypatch.setattr(coefficients, "resolve_backend", as_on_a_gpu)
-    monkeypatch.delenv("MHC_BACKEND", raising=False)
     coefficients.epilogue(*args)
     assert bool(calls) == fused
 
