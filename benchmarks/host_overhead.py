@@ -14,10 +14,14 @@ runs of 2026-11-26 ran this way in eager mode too), ``auto`` through the eager a
 alone and with the fused backward or recomputation, and every fused kernel (``backend="triton"``:
 the projection too) alone and with the fused backward. The paths take turns, 100 steps
 each per round (this machine's run-to-run spread is about 30%); median and best round per path.
+Then, per path, what one forward+backward asks of the host, counted (counts do not vary between
+runs, so they show a change that the times' spread hides): aten calls, those that make GPU work
+(not views or allocations), Triton launches and autograd nodes.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import statistics
 import sys
@@ -27,6 +31,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
 
 import torch  # noqa: E402
 import triton.runtime.interpreter as interpreter  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import mhc_kernels.coefficients as coefficients  # noqa: E402
 import mhc_kernels.sinkhorn as sinkhorn  # noqa: E402
@@ -44,8 +49,55 @@ PATHS = {
 }
 
 
+LAUNCHES = collections.Counter()  # Triton launches by kernel (counted, not run)
+
+# aten operations that make no GPU work: views, metadata and allocations
+NO_GPU_WORK = {"view", "_unsafe_view", "_reshape_alias", "as_strided", "expand", "permute", "t",
+               "transpose", "unsqueeze", "squeeze", "select", "slice", "split", "split_with_sizes",
+               "unbind", "alias", "detach", "diagonal", "lift_fresh", "empty", "empty_like",
+               "empty_strided"}  # fmt: skip
+
+
 def no_launch(self, grid):
-    return lambda *args, **kwargs: None
+    def launch(*args, **kwargs):
+        LAUNCHES[self.fn.__name__] += 1
+
+    return launch
+
+
+class CountOps(TorchDispatchMode):
+    """aten operations by name, as dispatched (each a host-side call; most launch GPU work)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_work(step) -> dict[str, int]:
+    """What one forward+backward asks of the host: aten calls, those that make GPU work, Triton
+    launches and autograd nodes. Counts, unlike times, do not vary between runs."""
+    LAUNCHES.clear()
+    with CountOps() as counted:
+        nodes = step()
+    ops = counted.ops
+    gpu = sum(k for name, k in ops.items() if name not in NO_GPU_WORK)
+    return {"aten": sum(ops.values()), "gpu_ops": gpu, "triton": sum(LAUNCHES.values()),
+            "nodes": nodes}  # fmt: skip
+
+
+def graph_nodes(out: torch.Tensor) -> int:
+    """Autograd nodes reachable from ``out`` (each one the backward pass walks)."""
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(next_node for next_node, _ in node.next_functions)
+    return len(seen)
 
 
 def as_on_a_gpu(resolve):
@@ -67,9 +119,11 @@ def step_of(layer, x, compiling: bool):
         real = torch.compiler.is_compiling
         torch.compiler.is_compiling = (lambda: True) if compiling else real
         try:
-            torch.autograd.grad(layer(x).sum(), params)
+            loss = layer(x).sum()
+            torch.autograd.grad(loss, params)
         finally:
             torch.compiler.is_compiling = real
+        return graph_nodes(loss)
 
     return step
 
@@ -97,6 +151,13 @@ def main(rounds: int = 15, steps: int = 100) -> None:
     for label, seconds in times.items():
         median, best = statistics.median(seconds) * 1e6, min(seconds) * 1e6
         print(f"{label:40s} {median:6.0f} us per forward+backward (best round {best:6.0f} us)")
+    print(
+        "\nper forward+backward: aten calls, of which make GPU work, Triton launches, autograd nodes"
+    )
+    for label, step in runs.items():
+        work = host_work(step)
+        print(f"{label:40s} {work['aten']:4d} {work['gpu_ops']:4d} {work['triton']:4d} "
+              f"{work['nodes']:4d}")  # fmt: skip
 
 
 if __name__ == "__main__":
