@@ -7,12 +7,12 @@
 # of every step that finished) and benchmarks/results/stability-large/; with $OUT set, also packs
 # everything (logs, one JSON line per measured case, test report, profile) into
 # $OUT/gpu-<name>-<time>.tgz after every step. Each step is capped (tests 150 s, Sinkhorn 120,
-# layer + streams 150, profile 60, sweep 120, sweep-streams 120, compile 240, large stability
-# 300): run the steps that fit the device time with MHC_GPU_STEPS (names below; all by default)
-# and narrow the torch.compile cases with MHC_COMPILE_CASES (a pytest -k). On an H200
-# (2026-11-27) the steps' pytest times were: tests 105 s, Sinkhorn 50, layer + streams 91 (before
-# the CUDA-graph variants), sweep-streams 19 (fp32 only), compile 202; the five steps of the first
-# call took 310 s in all, and a machine start costs 40-120 s more.
+# layer + streams 150, graphs 90, profile 60, sweep 120, sweep-streams 120, compile 240, large
+# stability 300): run the steps that fit the device time with MHC_GPU_STEPS (names below; all by
+# default) and narrow the torch.compile cases with MHC_COMPILE_CASES (a pytest -k). On an H200
+# (2026-11-27) the steps' pytest times were: tests 105 s, Sinkhorn 50, layer + streams 91,
+# sweep-streams 19 (fp32 only), compile 202; the five steps of the first call took 310 s in all,
+# and a machine start costs 40-120 s more.
 # Usage: [MHC_BENCH_COMMIT=<sha>] [MHC_GPU_STEPS="tests sinkhorn"] bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -57,7 +57,7 @@ xdist=()
 python -c "import xdist" 2>/dev/null && xdist=(-n "$(nproc)")
 bench=(python -m pytest --benchmark-only -q -p no:cacheprovider --benchmark-columns=median,iqr)
 
-ALL_STEPS="tests sinkhorn layer-streams profile sweep sweep-streams compile stability-large"
+ALL_STEPS="tests sinkhorn layer-streams graphs profile sweep sweep-streams compile stability-large"
 want() { [[ " ${MHC_GPU_STEPS:-$ALL_STEPS} " == *" $1 "* ]]; }
 
 # -v: every result is logged as it finishes, so a capped run still names its failures
@@ -65,7 +65,9 @@ want tests && step tests 150 python -m pytest tests/mhc_kernels -v --tb=short -p
   "${xdist[@]}" -k "not compiles" --junitxml="$work/kernel-tests.xml"
 want sinkhorn && step sinkhorn 120 "${bench[@]}" benchmarks/test_sinkhorn.py -k "not compile"
 want layer-streams && step layer-streams 150 "${bench[@]}" benchmarks/test_layer_overhead.py \
-  benchmarks/test_streams.py -k "not compile"
+  benchmarks/test_streams.py -k "not compile and not graphed"
+# CUDA-graph capture in a process of its own: a capture that fails can leave the context unusable
+want graphs && step graphs 90 "${bench[@]}" benchmarks/test_layer_overhead.py -k graphed
 want profile && step profile 60 python benchmarks/profile_layer.py --out "$work/profile.txt"
 want sweep && step sweep 120 python benchmarks/sweep_sinkhorn.py --out "$work/sweep.json"
 want sweep-streams && step sweep-streams 120 python benchmarks/sweep_streams.py \
