@@ -12,6 +12,8 @@ import functools
 
 import torch
 
+MAX_FUSED_STREAMS = 8  # the most streams n the fused kernels are built and compile-checked for
+
 
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for non-negative ``a`` and positive ``b``."""

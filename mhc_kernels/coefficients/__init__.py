@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._host import MAX_FUSED_STREAMS
 from ..sinkhorn import resolve_backend, sinkhorn_knopp
 from .reference import epilogue_reference, projection_backward_reference, projection_reference
 
@@ -54,9 +55,6 @@ def projection_backward(v: torch.Tensor, phi: torch.Tensor, dproj: torch.Tensor,
     return dv, dphi
 
 
-FUSED_EPILOGUE_MAX_N = 8  # the streams ``auto`` hands to the fused epilogue (compile-checked)
-
-
 def epilogue(
     proj: torch.Tensor,
     sumsq: torch.Tensor,
@@ -84,8 +82,8 @@ def epilogue(
         >>> pre.tolist(), post.tolist(), res.shape
         ([[0.5, 0.5], [0.5, 0.5]], [[1.0, 1.0], [1.0, 1.0]], torch.Size([2, 2, 2]))
     """
-    fits = n <= FUSED_EPILOGUE_MAX_N and all(
-        t.dtype == torch.float32 for t in (proj, sumsq, alpha, bias)
+    fits = n <= MAX_FUSED_STREAMS and (
+        proj.dtype == sumsq.dtype == alpha.dtype == bias.dtype == torch.float32
     )
     if resolve_backend(backend, proj.device, auto_triton=fits) == "triton":
         from .triton import epilogue_triton

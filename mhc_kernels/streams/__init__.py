@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._host import MAX_FUSED_STREAMS
 from ..sinkhorn import resolve_backend
 from .reference import (
     merge_grads_without_dx_reference,
@@ -12,8 +13,6 @@ from .reference import (
     pre_mix_reference,
     stream_grad_reference,
 )
-
-MAX_FUSED_STREAMS = 8
 
 
 def _use_triton(backend: str, x: torch.Tensor) -> bool:
