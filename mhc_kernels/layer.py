@@ -283,18 +283,24 @@ class HyperConnection(nn.Module):
             y = self.run_branch(branch, branch_in, *args, **kwargs)
             return checkpoint(merge, x, y, h_post, h_res, backend, use_reentrant=False)
         # the tokens as rows, once: the kernels' layout, so that no front door adds views (and
-        # autograd nodes) of its own; the branch sees its input in the caller's shape
+        # autograd nodes) of its own
         x2 = rows(x, *x.shape[-2:])
         h_pre, h_post, h_res = self.coefficients(x2)
         self._record(h_res)
-        branch_in = shaped(pre_mix(x2, h_pre, backend), (*x.shape[:-2], self.dim))
-        y = self.run_branch(branch, branch_in, *args, **kwargs)
-        return shaped(merge(x2, rows(y, self.dim), h_post, h_res, backend), x.shape)
+        y = self.run_branch_on_rows(branch, pre_mix(x2, h_pre, backend), x, *args, **kwargs)
+        return shaped(merge(x2, y, h_post, h_res, backend), x.shape)
 
     def _record(self, h_res: torch.Tensor) -> None:
         if self.record_h_res:
             n = self.config.n_streams
             self.last_h_res = h_res.detach().reshape(-1, n, n).mean(dim=0)
+
+    def run_branch_on_rows(self, branch, branch_in: torch.Tensor, x: torch.Tensor, *args, **kwargs):
+        """:meth:`run_branch` for a connection that works on rows of tokens: the branch gets
+        ``branch_in (T, C)`` in the leading shape of the streams ``x`` it came from, and its output
+        comes back as rows ``(T, C)``."""
+        branch_in = shaped(branch_in, (*x.shape[:-2], self.dim))
+        return rows(self.run_branch(branch, branch_in, *args, **kwargs), self.dim)
 
     @staticmethod
     def run_branch(branch, branch_in: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -48,8 +48,9 @@ autograd call, as recomputation did), and it keeps what autograd keeps.
 How a stream finds its recipe: the connection's output (the merge's, in the caller's shape)
 carries it as an attribute. The first connection's input, when :func:`mhc_kernels.expand_streams`
 made it, carries its source instead (n identical copies of C values), and the first connection
-keeps only the source: C values per token instead of n * C. A consumer that receives anything else (a view, a stream changed in place
-since it was made, the output of a plain residual in between) keeps the tensor it was given.
+keeps only the source: C values per token instead of n * C. A consumer that receives anything
+else (a view, a stream changed in place since it was made, the output of a plain residual in
+between) keeps the tensor it was given.
 """
 
 from __future__ import annotations
@@ -283,13 +284,12 @@ def connect(connection, x: torch.Tensor, branch, *args, **kwargs):
     # the tokens as rows, once (as HyperConnection does): the Functions, their saved tensors and
     # rebuilt streams all have the kernels' layout; the branch and the next connection see the
     # caller's shape (the recipe of the output travels on the tensor returned)
-    n, C = x.shape[-2:]
-    x2 = rows(x, n, C)
+    x2 = rows(x, *x.shape[-2:])
     proj, sumsq = _Projection.apply(connection, rebuild, link, x2, connection.phi)
     h_pre, h_post, h_res = connection.gates(proj, sumsq, connection.alpha, connection.bias)
     branch_in = _PreMix.apply(config.backend, rebuild, link, x2, h_pre)
-    y = connection.run_branch(branch, shaped(branch_in, (*x.shape[:-2], C)), *args, **kwargs)
-    out = _Merge.apply(config.backend, rebuild, link, x2, rows(y, C), h_post, h_res)
+    y = connection.run_branch_on_rows(branch, branch_in, x, *args, **kwargs)
+    out = _Merge.apply(config.backend, rebuild, link, x2, y, h_post, h_res)
     merge_node, out = out.grad_fn, shaped(out, x.shape)
     depth = 1 + (rebuild.depth if isinstance(rebuild, _Rebuild) else 0)  # kept x: depth 0
     if config.recompute and depth < config.recompute_block and merge_node is not None:

@@ -233,8 +233,12 @@ def test_the_kernels_layout_is_made_once_per_connection(monkeypatch):
         spy = lambda *a, real=real: seen.append([t.dim() for t in a[:2]]) or real(*a)  # noqa: E731
         monkeypatch.setattr(layer_module, name, spy)
     x = torch.randn(2, 3, 4, 8, requires_grad=True)
-    out = MHCLayer(Block(8), dim=8, n_streams=4)(x)
+    layer = MHCLayer(Block(8), dim=8, n_streams=4)
+    out = layer(x)
     assert out.shape == x.shape and seen == [[3, 2], [3, 2]]
+    shapes = []
+    y = layer.run_branch_on_rows(lambda t: shapes.append(t.shape) or 2 * t, torch.ones(6, 8), x)
+    assert shapes == [(2, 3, 8)] and y.shape == (6, 8)
     t = torch.randn(6, 4, 8, requires_grad=True)
     assert rows(t, 4, 8) is t and shaped(t, (6, 4, 8)) is t
     assert rows(t, 32).shape == (6, 32) and shaped(t, (2, 3, 4, 8)).shape == (2, 3, 4, 8)
