@@ -6,14 +6,14 @@ A small mHC layer is dispatch-bound on a GPU (profile_layer.py: about twice as m
 GPU time per block), so the host cost of the Triton path matters by itself. This script measures it
 on any machine: under ``TRITON_INTERPRET=1`` every Triton kernel launch is replaced by a no-op, so
 what remains is the Python, autograd and launcher work around the kernels (tiny tensors: 2 x 4
-tokens, n = 4, C = 8), and ``backend="auto"`` picks what it picks on a GPU (the Sinkhorn and stream
-kernels and, since the H200 run of 2026-11-27, the fused coefficient epilogue; the projection in
-PyTorch). Paths: the PyTorch reference
-(real ops), ``auto`` through the ``torch.library`` custom ops (what torch.compile calls; the GPU
-runs of 2026-11-26 ran this way in eager mode too), ``auto`` through the eager autograd Functions
-alone and with the fused backward or recomputation, and every fused kernel (``backend="triton"``:
-the projection too) alone and with the fused backward. The paths take turns, 100 steps
-each per round (this machine's run-to-run spread is about 30%); median and best round per path.
+tokens, n = 4, C = 8), and ``backend="auto"`` picks what it picks on a GPU (the Sinkhorn, stream
+and, since the H200 run of 2026-11-27, fused coefficient-epilogue kernels; the projection in
+PyTorch). Paths: the PyTorch reference (real ops), ``auto`` through the ``torch.library`` custom
+ops (what torch.compile calls; the GPU runs of 2026-11-26 ran this way in eager mode too), ``auto``
+through the eager autograd Functions alone and with the fused backward or recomputation, and every
+fused kernel (``backend="triton"``: the projection too) alone and with the fused backward. The
+paths take turns, 100 steps each per round (this machine's run-to-run spread is about 30%); median
+and best round per path.
 Then, per path, what one forward+backward asks of the host, counted (counts do not vary between
 runs, so they show a change that the times' spread hides): aten calls, those that make GPU work
 (not views or allocations), Triton launches and autograd nodes.

@@ -115,8 +115,8 @@ def test_coefficient_epilogue_speed(benchmark, record, provider, tokens, passes)
     """Scale, bias, gates and Sinkhorn (20 iterations) from the projection, float32: all in
     PyTorch (``eager``), PyTorch then Sinkhorn's kernel (``split``: the layer's path on a GPU
     until the H200 run of 2026-11-27), ``torch.compile`` of the references, and the fused kernel
-    (``triton``; ``auto`` on a GPU since that run). Traffic: the
-    fwd reads W + 1 and writes W floats per token; the bwd reads 2 W + 1 and writes W + 1 more."""
+    (``triton``; ``auto`` on a GPU since that run). Traffic: the fwd reads W + 1 and writes W
+    floats per token; the bwd reads 2 W + 1 and writes W + 1 more."""
     if provider != "eager" and not ON_GPU:
         pytest.skip(f"{provider} is a GPU provider")
     if provider == "compile" and tokens != TOKENS[0]:
