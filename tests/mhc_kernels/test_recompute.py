@@ -101,12 +101,23 @@ def test_low_precision_streams_and_fused_kernels(backend, dtype, device):
 
 @pytest.mark.parametrize("block", [1, 2, 3, 4])
 def test_one_stream_is_kept_per_block(block):
-    x = torch.randn(3, 5, N, C, requires_grad=True)
-    stream_bytes = x.numel() * x.element_size()
-    every = saved_storage_bytes(lambda: run(make_stack(recompute=True), x))
-    lean = saved_storage_bytes(lambda: run(make_stack(recompute=True, recompute_block=block), x))
-    assert every - lean == (LAYERS - math.ceil(LAYERS / block)) * stream_bytes
-    assert every <= saved_storage_bytes(lambda: run(make_stack(), x))  # never more than autograd
+    """Streams made by expand_streams, as in a model: the first connection keeps only their
+    source, every block of connections one stream, and nothing else differs from autograd."""
+    source = torch.randn(3, 5, C, requires_grad=True)
+    stream_bytes, source_bytes = N * source.numel() * 4, source.numel() * 4
+
+    def saved(inputs, **options):  # the streams made anew: a connection drops their mark
+        return saved_storage_bytes(lambda: run(make_stack(**options), inputs()))
+
+    streams = lambda: expand_streams(source, N)  # noqa: E731
+    every = saved(streams, recompute=True)
+    assert (
+        every - saved(streams, recompute=True, recompute_block=block)
+        == (LAYERS - math.ceil(LAYERS / block)) * stream_bytes
+    )
+    assert saved(streams) - every == stream_bytes - source_bytes
+    x = torch.randn(3, 5, N, C, requires_grad=True)  # streams of unknown origin: kept whole
+    assert saved(lambda: x, recompute=True) == saved(lambda: x)
 
 
 def rebuilds(outputs):
