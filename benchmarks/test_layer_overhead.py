@@ -194,7 +194,7 @@ def peak_step_bytes(block, x, autocast) -> int:
 def test_activation_memory(benchmark, record, dim, heads, dtype):
     """Issue 8: activation memory (bytes saved for backward, weights left out) of a 6-layer
     ST-Tahoe-shaped stack: plain residuals, mHC, mHC recomputed per connection and recomputed in
-    blocks of k connections (bf16: autocast, as the trainer runs on a GPU). On a GPU the peak of a
+    blocks of k connections (bf16: autocast, as the trainer runs on a GPU; also with bf16 streams). On a GPU the peak of a
     whole fwd+bwd step is measured too (it includes the up to k - 1 rebuilt streams).
     Target: recomputation <= 1.2x the plain residual (ratios: summarize.py)."""
     torch.manual_seed(0)
@@ -202,7 +202,13 @@ def test_activation_memory(benchmark, record, dim, heads, dtype):
     x = torch.randn(sets, CELLS, dim, device=DEVICE)
     autocast = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     saved, peak = {}, {}
-    for name, options in MEMORY_VARIANTS.items():
+    variants = dict(MEMORY_VARIANTS)
+    if dtype == "bf16":  # streams in bf16 too (the branch computes under autocast)
+        variants |= {"mhc_bf16_streams": {"stream_dtype": torch.bfloat16},
+                     f"mhc_bf16_streams_recompute_block{BLOCKS[-1]}": {
+                         "stream_dtype": torch.bfloat16, "recompute": True,
+                         "recompute_block": BLOCKS[-1]}}  # fmt: skip
+    for name, options in variants.items():
         block = Stack(dim, heads, LAYERS, **options).to(DEVICE)
         with autocast:
             saved[name] = saved_storage_bytes(lambda b=block: b(x))

@@ -7,9 +7,9 @@ import torch
 from .._host import MAX_FUSED_STREAMS
 from ..sinkhorn import resolve_backend
 from .reference import (
-    merge_grads_without_dx_reference,
+    merge_backward_reference,
     merge_reference,
-    pre_mix_coefficient_grad_reference,
+    pre_mix_backward_reference,
     pre_mix_reference,
     stream_grad_reference,
 )
@@ -68,9 +68,7 @@ def pre_mix_backward(x, h_pre, grad, backend: str = "auto", want_dx: bool = True
         from .triton import pre_mix_backward_triton
 
         return pre_mix_backward_triton(x, h_pre, grad, want_dx)
-    if not want_dx:  # one contraction (autograd would re-run the pre-mix first)
-        return None, pre_mix_coefficient_grad_reference(x, grad).to(h_pre.dtype)
-    return _reference_backward(pre_mix_reference, (x, h_pre), grad)
+    return pre_mix_backward_reference(x, h_pre, grad, want_dx)
 
 
 def merge_backward(x, y, h_post, h_res, grad, backend: str = "auto", want_dx: bool = True):
@@ -83,10 +81,7 @@ def merge_backward(x, y, h_post, h_res, grad, backend: str = "auto", want_dx: bo
         from .triton import merge_backward_triton
 
         return merge_backward_triton(x, y, h_post, h_res, grad, want_dx)
-    if not want_dx:  # three contractions (autograd would re-run the merge first)
-        dy, dh_post, dh_res = merge_grads_without_dx_reference(x, y, h_post, grad)
-        return None, dy, dh_post.to(h_post.dtype), dh_res.to(h_res.dtype)
-    return _reference_backward(merge_reference, (x, y, h_post, h_res), grad)
+    return merge_backward_reference(x, y, h_post, h_res, grad, want_dx)
 
 
 def stream_grad(x, g_in, g_out, h_pre, h_res, dsumsq, dproj, phi, backend: str = "auto"):
@@ -104,14 +99,6 @@ def stream_grad(x, g_in, g_out, h_pre, h_res, dsumsq, dproj, phi, backend: str =
         if backend == "triton":
             raise ValueError("the fused stream gradient takes float32 phi (coeff_dtype=float32)")
     return stream_grad_reference(x, g_in, g_out, h_pre, h_res, dsumsq, dproj, phi)
-
-
-def _reference_backward(reference, inputs, grad):
-    """The gradients of ``reference(*inputs)`` for ``grad``, through autograd (re-runs it)."""
-    leaves = [t.detach().requires_grad_() for t in inputs]
-    with torch.enable_grad():
-        out = reference(*leaves)
-    return torch.autograd.grad(out, leaves, grad)
 
 
 __all__ = ["merge", "merge_backward", "merge_reference", "pre_mix", "pre_mix_backward",

@@ -28,8 +28,7 @@ from ..sinkhorn.reference import autocast_exempt, compute_dtype
 @autocast_exempt
 def pre_mix_reference(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     """``x: (..., n, C)``, ``h_pre: (..., n)`` -> ``(..., C)``."""
-    dt = compute_dtype(x.dtype)
-    return torch.einsum("...j,...jc->...c", h_pre.to(dt), x.to(dt)).to(x.dtype)
+    return _PreMix.apply(x, h_pre)
 
 
 @autocast_exempt
@@ -37,30 +36,83 @@ def merge_reference(
     x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor
 ) -> torch.Tensor:
     """``x: (..., n, C)``, ``y: (..., C)``, ``h_post: (..., n)``, ``h_res: (..., n, n)`` -> ``(..., n, C)``."""
-    dt = compute_dtype(x.dtype)
-    mixed = torch.einsum("...ij,...jc->...ic", h_res.to(dt), x.to(dt))
-    return (mixed + h_post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(-2)).to(x.dtype)
+    return _Merge.apply(x, y, h_post, h_res)
+
+
+class _PreMix(torch.autograd.Function):
+    """The pre-mix with its backward written out (:func:`pre_mix_backward_reference`), so that it
+    saves the streams in their own dtype: autograd through the float32 expression kept a float32
+    copy of bf16 streams per pre-mix and per merge, so bf16 streams saved more than float32 ones.
+    Differentiable twice (plain ops)."""
+
+    @staticmethod
+    def forward(ctx, x, h_pre):
+        ctx.save_for_backward(x, h_pre)
+        dt = compute_dtype(x.dtype)
+        return torch.einsum("...j,...jc->...c", h_pre.to(dt), x.to(dt)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return pre_mix_backward_reference(*ctx.saved_tensors, grad, *ctx.needs_input_grad)
+
+
+class _Merge(torch.autograd.Function):
+    """The merge with its backward written out (:func:`merge_backward_reference`): saves the
+    streams and the branch output ``y`` in their own dtypes, as the Triton kernels do."""
+
+    @staticmethod
+    def forward(ctx, x, y, h_post, h_res):
+        ctx.save_for_backward(x, y, h_post, h_res)
+        dt = compute_dtype(x.dtype)
+        mixed = torch.einsum("...ij,...jc->...ic", h_res.to(dt), x.to(dt))
+        return (mixed + h_post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(-2)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return merge_backward_reference(*ctx.saved_tensors, grad, *ctx.needs_input_grad)
 
 
 @autocast_exempt
-def pre_mix_coefficient_grad_reference(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """The gradient of :func:`pre_mix_reference`'s ``h_pre`` alone for the upstream ``grad``:
-    ``sum_c grad[t, c] x[t, j, c]`` (float32, or float64 for float64 streams)."""
-    dt = compute_dtype(x.dtype)
-    return torch.einsum("...jc,...c->...j", x.to(dt), grad.to(dt))
-
-
-@autocast_exempt
-def merge_grads_without_dx_reference(
-    x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, grad: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of :func:`merge_reference` but the streams': ``dy = sum_i h_post[i] g[i]``
-    (in y's dtype), ``dh_post[i] = sum_c g[i, c] y[c]``, ``dh_res[i, j] = sum_c g[i, c] x[j, c]``
-    (float32, or float64 for float64 streams)."""
+def pre_mix_backward_reference(x, h_pre, grad, want_dx: bool = True, want_dh: bool = True):
+    """The gradients of :func:`pre_mix_reference` for the upstream ``grad``: ``dx[j, c] =
+    h_pre[j] grad[c]`` and ``dh_pre[j] = sum_c grad[c] x[j, c]``, each in its input's dtype and
+    shape, ``None`` unless wanted; sums in float32 (float64 for float64 streams)."""
     dt = compute_dtype(x.dtype)
     g = grad.to(dt)
-    dy = torch.einsum("...i,...ic->...c", h_post.to(dt), g).to(y.dtype)
-    return dy, torch.einsum("...ic,...c->...i", g, y.to(dt)), g @ x.to(dt).transpose(-1, -2)
+    dx = dh = None
+    if want_dx:
+        dx = _sum_to(h_pre.to(dt).unsqueeze(-1) * g.unsqueeze(-2), x)
+    if want_dh:
+        dh = _sum_to(torch.einsum("...jc,...c->...j", x.to(dt), g), h_pre)
+    return dx, dh
+
+
+@autocast_exempt
+def merge_backward_reference(x, y, h_post, h_res, grad, want_dx: bool = True, want_dy: bool = True,
+                             want_dh_post: bool = True, want_dh_res: bool = True):  # fmt: skip
+    """The gradients of :func:`merge_reference` for the upstream ``grad``: ``dx[j] = sum_i
+    h_res[i, j] g[i]``, ``dy = sum_i h_post[i] g[i]``, ``dh_post[i] = sum_c g[i, c] y[c]``,
+    ``dh_res[i, j] = sum_c g[i, c] x[j, c]``, each in its input's dtype and shape, ``None`` unless
+    wanted; sums in float32 (float64 for float64 streams)."""
+    dt = compute_dtype(x.dtype)
+    g = grad.to(dt)
+    dx = dy = dh_post = dh_res = None
+    if want_dx:
+        dx = _sum_to(h_res.to(dt).transpose(-1, -2) @ g, x)
+    if want_dy:  # these two as autograd has them for the forward's product (same rounding)
+        dy = _sum_to((g * h_post.to(dt).unsqueeze(-1)).sum(-2), y)
+    if want_dh_post:
+        dh_post = _sum_to((g * y.to(dt).unsqueeze(-2)).sum(-1), h_post)
+    if want_dh_res:
+        dh_res = _sum_to(g @ x.to(dt).transpose(-1, -2), h_res)
+    return dx, dy, dh_post, dh_res
+
+
+def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``grad`` summed over the dimensions ``like`` was broadcast along, in ``like``'s dtype."""
+    if grad.shape != like.shape:
+        grad = grad.sum_to_size(like.shape)
+    return grad.to(like.dtype)
 
 
 @autocast_exempt

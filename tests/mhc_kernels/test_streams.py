@@ -63,6 +63,42 @@ def test_merge_takes_the_branch_output_in_its_own_dtype(x_dtype, y_dtype, device
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_low_precision_streams_are_saved_as_they_are(backend, device):
+    """bf16 streams and branch output: the pre-mix and the merge save the inputs themselves for
+    backward, either backend (the PyTorch path once saved float32 copies: bf16 streams kept more
+    bytes than float32 ones)."""
+    T, n, C = 37, 4, 72
+    x = torch.randn(T, n, C, device=device).to(torch.bfloat16)
+    y = torch.randn(T, C, device=device).to(torch.bfloat16)
+    h_pre, h_post = torch.rand(T, n, device=device), torch.rand(T, n, device=device)
+    h_res = torch.rand(T, n, n, device=device)
+    leaves = [t.detach().requires_grad_() for t in (x, y, h_pre, h_post, h_res)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        pre_mix(leaves[0], leaves[2], backend=backend)
+        merge(leaves[0], leaves[1], *leaves[3:], backend=backend)
+    big = [t for t in saved if t.numel() >= T * C]
+    assert big and all(t.dtype == torch.bfloat16 for t in big)
+
+
+def test_reference_backwards_are_autograds():
+    """The PyTorch pre-mix and merge with their backward written out: gradcheck and gradgradcheck
+    in float64, coefficients broadcast over the leading dimensions included."""
+    from mhc_kernels.streams import merge_reference, pre_mix_reference
+
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+    x, y = leaf(2, 3, 4, 5), leaf(2, 3, 5)
+    for h_pre in (leaf(2, 3, 4), leaf(4)):
+        assert torch.autograd.gradcheck(pre_mix_reference, (x, h_pre))
+        assert torch.autograd.gradgradcheck(pre_mix_reference, (x, h_pre))
+    for h_post, h_res in ((leaf(2, 3, 4), leaf(2, 3, 4, 4)), (leaf(4), leaf(1, 4, 4))):
+        assert torch.autograd.gradcheck(merge_reference, (x, y, h_post, h_res))
+        assert torch.autograd.gradgradcheck(merge_reference, (x, y, h_post, h_res))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("x_dtype,y_dtype", [("fp32", "fp32"), ("fp32", "bf16"), ("bf16", "bf16")])
 def test_merge_backward_alone_equals_autograd_through_merge(backend, x_dtype, y_dtype, device):
     """What recomputation calls instead of re-running the merge: the same gradients, bit for bit,
