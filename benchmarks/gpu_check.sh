@@ -7,7 +7,7 @@
 # of every step that finished) and benchmarks/results/stability-large/; with $OUT set, also packs
 # everything (logs, one JSON line per measured case, test report, profile) into
 # $OUT/gpu-<name>-<time>.tgz after every step. Each step is capped (tests 150 s, Sinkhorn 120,
-# layer + streams 150, graphs 90, profile 60, sweep 120, sweep-streams 120, compile 240, large
+# layer + streams 150, graphs 90, profile 60, sweep 120, sweep-streams 180, compile 240, large
 # stability 300): run the steps that fit the device time with MHC_GPU_STEPS (names below; all by
 # default) and narrow the torch.compile cases with MHC_COMPILE_CASES (a pytest -k). On an H200
 # (2026-11-27) the steps' pytest times were: tests 105 s, Sinkhorn 50, layer + streams 91,
@@ -70,7 +70,7 @@ want layer-streams && step layer-streams 150 "${bench[@]}" benchmarks/test_layer
 want graphs && step graphs 90 "${bench[@]}" benchmarks/test_layer_overhead.py -k graphed
 want profile && step profile 60 python benchmarks/profile_layer.py --out "$work/profile.txt"
 want sweep && step sweep 120 python benchmarks/sweep_sinkhorn.py --out "$work/sweep.json"
-want sweep-streams && step sweep-streams 120 python benchmarks/sweep_streams.py \
+want sweep-streams && step sweep-streams 180 python benchmarks/sweep_streams.py \
   --dtypes fp32 bf16 --out "$work/sweep-streams.json"
 want compile && step compile 240 "${bench[@]}" benchmarks/test_sinkhorn.py benchmarks/test_streams.py \
   benchmarks/test_layer_overhead.py -k "${MHC_COMPILE_CASES:-compile}"

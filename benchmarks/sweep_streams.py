@@ -3,12 +3,15 @@
     python benchmarks/sweep_streams.py [--tokens 16384] [--C 1488] [--n 4] [--dtypes fp32 bf16]
                                        [--out FILE]
 
-For pre-mix and merge, forward and backward kernels alone (fp32 streams by default), times every
-combination of tokens per program (BT), channels per program (BC) and warps
-(``triton.testing.do_bench``, median ms), with the roofline ratio (unavoidable bytes at the GPU's
-peak DRAM bandwidth, as in test_streams.py), and prints them fastest first next to the shipped
-choice. The kernels are the shipped ones; only the launch parameters vary (26 per kernel and dtype:
-about 100 compiles for fp32). Needs a GPU.
+For pre-mix and merge, forward and backward kernels alone, and the fused backward's stream
+gradient kernel (fp32 streams by default), times every combination of tokens per program (BT),
+channels per program (BC) and warps (``triton.testing.do_bench``, median ms), with the roofline
+ratio (unavoidable bytes at the GPU's peak DRAM bandwidth, as in test_streams.py), and prints them
+fastest first next to the shipped choice. The kernels are the shipped ones; only the launch
+parameters vary: 41 per pre-mix/merge kernel (down to 128 channels and up to 8 tokens per program,
+so that one warp can own a token's row and its sums over C need no barrier), 38 for the stream
+gradient (4-32 tokens sharing phi^T's rows), about 200 compiles per dtype. The rows found so far are
+written after every kernel, so a run cut short keeps them. Needs a GPU.
 """
 
 from __future__ import annotations
@@ -43,6 +46,12 @@ def kernel_launcher(kernel: str, T: int, n: int, C: int, dtype: torch.dtype):
     elif kernel == "merge_fwd":
         args = (x, y, h, h_res, torch.empty_like(x))
         nbytes = (2 * n * C + C) * T * e
+    elif kernel == "stream_grad":  # with the merge's term, as in a connection's backward
+        W = n * n + 2 * n
+        args = (x, g2, torch.randn_like(x), h, h_res, torch.rand(T, device="cuda"),
+                torch.randn(T, W, device="cuda"), torch.randn(W, n * C, device="cuda"),
+                torch.empty_like(x))  # fmt: skip
+        nbytes = (3 * n * C + C) * T * e
     else:
         args = (
             x,
@@ -58,17 +67,22 @@ def kernel_launcher(kernel: str, T: int, n: int, C: int, dtype: torch.dtype):
         nbytes = (3 * n * C + 2 * C) * T * e
     fn = getattr(st, f"_{kernel}_kernel")
     extra = {"WRITE_DX": True} if kernel.endswith("_bwd") else {}  # the backwards as autograd's
+    sizes = (T, n, C)
+    if kernel == "stream_grad":
+        sizes, extra = (T, n, C, n * n + 2 * n), {"HAS_GOUT": True}
 
     def launch(bt: int, bc: int, warps: int):
-        fn[(cdiv(T, bt), cdiv(C, bc))](*args, T, n, C, BT=bt, NP=next_power_of_2(n), BC=bc,
+        fn[(cdiv(T, bt), cdiv(C, bc))](*args, *sizes, BT=bt, NP=next_power_of_2(n), BC=bc,
                                        CV=8 if C % 8 == 0 else 1, num_warps=warps,
                                        **extra)  # fmt: skip
 
     return launch, nbytes
 
 
-BLOCKS_T, BLOCKS_C, WARPS = (1, 2, 4), (256, 512, 1024, 2048), (2, 4, 8)
-KERNELS = ("pre_mix_fwd", "pre_mix_bwd", "merge_fwd", "merge_bwd")
+BLOCKS_T, BLOCKS_C, WARPS = (1, 2, 4, 8), (128, 256, 512, 1024, 2048), (2, 4, 8)
+KERNELS = ("pre_mix_fwd", "pre_mix_bwd", "merge_fwd", "merge_bwd", "stream_grad")
+# the stream gradient's programs share phi^T's rows between their tokens: more tokens, narrower C
+GRAD_BLOCKS_T, GRAD_BLOCKS_C = (4, 8, 16, 32), (32, 64, 128, 256)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -86,11 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     T, n, C = args.tokens, args.n, args.C
     rows = []
     for kernel, name in itertools.product(KERNELS, args.dtypes):
-        config = st.launch_config(T, n, C, DTYPES[name].itemsize)
+        configure = st.stream_grad_config if kernel == "stream_grad" else st.launch_config
+        config = configure(T, n, C, DTYPES[name].itemsize)
         shipped = (config["BT"], config["BC"], config["num_warps"])
         launch, nbytes = kernel_launcher(kernel, T, n, C, DTYPES[name])
+        blocks = (GRAD_BLOCKS_T, GRAD_BLOCKS_C) if kernel == "stream_grad" else (BLOCKS_T, BLOCKS_C)
         found = []
-        for bt, bc, warps in itertools.product(BLOCKS_T, BLOCKS_C, WARPS):
+        for bt, bc, warps in itertools.product(*blocks, WARPS):
             if bt * next_power_of_2(n) * bc // (32 * warps) > 64:  # > 64 floats per thread
                 continue
             try:
@@ -108,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in found[:5] + [r for r in found[5:] if r["shipped"]]:
             print(json.dumps(r), flush=True)
         rows += found
-    write_rows(args.out, rows)
+        write_rows(args.out, rows)
     return 0
 
 
