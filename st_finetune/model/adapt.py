@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -24,6 +25,7 @@ log = logging.getLogger("st_finetune")
 DEFAULT_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "gpt2": ["c_attn", "c_proj"]}
 MLP_TARGETS = {"llama": ["gate_proj", "up_proj", "down_proj"], "gpt2": ["c_fc"]}
 HEADS = ("pert_encoder", "basal_encoder", "project_out")
+STREAM_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -70,6 +72,12 @@ class MHCSettings:
             keeps one stream input per ``k`` consecutive connections and rebuilds the others in
             backward by re-running the merges (:mod:`mhc_kernels.recompute`; 3 or 4 suit
             ST-Tahoe's 12 connections). Results are the same.
+        stream_dtype: the residual streams' dtype. ``"auto"`` (default): the hidden states',
+            as a plain residual has it: bf16 under bf16 mixed precision (the GPU default; the
+            encoders' output is bf16 there), float32 in float32 training. ``"float32"``: float32
+            streams whatever the precision (twice bf16's memory and traffic). ``"bfloat16"``:
+            bf16 streams in float32 training too (half the memory and traffic; every merge
+            rounds the streams to bf16). The branches compute in the hidden states' dtype.
         extra: further :class:`mhc_kernels.MHCConfig` fields.
     """
 
@@ -81,7 +89,13 @@ class MHCSettings:
     alpha_init: float = 0.01
     backend: str = "auto"
     recompute: int = 0
+    stream_dtype: str = "auto"
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.stream_dtype not in STREAM_DTYPES:
+            raise ValueError(f"mhc.stream_dtype must be one of {list(STREAM_DTYPES)}, got "
+                             f"{self.stream_dtype!r}")  # fmt: skip
 
     def mhc_config(self) -> MHCConfig:
         k = self.recompute
@@ -132,9 +146,10 @@ def adapt_heads(model: STModel, input_dim: int, pert_names: list[str],
 
 def add_mhc(model: STModel, settings: MHCSettings) -> int:
     """Add mHC sites to the backbone; returns how many."""
-    sites = enable_mhc(model.transformer_backbone, settings.mhc_config(), settings.layers)
-    log.info("mHC: %d sites (n=%d, %d Sinkhorn iterations)", sites, settings.n_streams,
-             settings.sinkhorn_iters)  # fmt: skip
+    sites = enable_mhc(model.transformer_backbone, settings.mhc_config(), settings.layers,
+                       STREAM_DTYPES[settings.stream_dtype])  # fmt: skip
+    log.info("mHC: %d sites (n=%d, %d Sinkhorn iterations, %s streams)", sites,
+             settings.n_streams, settings.sinkhorn_iters, settings.stream_dtype)  # fmt: skip
     return sites
 
 

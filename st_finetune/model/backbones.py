@@ -43,6 +43,7 @@ class _StreamBackbone:
     """The decoder loop shared by both backbones: plain residuals, or mHC streams."""
 
     mhc_streams: int | None = None
+    mhc_stream_dtype: torch.dtype | None = None  # None: the hidden states' dtype
 
     def _sublayers(self, layer, *context) -> tuple[Callable, Callable]:
         raise NotImplementedError
@@ -52,19 +53,29 @@ class _StreamBackbone:
 
     def _run_blocks(self, h: torch.Tensor, *context) -> torch.Tensor:
         n = self.mhc_streams
-        if n:
-            h = expand_streams(h, n)
+        if not n:
+            for layer in self._blocks():
+                for branch in self._sublayers(layer, *context):
+                    h = h + branch(h)
+            return h
+        dtype = h.dtype
+        h = expand_streams(h.to(self.mhc_stream_dtype or dtype), n)
         for layer in self._blocks():
             for site, branch in zip(
                 ("attn_hc", "mlp_hc"), self._sublayers(layer, *context), strict=True
             ):
-                if not n:
-                    h = h + branch(h)
-                elif hasattr(layer, site):
+                if h.dtype != dtype:  # streams in another dtype: the branch computes in the model's
+                    branch = _computing_in(dtype, branch)
+                if hasattr(layer, site):
                     h = getattr(layer, site).connect(h, branch)
                 else:
-                    h = h + branch(h.mean(dim=-2)).unsqueeze(-2)
-        return collapse_streams(h) if n else h
+                    h = (h + branch(h.mean(dim=-2, dtype=dtype)).unsqueeze(-2)).to(h.dtype)
+        return collapse_streams(h.to(dtype))
+
+
+def _computing_in(dtype: torch.dtype, branch: Callable) -> Callable:
+    """``branch`` given its input in ``dtype``."""
+    return lambda x: branch(x.to(dtype))
 
 
 class BidirectionalLlama(_StreamBackbone, LlamaModel):
@@ -147,8 +158,10 @@ def unwrap(backbone: nn.Module) -> _StreamBackbone:
     return get_base() if get_base is not None else backbone
 
 
-def enable_mhc(backbone: nn.Module, config: MHCConfig, layers: Iterable[int] | None = None) -> int:
-    """Add ``attn_hc`` and ``mlp_hc`` sites to the chosen decoder layers (all by default).
+def enable_mhc(backbone: nn.Module, config: MHCConfig, layers: Iterable[int] | None = None,
+               stream_dtype: torch.dtype | None = None) -> int:  # fmt: skip
+    """Add ``attn_hc`` and ``mlp_hc`` sites to the chosen decoder layers (all by default), with
+    streams in ``stream_dtype`` (``None``: the hidden states' dtype).
 
     Returns the number of sites added. The new parameters are trainable.
     """
@@ -164,4 +177,5 @@ def enable_mhc(backbone: nn.Module, config: MHCConfig, layers: Iterable[int] | N
         for site in ("attn_hc", "mlp_hc"):
             blocks[i].add_module(site, HyperConnection(hidden, config).to(param.device))
     base.mhc_streams = config.n_streams
+    base.mhc_stream_dtype = stream_dtype
     return 2 * len(chosen)

@@ -17,7 +17,12 @@ VARIANTS = {
         MHCSettings(enable=True, n_streams=4, sinkhorn_iters=20),
     ),  # fmt: skip
     "mhc": (LoraSettings(enable=False), MHCSettings(enable=True, n_streams=2)),
+    "lora_mhc_bf16": (
+        LoraSettings(enable=True, r=4, alpha=8, dropout=0.0),
+        MHCSettings(enable=True, stream_dtype="bfloat16"),
+    ),  # fmt: skip
 }
+BF16_EPS = torch.finfo(torch.bfloat16).eps
 
 
 def prepared(folder, variant, input_dim=12, perts=PERTS):
@@ -34,7 +39,12 @@ def test_step_zero_reproduces_the_pretrained_model(model_folder, variant):
     model, rebuilt, _ = prepared(folder, variant)
     assert rebuilt == []
     batch = batch_for(writer.config)
-    torch.testing.assert_close(model.eval()(batch), writer(batch), rtol=1e-5, atol=1e-5)
+    expected = writer(batch)
+    if VARIANTS[variant][1].stream_dtype == "bfloat16":  # a few roundings of the streams to bf16
+        bound = 4 * BF16_EPS * expected.abs().max()
+        assert (model.eval()(batch) - expected).abs().max() <= bound
+    else:
+        torch.testing.assert_close(model.eval()(batch), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -133,3 +143,74 @@ def test_mhc_recomputation_gives_the_same_gradients(model_folder):
             torch.testing.assert_close(other[name], grads[0][name], msg=name)
     with pytest.raises(ValueError, match="mhc.recompute"):
         MHCSettings(enable=True, recompute=-1).mhc_config()
+
+
+@pytest.mark.parametrize("layers", [None, [0]], ids=["all", "first"])
+def test_bf16_streams_follow_float32_streams(model_folder, layers):
+    """``mhc.stream_dtype: bfloat16``: the branches still compute in float32 (this CPU model has no
+    autocast); with streams that differ (every part of mHC live), the layers without mHC included,
+    the outputs stay within a few bf16 roundings of float32 streams', and the gradients of the
+    trainable parameters within what the streams' roundings to bf16 can cost: one per sub-layer
+    plus the first, each no more than rounding the backbone's input to bf16 once costs (how much
+    that is depends on the weights: 0.1-0.2% of the gradients' norm for three of these tiny
+    models, 10% for the GPT2 one with mHC in its first layer only, where bf16 streams cost no more)."""
+    from st_finetune.model.backbones import decoder_layers, unwrap
+
+    _, folder = model_folder
+    lora = LoraSettings(enable=True, r=4, alpha=8, dropout=0.0)
+
+    def round_input(module, args, kwargs):
+        return args, {"inputs_embeds": kwargs["inputs_embeds"].bfloat16().float()}
+
+    def run(stream_dtype, rounded_input=False):
+        torch.manual_seed(0)
+        model, info = load_pretrained(folder)
+        prepare_for_finetuning(model, input_dim=12, pert_names=PERTS,
+                               pretrained_perts=info.pert_names, lora=lora,
+                               mhc=MHCSettings(enable=True, layers=layers,
+                                               stream_dtype=stream_dtype))  # fmt: skip
+        backbone = unwrap(model.transformer_backbone)
+        if rounded_input:
+            backbone.register_forward_pre_hook(round_input, with_kwargs=True)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "hc." in name or "lora_B" in name:
+                    p.add_(0.05 * torch.randn_like(p))
+        out = model.train()(batch_for(model.config))
+        upstream = torch.randn(16, 12, generator=torch.Generator().manual_seed(0))
+        (out * upstream).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        return out.detach(), grads, 2 * len(decoder_layers(backbone)) + 1
+
+    (out, grads, roundings), (out_bf16, grads_bf16, _) = run("float32"), run("bfloat16")
+    _, grads_rounded, _ = run("float32", rounded_input=True)
+    assert out_bf16.dtype == torch.float32
+    assert (out_bf16 - out).abs().max() <= 4 * BF16_EPS * out.abs().max()
+    assert torch.isfinite(grads_bf16).all()
+    assert (grads_bf16 - grads).norm() <= roundings * (grads_rounded - grads).norm()
+    with pytest.raises(ValueError, match="mhc.stream_dtype must be one of"):
+        MHCSettings(enable=True, stream_dtype="float16")
+
+
+def test_streams_take_the_hidden_states_dtype_unless_told(model_folder, monkeypatch):
+    """Under bf16 autocast (the trainer's GPU default) the encoders hand the backbone bf16 hidden
+    states: ``auto`` streams are bf16, as a plain residual is; ``float32`` keeps them float32
+    (the branches then get bf16 inputs, as without mHC). Forward and backward run either way."""
+    from mhc_kernels import HyperConnection
+
+    _, folder = model_folder
+    seen = []
+    connect = HyperConnection.connect
+    monkeypatch.setattr(HyperConnection, "connect",
+                        lambda self, x, *a, **k: seen.append(x.dtype) or connect(self, x, *a, **k))  # fmt: skip
+    for stream_dtype, expected in (("auto", torch.bfloat16), ("float32", torch.float32)):
+        model, info = load_pretrained(folder)
+        prepare_for_finetuning(model, input_dim=12, pert_names=PERTS,
+                               pretrained_perts=info.pert_names, lora=LoraSettings(enable=False),
+                               mhc=MHCSettings(enable=True, stream_dtype=stream_dtype))  # fmt: skip
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.train()(batch_for(model.config))
+        out.float().square().sum().backward()
+        assert seen and set(seen) == {expected}
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)

@@ -18,7 +18,7 @@ def perturb_trainables(model):
                 p.add_(0.05 * torch.randn_like(p))
 
 
-@pytest.mark.parametrize("variant", ["lora", "lora_mhc"])
+@pytest.mark.parametrize("variant", ["lora", "lora_mhc", "lora_mhc_bf16"])
 def test_artifact_roundtrip(model_folder, tmp_path, variant):
     _, folder = model_folder
     model, rebuilt, _ = prepared(folder, variant, input_dim=10, perts=["burn", "sham"])
