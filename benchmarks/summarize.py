@@ -81,6 +81,13 @@ def sinkhorn_summary(rows: list[dict]) -> dict:
     return {"cases": cases, "targets": targets}
 
 
+def plain_of(variant: str, measured) -> str:
+    """The plain block an mHC variant is compared with: bf16 streams with the bf16 residual."""
+    if "bf16_streams" in variant and "plain_bf16_residual" in measured:
+        return "plain_bf16_residual"
+    return "plain"
+
+
 def layer_summary(rows: list[dict]) -> dict:
     """Overhead of mHC over the plain residual, per block width and dtype (same run)."""
     times: dict[tuple, dict[str, float]] = defaultdict(dict)
@@ -92,7 +99,7 @@ def layer_summary(rows: list[dict]) -> dict:
         extra = {}  # a compiled (graphed) variant against the compiled (graphed) plain block
         for v, s in t.items():
             suffix = next((x for x in ("_compiled", "_graphed") if v.endswith(x)), "")
-            base = "plain" + suffix
+            base = plain_of(v, t) + suffix
             if v != base and base in t:
                 extra[f"overhead_{v}"] = s / t[base] - 1
         out[f"C{dim}-{dtype}"] = {**t, **extra}
@@ -109,8 +116,9 @@ def memory_summary(rows: list[dict]) -> dict:
             for kind in ("saved", "peak_step"):
                 measured = row.get(f"{kind}_bytes") or {}
                 entry[f"{kind}_MB"] = {k: round(v / 1e6, 1) for k, v in measured.items()}
-                entry |= {f"{kind}_{k}_vs_plain": round(v / measured["plain"], 3)
-                          for k, v in measured.items() if k != "plain"}  # fmt: skip
+                entry |= {f"{kind}_{k}_vs_{plain_of(k, measured)}":
+                          round(v / measured[plain_of(k, measured)], 3)
+                          for k, v in measured.items() if not k.startswith("plain")}  # fmt: skip
             out[f"C{row['dim']}-L{row['layers']}-{row['dtype']}"] = entry
     return out
 

@@ -37,11 +37,12 @@ class Stack(nn.Module):
         self.mhc, self.attn, self.mlp = mhc, nn.ModuleList(attn), nn.ModuleList(mlp)
 
     def forward(self, x):
-        if not self.mhc:
+        if not self.mhc:  # the residual in stream_dtype too (bf16: as ST's under bf16 autocast)
+            h = x.to(self.stream_dtype or x.dtype)
             for attn, mlp in zip(self.attn, self.mlp, strict=True):
-                x = x + attn(x)
-                x = x + mlp(x)
-            return x
+                h = h + attn(h)
+                h = h + mlp(h)
+            return h.to(x.dtype)
         h = expand_streams(x.to(self.stream_dtype or x.dtype), N_STREAMS)
         for attn, mlp in zip(self.attn, self.mlp, strict=True):
             h = mlp(attn(h))
@@ -49,7 +50,8 @@ class Stack(nn.Module):
 
 
 VARIANTS = ["plain", "mhc", "mhc_recompute", "mhc_fused_backward", "mhc_all_triton",
-            "mhc_all_triton_fused", "mhc_bf16_streams", "plain_compiled", "mhc_compiled",
+            "mhc_all_triton_fused", "plain_bf16_residual", "mhc_bf16_streams", "plain_compiled",
+            "mhc_compiled",
             "mhc_all_triton_compiled", "plain_graphed", "mhc_graphed"]  # fmt: skip
 
 
@@ -63,7 +65,9 @@ def test_block_fwd_bwd(benchmark, record, variant, dim, heads, dtype):
     connection's stream gradient in one pass (``fused_backward``),
     ``mhc_all_triton_fused`` every fused kernel with it (GPU only); ``mhc_bf16_streams``: the
     default backends with the streams kept in bf16 under bf16 autocast (half the streams' bytes:
-    benchmarks/README.md, what the layer-overhead target allows); ``*_compiled``: the block under
+    benchmarks/README.md, what the layer-overhead target allows), against ``plain_bf16_residual``:
+    both what st_finetune runs under bf16 mixed precision, where the encoders hand the backbone
+    bf16 hidden states, so the residual (or the streams) stays bf16; ``*_compiled``: the block under
     ``torch.compile`` (GPU only), which takes the host's dispatch cost out of a launch-bound
     block, as a training loop can (``mhc_compiled``: the default backends, ``mhc_all_triton_compiled``
     with the fused projection too, the fused kernels as custom ops); ``*_graphed``: the block's
@@ -73,16 +77,17 @@ def test_block_fwd_bwd(benchmark, record, variant, dim, heads, dtype):
     if variant.startswith("mhc_all_triton") or variant.endswith(("_compiled", "_graphed")):
         if not ON_GPU:
             pytest.skip("the fused kernels, inductor's code and CUDA graphs run only on a GPU")
-    if variant == "mhc_bf16_streams" and dtype != "bf16":
+    if variant in ("mhc_bf16_streams", "plain_bf16_residual") and dtype != "bf16":
         pytest.skip("bf16 streams are measured in the bf16 autocast block")
     torch.manual_seed(0)
     options = {"mhc": {}, "mhc_recompute": {"recompute": True, "recompute_block": 2},
                "mhc_fused_backward": {"fused_backward": True},
                "mhc_all_triton": {"backend": "triton"},
                "mhc_all_triton_fused": {"backend": "triton", "fused_backward": True},
-               "mhc_bf16_streams": {"stream_dtype": torch.bfloat16}}  # fmt: skip
+               "mhc_bf16_streams": {"stream_dtype": torch.bfloat16},
+               "plain_bf16_residual": {"stream_dtype": torch.bfloat16}}  # fmt: skip
     name = variant.removesuffix("_compiled").removesuffix("_graphed")
-    block = Stack(dim, heads, mhc=name != "plain", **options.get(name, {})).to(DEVICE)
+    block = Stack(dim, heads, mhc=not name.startswith("plain"), **options.get(name, {})).to(DEVICE)
     if variant.endswith("_compiled"):
         block = torch.compile(block)
     sets = 16 if ON_GPU else 1
@@ -204,7 +209,8 @@ def test_activation_memory(benchmark, record, dim, heads, dtype):
     saved, peak = {}, {}
     variants = dict(MEMORY_VARIANTS)
     if dtype == "bf16":  # streams in bf16 too (the branch computes under autocast)
-        variants |= {"mhc_bf16_streams": {"stream_dtype": torch.bfloat16},
+        variants |= {"plain_bf16_residual": {"mhc": False, "stream_dtype": torch.bfloat16},
+                     "mhc_bf16_streams": {"stream_dtype": torch.bfloat16},
                      f"mhc_bf16_streams_recompute_block{BLOCKS[-1]}": {
                          "stream_dtype": torch.bfloat16, "recompute": True,
                          "recompute_block": BLOCKS[-1]}}  # fmt: skip
