@@ -68,8 +68,9 @@ class _StreamBackbone:
                     branch = _computing_in(dtype, branch)
                 if hasattr(layer, site):
                     h = getattr(layer, site).connect(h, branch)
-                else:
-                    h = (h + branch(h.mean(dim=-2, dtype=dtype)).unsqueeze(-2)).to(h.dtype)
+                else:  # the mean in the wider of the two dtypes
+                    mean = h.mean(dim=-2, dtype=torch.promote_types(h.dtype, dtype))
+                    h = (h + branch(mean).unsqueeze(-2)).to(h.dtype)
         return collapse_streams(h.to(dtype))
 
 
