@@ -55,10 +55,19 @@ def measure(benchmark, record, fn, inputs, upstream, passes, nbytes, **facts):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("tokens", TOKENS, ids=lambda t: f"T{t}")
 @pytest.mark.parametrize("kernel", ["projection", "pre_mix", "merge"])
-@pytest.mark.parametrize("provider", ["eager", "compile", "triton"])
-def test_stream_kernel_speed(benchmark, record, provider, kernel, tokens, dtype, passes):
+@pytest.mark.parametrize("provider", ["eager", "compile", "triton", "triton_fma"])
+def test_stream_kernel_speed(benchmark, record, provider, kernel, tokens, dtype, passes,
+                             monkeypatch):  # fmt: skip
+    """``triton_fma``: the projection's products as float32 FMAs instead of on bf16 tensor cores
+    (operands split in three bf16 parts: ``mhc_kernels.coefficients.triton._dot``)."""
     if provider != "eager" and not ON_GPU:
         pytest.skip(f"{provider} is a GPU provider")
+    if provider == "triton_fma":
+        if kernel != "projection":
+            pytest.skip("only the projection has the FMA alternative")
+        from mhc_kernels.coefficients import triton as kernels
+
+        monkeypatch.setattr(kernels, "TENSOR_CORES", False)
     if provider == "compile" and (dtype, tokens) != ("fp32", TOKENS[0]):
         pytest.skip("torch.compile is measured for fp32 at the smaller size only (compile time)")
     dt = DTYPES[dtype]
@@ -73,7 +82,7 @@ def test_stream_kernel_speed(benchmark, record, provider, kernel, tokens, dtype,
     if provider == "compile":
         fn = compiled(kernel)
     else:
-        backend = "triton" if provider == "triton" else "torch"
+        backend = "triton" if provider.startswith("triton") else "torch"
         fn = functools.partial(FUSED[kernel], backend=backend)
     if kernel == "projection":
         inner = fn

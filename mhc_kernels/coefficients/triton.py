@@ -1,7 +1,11 @@
 """Fused Triton coefficient projection: ``v @ phi`` and ``sum(v^2)`` in one pass over the streams.
 
 Limits: ``phi`` float32 with W = n^2 + 2n <= 128 columns (n <= 10), streams float32/bf16/fp16, any
-K = n*C. Products run in IEEE float32 (no TF32), so results match the reference to fp32 rounding.
+K = n*C. Products run on bf16 tensor cores with every float32 operand split into three bf16 parts
+(``_dot``: bf16 streams as they are, phi in three parts, three dots; float32 operands six dots),
+which is float32's accuracy: results match the reference to fp32 rounding, as with float32 FMAs
+(``TENSOR_CORES = False``, the kernels' first form, 5-22x the roofline on an H200: the FMAs, not
+the memory, bound them; the tensor-core form awaits a GPU).
 
 Every kernel's grid fills the GPU at a few thousand tokens (``_parts``): the forward splits K into
 parts per token block (partial sums ``[parts, T, W + 1]``, added by the launcher), ``dv = dproj @
@@ -38,8 +42,52 @@ from ..sinkhorn.triton import (
 
 
 @triton.jit
+def _bf16_parts(x):
+    """float32 ``x`` as ``hi + mid + lo``, three bfloat16 tensors holding 8 significand bits each:
+    24 bits, float32's (exact for normal numbers). ``x`` already bfloat16 is its own ``hi``."""
+    hi = x.to(tl.bfloat16)
+    rest = x.to(tl.float32) - hi.to(tl.float32)  # exact
+    mid = rest.to(tl.bfloat16)
+    return hi, mid, (rest - mid.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
+def _mma(a, b, acc, PARTS_FP32: tl.constexpr):
+    """``acc + a @ b`` for bf16 parts: on tensor cores, or with the parts in float32 (the
+    interpreter, whose bf16 ``tl.dot`` is wrong: the same products, exact in float32)."""
+    if PARTS_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _dot(a, b, acc, MMA: tl.constexpr, PARTS_FP32: tl.constexpr):
+    """``acc + a @ b`` as accurate as float32 FMAs. ``MMA``: on bf16 tensor cores, every float32
+    operand split into three bf16 parts (``_bf16_parts``; bf16 operands are used as they are):
+    products of bf16 parts are exact in float32, and of the nine products of two split operands
+    the three dropped (mid lo, lo mid, lo lo) are below 2^-24 of the product, so six dots (three
+    for a bf16 ``a``) accumulate in float32 what float32 FMAs would, at tensor-core speed.
+    Without ``MMA``: float32 FMAs (``input_precision="ieee"``)."""
+    if not MMA:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    b_hi, b_mid, b_lo = _bf16_parts(b)
+    if a.dtype == tl.bfloat16:  # the small terms first
+        acc = _mma(a, b_lo, acc, PARTS_FP32)
+        acc = _mma(a, b_mid, acc, PARTS_FP32)
+        return _mma(a, b_hi, acc, PARTS_FP32)
+    a_hi, a_mid, a_lo = _bf16_parts(a)  # small terms first, each part dropped after its last use
+    acc = _mma(a_lo, b_hi, acc, PARTS_FP32)
+    acc = _mma(a_hi, b_lo, acc, PARTS_FP32)
+    acc = _mma(a_mid, b_mid, acc, PARTS_FP32)
+    acc = _mma(a_mid, b_hi, acc, PARTS_FP32)
+    acc = _mma(a_hi, b_mid, acc, PARTS_FP32)
+    return _mma(a_hi, b_hi, acc, PARTS_FP32)
+
+
+@triton.jit
 def _projection_fwd_kernel(v_ptr, phi_ptr, proj_ptr, ss_ptr, T, K, W, k_per,
-                           BT: tl.constexpr, BK: tl.constexpr, WP: tl.constexpr):  # fmt: skip
+                           BT: tl.constexpr, BK: tl.constexpr, WP: tl.constexpr,
+                           MMA: tl.constexpr, PARTS_FP32: tl.constexpr):  # fmt: skip
     # grid (token blocks, K parts): this part's sums over k in [part * k_per, ... + k_per), written
     # to its own slice of proj_ptr ([parts, T, W]) and ss_ptr ([parts, T])
     tok = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -53,11 +101,12 @@ def _projection_fwd_kernel(v_ptr, phi_ptr, proj_ptr, ss_ptr, T, K, W, k_per,
     for k0 in range(k_start, k_end, BK):
         k_row = k0 + tl.arange(0, BK)
         v = tl.load(v_ptr + t2 * K + k_row[None, :], mask=(t2 < T) & (k_row[None, :] < k_end),
-                    other=0.0).to(tl.float32)  # [BT, BK]  # fmt: skip
+                    other=0.0)  # [BT, BK], in the streams' dtype  # fmt: skip
         phi = tl.load(phi_ptr + k_row[:, None].to(tl.int64) * W + w2,
                       mask=(k_row[:, None] < k_end) & (w2 < W), other=0.0)  # [BK, WP]  # fmt: skip
-        acc += tl.dot(v, phi, input_precision="ieee")
-        ss += tl.sum(v * v, axis=1)
+        acc = _dot(v, phi, acc, MMA, PARTS_FP32)
+        vf = v.to(tl.float32)
+        ss += tl.sum(vf * vf, axis=1)
     out = part.to(tl.int64) * T
     tl.store(proj_ptr + (out + t2) * W + w2, acc, mask=(t2 < T) & (w2 < W))
     tl.store(ss_ptr + out + tok, ss, mask=tok < T)
@@ -65,7 +114,8 @@ def _projection_fwd_kernel(v_ptr, phi_ptr, proj_ptr, ss_ptr, T, K, W, k_per,
 
 @triton.jit
 def _projection_dv_kernel(v_ptr, phi_ptr, dproj_ptr, dss_ptr, dv_ptr, T, K, W, k_per,
-                          BT: tl.constexpr, BK: tl.constexpr, WP: tl.constexpr):  # fmt: skip
+                          BT: tl.constexpr, BK: tl.constexpr, WP: tl.constexpr,
+                          MMA: tl.constexpr, PARTS_FP32: tl.constexpr):  # fmt: skip
     # grid (token blocks, K parts): dv = dproj @ phi^T + 2 v dss for k in this part
     tok = tl.program_id(0) * BT + tl.arange(0, BT)
     t2 = tok.to(tl.int64)[:, None]
@@ -80,13 +130,14 @@ def _projection_dv_kernel(v_ptr, phi_ptr, dproj_ptr, dss_ptr, dv_ptr, T, K, W, k
         v = tl.load(v_ptr + t2 * K + k_row[None, :], mask=m, other=0.0).to(tl.float32)
         phi = tl.load(phi_ptr + k_row[:, None].to(tl.int64) * W + w2,
                       mask=(k_row[:, None] < k_end) & (w2 < W), other=0.0)  # [BK, WP]  # fmt: skip
-        dv = tl.dot(dproj, tl.trans(phi), input_precision="ieee") + 2.0 * v * dss[:, None]
+        dv = _dot(dproj, tl.trans(phi), 2.0 * v * dss[:, None], MMA, PARTS_FP32)
         tl.store(dv_ptr + t2 * K + k_row[None, :], dv.to(dv_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _projection_dphi_kernel(v_ptr, dproj_ptr, dphi_ptr, T, K, W, t_per,
-                            BT: tl.constexpr, BK: tl.constexpr, WP: tl.constexpr):  # fmt: skip
+                            BT: tl.constexpr, BK: tl.constexpr, WP: tl.constexpr,
+                            MMA: tl.constexpr, PARTS_FP32: tl.constexpr):  # fmt: skip
     # grid (K blocks, token parts): this part's dphi = v^T @ dproj, to dphi_ptr [parts, K, W]
     k_row = tl.program_id(0) * BK + tl.arange(0, BK)
     part = tl.program_id(1)
@@ -98,9 +149,9 @@ def _projection_dphi_kernel(v_ptr, dproj_ptr, dphi_ptr, T, K, W, t_per,
         tok = t0 + tl.arange(0, BT)
         t2 = tok.to(tl.int64)[:, None]
         v = tl.load(v_ptr + t2 * K + k_row[None, :], mask=(t2 < t_end) & (k_row[None, :] < K),
-                    other=0.0).to(tl.float32)  # [BT, BK]  # fmt: skip
+                    other=0.0)  # [BT, BK], in the streams' dtype  # fmt: skip
         dproj = tl.load(dproj_ptr + t2 * W + w2, mask=(t2 < t_end) & (w2 < W), other=0.0)
-        acc += tl.dot(tl.trans(v), dproj, input_precision="ieee")  # [BK, WP]
+        acc = _dot(tl.trans(v), dproj, acc, MMA, PARTS_FP32)  # [BK, WP]
     out = part.to(tl.int64) * K
     tl.store(dphi_ptr + (out + k_row[:, None]) * W + w2, acc,
              mask=(k_row[:, None] < K) & (w2 < W))  # fmt: skip
@@ -219,10 +270,20 @@ MAX_COLUMNS = 128
 PROGRAMS_PER_SM = 4
 
 
-def dphi_warps(wp: int) -> int:
-    """Warps of the ``dphi`` kernel: its ``[BK, WP]`` accumulator spilled 32 bytes at 4 warps for
-    128 columns with vectorised loads (ptxas -v, sm_80/sm_89)."""
+def wide_warps(wp: int) -> int:
+    """Warps of the ``dphi`` kernel and the forward: 8 for more than 64 columns (n = 8), whose
+    ``[BK, WP]`` (``[BT, WP]``) accumulators spilled at 4 warps (``dphi``: 32 bytes with vectorised
+    loads, sm_80/sm_89; the forward: 12-20 bytes on sm_90 with the tensor-core dots, float32 v)."""
     return 8 if wp > 64 else NUM_WARPS
+
+
+TENSOR_CORES = True  # the projection's products on bf16 tensor cores (_dot); False: float32 FMAs
+
+
+def _dots() -> dict:
+    """The projection kernels' dot options: ``MMA`` as ``TENSOR_CORES`` says, the parts in float32
+    under the interpreter."""
+    return {"MMA": TENSOR_CORES, "PARTS_FP32": interpreting()}
 
 
 def _config(W: int) -> tuple[int, int, int]:
@@ -261,7 +322,7 @@ def projection_fwd(v: torch.Tensor, phi: torch.Tensor):
     proj = torch.empty((parts, T, W), dtype=torch.float32, device=v.device)
     ss = torch.empty((parts, T), dtype=torch.float32, device=v.device)
     _projection_fwd_kernel[(blocks, parts)](v, phi, proj, ss, T, K, W, k_per, BT=bt, BK=bk, WP=wp,
-                                            num_warps=NUM_WARPS)  # fmt: skip
+                                            **_dots(), num_warps=wide_warps(wp))  # fmt: skip
     return (proj[0], ss[0]) if parts == 1 else (proj.sum(0), ss.sum(0))
 
 
@@ -281,7 +342,7 @@ def projection_dv(v, phi, dproj, dss):
     token_blocks = cdiv(T, bt)
     k_per = _parts(token_blocks, K, bk, v.device)
     _projection_dv_kernel[(token_blocks, cdiv(K, k_per))](v, phi, dproj, dss, dv, T, K, W, k_per,
-                                                          BT=bt, BK=bk, WP=wp,
+                                                          BT=bt, BK=bk, WP=wp, **_dots(),
                                                           num_warps=NUM_WARPS)  # fmt: skip
     return dv
 
@@ -300,7 +361,7 @@ def projection_dphi(v, dproj, phi):
     parts = cdiv(T, t_per)
     dphi = torch.empty((parts, K, W), dtype=torch.float32, device=v.device)
     _projection_dphi_kernel[(k_blocks, parts)](v, dproj, dphi, T, K, W, t_per, BT=bt, BK=bk, WP=wp,
-                                               num_warps=dphi_warps(wp))  # fmt: skip
+                                               **_dots(), num_warps=wide_warps(wp))  # fmt: skip
     return dphi[0] if parts == 1 else dphi.sum(0)
 
 
@@ -357,7 +418,7 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
     (the projection per stream dtype; the float32 epilogue per n with and without Sinkhorn)."""
     for n in (2, 4, 8):
         wp = max(16, next_power_of_2(n * n + 2 * n))
-        consts = {"BT": BT, "BK": BK, "WP": wp}
+        consts = {"BT": BT, "BK": BK, "WP": wp, "MMA": TENSOR_CORES, "PARTS_FP32": False}
         constexprs = dict.fromkeys(consts, "constexpr")
         for dt in dtypes:
             s, f = f"*{dt}", "*fp32"
@@ -371,7 +432,7 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
             }  # fmt: skip
             for name, (kernel, ptrs, per) in kernels.items():
                 sig = {**ptrs, "T": "i32", "K": "i32", "W": "i32", per: "i32", **constexprs}
-                warps = dphi_warps(wp) if name == "proj_dphi" else NUM_WARPS
+                warps = NUM_WARPS if name == "proj_dv" else wide_warps(wp)
                 yield f"{name}-W{wp}-{dt}", kernel, sig, consts, warps
         np2 = next_power_of_2(n)
         bt = max(1, EPILOGUE_TILE_ELEMS // (np2 * np2))

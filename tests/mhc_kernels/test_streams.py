@@ -285,10 +285,16 @@ def test_projection_reference_backward_is_autograds():
     assert dv.shape == vb.shape
 
 
+@pytest.mark.parametrize("dots", ["tensor-cores", "fma"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("n,C", [(2, 8), (4, 72), (4, 1488), (8, 16)], ids=lambda v: str(v))
-def test_coefficient_projection_matches_the_reference(n, C, dtype, device):
+def test_coefficient_projection_matches_the_reference(n, C, dtype, dots, device, monkeypatch):
+    """Both ways of the kernels' products: bf16 tensor cores with float32 operands split in three
+    parts (shipped; the interpreter takes the parts in float32, the same products), float32 FMAs."""
     from mhc_kernels.coefficients import projection
+    from mhc_kernels.coefficients import triton as kernels
+
+    monkeypatch.setattr(kernels, "TENSOR_CORES", dots == "tensor-cores")
 
     T, W = 37, n * n + 2 * n
     v = torch.randn(T, n * C, device=device).to(DTYPES[dtype])
