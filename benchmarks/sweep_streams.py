@@ -10,7 +10,8 @@ ratio (unavoidable bytes at the GPU's peak DRAM bandwidth, as in test_streams.py
 fastest first next to the shipped choice. The kernels are the shipped ones; only the launch
 parameters vary: 41 per pre-mix/merge kernel (down to 128 channels and up to 8 tokens per program,
 so that one warp can own a token's row and its sums over C need no barrier), 38 for the stream
-gradient (4-32 tokens sharing phi^T's rows), about 200 compiles per dtype. The rows found so far are
+gradient (4-32 tokens sharing phi^T's rows) and 15 more with its projection term on tensor cores
+(``MMA``, n <= 4), about 220 compiles per dtype. The rows found so far are
 written after every kernel, so a run cut short keeps them. Needs a GPU.
 """
 
@@ -69,12 +70,15 @@ def kernel_launcher(kernel: str, T: int, n: int, C: int, dtype: torch.dtype):
     extra = {"WRITE_DX": True} if kernel.endswith("_bwd") else {}  # the backwards as autograd's
     sizes = (T, n, C)
     if kernel == "stream_grad":
-        sizes, extra = (T, n, C, n * n + 2 * n), {"HAS_GOUT": True}
+        sizes = (T, n, C, n * n + 2 * n)
+        extra = {"HAS_GOUT": True, "WP": max(16, next_power_of_2(n * n + 2 * n)),
+                 "PARTS_FP32": False}  # fmt: skip
 
-    def launch(bt: int, bc: int, warps: int):
+    def launch(bt: int, bc: int, warps: int, mma: bool = False):
+        options = {**extra, "MMA": mma} if kernel == "stream_grad" else extra
         fn[(cdiv(T, bt), cdiv(C, bc))](*args, *sizes, BT=bt, NP=next_power_of_2(n), BC=bc,
                                        CV=8 if C % 8 == 0 else 1, num_warps=warps,
-                                       **extra)  # fmt: skip
+                                       **options)  # fmt: skip
 
     return launch, nbytes
 
@@ -100,26 +104,29 @@ def main(argv: list[str] | None = None) -> int:
     T, n, C = args.tokens, args.n, args.C
     rows = []
     for kernel, name in itertools.product(KERNELS, args.dtypes):
-        configure = st.stream_grad_config if kernel == "stream_grad" else st.launch_config
+        grad = kernel == "stream_grad"
+        configure = st.stream_grad_config if grad else st.launch_config
         config = configure(T, n, C, DTYPES[name].itemsize)
-        shipped = (config["BT"], config["BC"], config["num_warps"])
+        shipped = (config["BT"], config["BC"], config["num_warps"], config.get("MMA", False))
         launch, nbytes = kernel_launcher(kernel, T, n, C, DTYPES[name])
-        blocks = (GRAD_BLOCKS_T, GRAD_BLOCKS_C) if kernel == "stream_grad" else (BLOCKS_T, BLOCKS_C)
+        blocks = (GRAD_BLOCKS_T, GRAD_BLOCKS_C) if grad else (BLOCKS_T, BLOCKS_C)
+        # the stream gradient's projection term also on tensor cores (n <= 4, 16 tokens at least)
+        forms = (False, True) if grad and n <= st.MMA_STREAMS else (False,)
         found = []
-        for bt, bc, warps in itertools.product(*blocks, WARPS):
-            if bt * next_power_of_2(n) * bc // (32 * warps) > 64:  # > 64 floats per thread
-                continue
+        for bt, bc, warps, mma in itertools.product(*blocks, WARPS, forms):
+            if bt * next_power_of_2(n) * bc // (32 * warps) > 64 or (mma and bt < 16):
+                continue  # > 64 floats per thread, or fewer rows than a dot takes
             try:
-                call = functools.partial(launch, bt, bc, warps)
+                call = functools.partial(launch, bt, bc, warps, mma)
                 ms = do_bench(call, warmup=5, rep=20, return_mode="median")
             except Exception as error:  # a configuration that fails to compile or launch
-                print(f"skip {kernel} BT={bt} BC={bc} warps={warps}: {type(error).__name__}",
-                      file=sys.stderr)  # fmt: skip
+                print(f"skip {kernel} BT={bt} BC={bc} warps={warps} MMA={mma}: "
+                      f"{type(error).__name__}", file=sys.stderr)  # fmt: skip
                 continue
             found.append({"kernel": kernel, "dtype": name, "tokens": T, "n": n, "C": C,
-                          "BT": bt, "BC": bc, "warps": warps, "ms": ms,
+                          "BT": bt, "BC": bc, "warps": warps, "mma": mma, "ms": ms,
                           "roofline_ratio": ms / (nbytes / (peak * 1e9) * 1e3) if peak else None,
-                          "shipped": (bt, bc, warps) == shipped})  # fmt: skip
+                          "shipped": (bt, bc, warps, mma) == shipped})  # fmt: skip
         found.sort(key=lambda r: r["ms"])
         for r in found[:5] + [r for r in found[5:] if r["shipped"]]:
             print(json.dumps(r), flush=True)

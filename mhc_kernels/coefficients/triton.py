@@ -2,10 +2,10 @@
 
 Limits: ``phi`` float32 with W = n^2 + 2n <= 128 columns (n <= 10), streams float32/bf16/fp16, any
 K = n*C. Products run on bf16 tensor cores with every float32 operand split into three bf16 parts
-(``_dot``: bf16 streams as they are, phi in three parts, three dots; float32 operands six dots),
-which is float32's accuracy: results match the reference to fp32 rounding, as with float32 FMAs
-(``TENSOR_CORES = False``, the kernels' first form, 5-22x the roofline on an H200: the FMAs, not
-the memory, bound them; the tensor-core form awaits a GPU).
+(:mod:`mhc_kernels._split_dot`: bf16 streams as they are and phi in three parts, three dots;
+float32 operands, six), which is float32's accuracy: results match the reference to fp32
+rounding, as with float32 FMAs (``TENSOR_CORES = False``, the kernels' first form, 5-22x the
+roofline on an H200: the FMAs, not the memory, bound them; the tensor-core form awaits a GPU).
 
 Every kernel's grid fills the GPU at a few thousand tokens (``_parts``): the forward splits K into
 parts per token block (partial sums ``[parts, T, W + 1]``, added by the launcher), ``dv = dproj @
@@ -30,6 +30,7 @@ import triton.language as tl
 
 from .._autograd import differentiable, save_inputs
 from .._host import cdiv, multiprocessors, next_power_of_2, rows, shaped
+from .._split_dot import dot_f32
 from ..sinkhorn.triton import (
     interpreting,
     launch_config,
@@ -39,49 +40,6 @@ from ..sinkhorn.triton import (
     sinkhorn_tile_recompute,
     sinkhorn_tile_walk_back,
 )
-
-
-@triton.jit
-def _bf16_parts(x):
-    """float32 ``x`` as ``hi + mid + lo``, three bfloat16 tensors holding 8 significand bits each:
-    24 bits, float32's (exact for normal numbers). ``x`` already bfloat16 is its own ``hi``."""
-    hi = x.to(tl.bfloat16)
-    rest = x.to(tl.float32) - hi.to(tl.float32)  # exact
-    mid = rest.to(tl.bfloat16)
-    return hi, mid, (rest - mid.to(tl.float32)).to(tl.bfloat16)
-
-
-@triton.jit
-def _mma(a, b, acc, PARTS_FP32: tl.constexpr):
-    """``acc + a @ b`` for bf16 parts: on tensor cores, or with the parts in float32 (the
-    interpreter, whose bf16 ``tl.dot`` is wrong: the same products, exact in float32)."""
-    if PARTS_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _dot(a, b, acc, MMA: tl.constexpr, PARTS_FP32: tl.constexpr):
-    """``acc + a @ b`` as accurate as float32 FMAs. ``MMA``: on bf16 tensor cores, every float32
-    operand split into three bf16 parts (``_bf16_parts``; bf16 operands are used as they are):
-    products of bf16 parts are exact in float32, and of the nine products of two split operands
-    the three dropped (mid lo, lo mid, lo lo) are below 2^-24 of the product, so six dots (three
-    for a bf16 ``a``) accumulate in float32 what float32 FMAs would, at tensor-core speed.
-    Without ``MMA``: float32 FMAs (``input_precision="ieee"``)."""
-    if not MMA:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    b_hi, b_mid, b_lo = _bf16_parts(b)
-    if a.dtype == tl.bfloat16:  # the small terms first
-        acc = _mma(a, b_lo, acc, PARTS_FP32)
-        acc = _mma(a, b_mid, acc, PARTS_FP32)
-        return _mma(a, b_hi, acc, PARTS_FP32)
-    a_hi, a_mid, a_lo = _bf16_parts(a)  # small terms first, each part dropped after its last use
-    acc = _mma(a_lo, b_hi, acc, PARTS_FP32)
-    acc = _mma(a_hi, b_lo, acc, PARTS_FP32)
-    acc = _mma(a_mid, b_mid, acc, PARTS_FP32)
-    acc = _mma(a_mid, b_hi, acc, PARTS_FP32)
-    acc = _mma(a_hi, b_mid, acc, PARTS_FP32)
-    return _mma(a_hi, b_hi, acc, PARTS_FP32)
 
 
 @triton.jit
@@ -104,7 +62,7 @@ def _projection_fwd_kernel(v_ptr, phi_ptr, proj_ptr, ss_ptr, T, K, W, k_per,
                     other=0.0)  # [BT, BK], in the streams' dtype  # fmt: skip
         phi = tl.load(phi_ptr + k_row[:, None].to(tl.int64) * W + w2,
                       mask=(k_row[:, None] < k_end) & (w2 < W), other=0.0)  # [BK, WP]  # fmt: skip
-        acc = _dot(v, phi, acc, MMA, PARTS_FP32)
+        acc = dot_f32(v, phi, acc, MMA, PARTS_FP32)
         vf = v.to(tl.float32)
         ss += tl.sum(vf * vf, axis=1)
     out = part.to(tl.int64) * T
@@ -130,7 +88,7 @@ def _projection_dv_kernel(v_ptr, phi_ptr, dproj_ptr, dss_ptr, dv_ptr, T, K, W, k
         v = tl.load(v_ptr + t2 * K + k_row[None, :], mask=m, other=0.0).to(tl.float32)
         phi = tl.load(phi_ptr + k_row[:, None].to(tl.int64) * W + w2,
                       mask=(k_row[:, None] < k_end) & (w2 < W), other=0.0)  # [BK, WP]  # fmt: skip
-        dv = _dot(dproj, tl.trans(phi), 2.0 * v * dss[:, None], MMA, PARTS_FP32)
+        dv = dot_f32(dproj, tl.trans(phi), 2.0 * v * dss[:, None], MMA, PARTS_FP32)
         tl.store(dv_ptr + t2 * K + k_row[None, :], dv.to(dv_ptr.dtype.element_ty), mask=m)
 
 
@@ -151,7 +109,7 @@ def _projection_dphi_kernel(v_ptr, dproj_ptr, dphi_ptr, T, K, W, t_per,
         v = tl.load(v_ptr + t2 * K + k_row[None, :], mask=(t2 < t_end) & (k_row[None, :] < K),
                     other=0.0)  # [BT, BK], in the streams' dtype  # fmt: skip
         dproj = tl.load(dproj_ptr + t2 * W + w2, mask=(t2 < t_end) & (w2 < W), other=0.0)
-        acc = _dot(tl.trans(v), dproj, acc, MMA, PARTS_FP32)  # [BK, WP]
+        acc = dot_f32(tl.trans(v), dproj, acc, MMA, PARTS_FP32)  # [BK, WP]
     out = part.to(tl.int64) * K
     tl.store(dphi_ptr + (out + k_row[:, None]) * W + w2, acc,
              mask=(k_row[:, None] < K) & (w2 < W))  # fmt: skip
@@ -277,7 +235,7 @@ def wide_warps(wp: int) -> int:
     return 8 if wp > 64 else NUM_WARPS
 
 
-TENSOR_CORES = True  # the projection's products on bf16 tensor cores (_dot); False: float32 FMAs
+TENSOR_CORES = True  # the projection's products on bf16 tensor cores (dot_f32); False: float32 FMAs
 
 
 def _dots() -> dict:

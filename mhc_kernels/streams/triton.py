@@ -27,6 +27,7 @@ import triton.language as tl
 
 from .._autograd import backward_from_saved, differentiable, save_inputs
 from .._host import cdiv, next_power_of_2, rows, shaped
+from .._split_dot import dot_f32
 from ..sinkhorn.triton import interpreting
 
 # --------------------------------------------------------------------------------------- kernels
@@ -159,14 +160,17 @@ def _merge_bwd_kernel(x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_ptr, 
 def _stream_grad_kernel(x_ptr, gin_ptr, gout_ptr, hpre_ptr, hres_ptr, dss_ptr, dproj_ptr,
                         phit_ptr, dx_ptr, T, n, C, W,
                         HAS_GOUT: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr,
-                        BC: tl.constexpr, CV: tl.constexpr):  # fmt: skip
+                        BC: tl.constexpr, CV: tl.constexpr, MMA: tl.constexpr,
+                        WP: tl.constexpr, PARTS_FP32: tl.constexpr):  # fmt: skip
     # the connection's whole stream gradient, dx[t, i, c] =
     #   h_pre[t, i] g_in[t, c]                    (pre-mix)
     # + sum_j h_res[t, j, i] g_out[t, j, c]       (merge; without it when HAS_GOUT is off)
     # + 2 dss[t] x[t, i, c] + sum_w dproj[t, w] phi[i C + c, w]     (projection; phi^T given)
     # as one [BT, NP, BC] tile with no sums over streams; every load is addressed in the tile's own
     # shape ([BT, 1, 1] per token, [BT, NP, 1] per stream, [BT, 1, BC] per row) so that values
-    # need not change layout; BT tokens share each row of phi^T read by the rank-1 updates over w
+    # need not change layout. The projection's term: MMA, one [BT, WP] x [WP, NP BC] product on
+    # bf16 tensor cores (split operands, float32's accuracy: mhc_kernels._split_dot); otherwise
+    # W rank-1 updates, BT tokens sharing each row of phi^T
     C = _multiple(C, CV)
     tok, t64, c2, m2 = _token_channel_tile(T, C, BT, BC)
     i2, mi, t3, i3, c3, m3 = _stream_tile(tok, t64, c2, T, n, C, NP)
@@ -184,12 +188,24 @@ def _stream_grad_kernel(x_ptr, gin_ptr, gout_ptr, hpre_ptr, hres_ptr, dss_ptr, d
             hrow = tl.load(hres_ptr + t3 * n * n + j * n + i3, mask=tj & (i3 < n), other=0.0)
             gj = tl.load(gout_ptr + t3 * n * C + j * C + c3, mask=tj & (c3 < C), other=0.0)
             acc += hrow * gj.to(tl.float32)  # h_res[t, j, i] g_out[t, j, c]
-    phi_row = i3 * C + c3  # [1, NP, BC]
-    phi_mask = (i3 < n) & (c3 < C)
-    for w in range(W):
-        dp = tl.load(dproj_ptr + t3 * W + w, mask=tm, other=0.0)  # [BT, 1, 1]
-        ph = tl.load(phit_ptr + w * n * C + phi_row, mask=phi_mask, other=0.0)
-        acc += dp * ph
+    if MMA:
+        w = tl.arange(0, WP)
+        dp = tl.load(dproj_ptr + t64[:, None] * W + w[None, :],
+                     mask=(tok[:, None] < T) & (w[None, :] < W), other=0.0)  # [BT, WP]  # fmt: skip
+        k = tl.arange(0, NP * BC)  # column k: stream k // BC, channel k % BC of this C block
+        kc = tl.program_id(1) * BC + k % BC
+        ph = tl.load(phit_ptr + w[:, None] * n * C + (k // BC * C + kc)[None, :],
+                     mask=(w[:, None] < W) & (k // BC < n)[None, :] & (kc < C)[None, :],
+                     other=0.0)  # [WP, NP * BC]  # fmt: skip
+        term = dot_f32(dp, ph, tl.zeros((BT, NP * BC), dtype=tl.float32), MMA, PARTS_FP32)
+        acc += tl.reshape(term, (BT, NP, BC))
+    else:
+        phi_row = i3 * C + c3  # [1, NP, BC]
+        phi_mask = (i3 < n) & (c3 < C)
+        for w in range(W):
+            dp = tl.load(dproj_ptr + t3 * W + w, mask=tm, other=0.0)  # [BT, 1, 1]
+            ph = tl.load(phit_ptr + w * n * C + phi_row, mask=phi_mask, other=0.0)
+            acc += dp * ph
     tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=m3)
 
 
@@ -278,22 +294,32 @@ def merge_bwd(x, y, h_post, h_res, g, want_dx: bool = True):
 
 
 STREAM_GRAD_TOKENS = 16  # tokens per program that share each row of phi^T read (GPU)
+# the stream gradient's projection term as one tensor-core product (n <= 4: n = 8's phi^T tile
+# spills) instead of W rank-1 updates in float32 FMAs (2.7-4.1x the roofline on an H200). Off
+# until a GPU has timed it: it doubles the registers (n = 4 fp32, sm_90: 66 -> 138 per thread)
+TENSOR_CORES = False
+MMA_STREAMS = 4
 
 
 def stream_grad_config(tokens: int, n: int, C: int, itemsize: int = 4) -> dict:
     """Launch options of the stream gradient kernel: ``launch_config``'s, except that a GPU program
     takes 16 tokens (narrower C blocks: 128-byte stream rows), so that phi^T, read once per
     program, costs about as much L2 traffic per token as the streams cost DRAM traffic instead of
-    16x more."""
+    16x more; and the projection term's form (``MMA``: at least 16 tokens, a dot's least rows)."""
     config = launch_config(tokens, n, C, itemsize)
+    mma = TENSOR_CORES and n <= MMA_STREAMS
+    dots = {"MMA": mma, "WP": max(16, next_power_of_2(n * n + 2 * n)),
+            "PARTS_FP32": interpreting()}  # fmt: skip
     if interpreting():
-        return config
+        return {**config, **dots, "BT": max(config["BT"], 16) if mma else config["BT"]}
     np2 = config["NP"]
     tile = GPU_TILE_ELEMS_PER_THREAD * 32 * 4 * (4 // itemsize)
     bt = min(next_power_of_2(max(tokens, 1)), STREAM_GRAD_TOKENS)
     bc = min(next_power_of_2(C), max(16, tile // (bt * np2)))
     bt = min(next_power_of_2(max(tokens, 1)), max(1, tile // (np2 * bc)))
-    return {**config, "BT": bt, "BC": bc, "num_warps": 4}
+    if mma:
+        bt = max(bt, 16)
+    return {**config, **dots, "BT": bt, "BC": bc, "num_warps": 4}
 
 
 def stream_grad(x, g_in, g_out, h_pre, h_res, dss, dproj, phi_t):

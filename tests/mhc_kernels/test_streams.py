@@ -155,14 +155,20 @@ def test_backwards_without_their_stream_gradient(backend, dtype, device):
             )
 
 
+@pytest.mark.parametrize("dots", ["fma", "tensor-cores"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("merge_grad", [True, False], ids=["merge", "no-merge"])
 @pytest.mark.parametrize("n,C", [(1, 24), (3, 130), (4, 72), (8, 16)], ids=lambda v: str(v))
-def test_stream_grad_matches_the_reference(n, C, merge_grad, dtype, device):
+def test_stream_grad_matches_the_reference(n, C, merge_grad, dtype, dots, device, monkeypatch):
     """The connection's one-pass stream gradient against the float64 formula, and the formula
-    against autograd's sum of the pre-mix's, merge's and projection's stream gradients."""
+    against autograd's sum of the pre-mix's, merge's and projection's stream gradients. The
+    kernel's projection term both ways: W rank-1 updates (shipped) and one tensor-core product
+    of split operands (n <= 4; n = 8 keeps the updates)."""
     from mhc_kernels.coefficients import projection
     from mhc_kernels.streams import stream_grad
+    from mhc_kernels.streams import triton as kernels
+
+    monkeypatch.setattr(kernels, "TENSOR_CORES", dots == "tensor-cores")
 
     T, W, dt = 37, n * n + 2 * n, DTYPES[dtype]
     x = torch.randn(T, n, C, device=device).to(dt)
