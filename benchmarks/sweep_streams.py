@@ -28,6 +28,7 @@ from conftest import peak_bandwidth_gbs, write_rows  # beside this script: on sy
 from triton.testing import do_bench
 
 from mhc_kernels._host import cdiv, next_power_of_2
+from mhc_kernels._split_dot import MIN_DOT, dot_options, dot_width
 from mhc_kernels.streams import triton as st
 
 
@@ -71,11 +72,10 @@ def kernel_launcher(kernel: str, T: int, n: int, C: int, dtype: torch.dtype):
     sizes = (T, n, C)
     if kernel == "stream_grad":
         sizes = (T, n, C, n * n + 2 * n)
-        extra = {"HAS_GOUT": True, "WP": max(16, next_power_of_2(n * n + 2 * n)),
-                 "PARTS_FP32": False}  # fmt: skip
+        extra = {"HAS_GOUT": True, "WP": dot_width(n * n + 2 * n)}
 
     def launch(bt: int, bc: int, warps: int, mma: bool = False):
-        options = {**extra, "MMA": mma} if kernel == "stream_grad" else extra
+        options = {**extra, **dot_options(mma)} if kernel == "stream_grad" else extra
         fn[(cdiv(T, bt), cdiv(C, bc))](*args, *sizes, BT=bt, NP=next_power_of_2(n), BC=bc,
                                        CV=8 if C % 8 == 0 else 1, num_warps=warps,
                                        **options)  # fmt: skip
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         forms = (False, True) if grad and n <= st.MMA_STREAMS else (False,)
         found = []
         for bt, bc, warps, mma in itertools.product(*blocks, WARPS, forms):
-            if bt * next_power_of_2(n) * bc // (32 * warps) > 64 or (mma and bt < 16):
+            if bt * next_power_of_2(n) * bc // (32 * warps) > 64 or (mma and bt < MIN_DOT):
                 continue  # > 64 floats per thread, or fewer rows than a dot takes
             try:
                 call = functools.partial(launch, bt, bc, warps, mma)

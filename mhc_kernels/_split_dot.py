@@ -15,6 +15,22 @@ in float32 (``PARTS_FP32``): the same exact products, the same code path otherwi
 import triton
 import triton.language as tl
 
+from ._host import next_power_of_2
+from .sinkhorn.triton import interpreting
+
+MIN_DOT = 16  # a tl.dot's least size along each of its dimensions
+
+
+def dot_width(size: int) -> int:
+    """``size`` padded to a ``tl.dot`` dimension: a power of two, at least ``MIN_DOT``."""
+    return max(MIN_DOT, next_power_of_2(size))
+
+
+def dot_options(mma: bool) -> dict:
+    """The constexprs a kernel passes on to :func:`dot_f32`: ``MMA`` as asked, ``PARTS_FP32``
+    under the interpreter."""
+    return {"MMA": mma, "PARTS_FP32": interpreting()}
+
 
 @triton.jit
 def bf16_parts(x):

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .._autograd import differentiable, save_inputs
 from .._host import cdiv, multiprocessors, next_power_of_2, rows, shaped
-from .._split_dot import dot_f32
+from .._split_dot import dot_f32, dot_options, dot_width
 from ..sinkhorn.triton import (
     interpreting,
     launch_config,
@@ -228,24 +228,19 @@ MAX_COLUMNS = 128
 PROGRAMS_PER_SM = 4
 
 
-def wide_warps(wp: int) -> int:
-    """Warps of the ``dphi`` kernel and the forward: 8 for more than 64 columns (n = 8), whose
-    ``[BK, WP]`` (``[BT, WP]``) accumulators spilled at 4 warps (``dphi``: 32 bytes with vectorised
-    loads, sm_80/sm_89; the forward: 12-20 bytes on sm_90 with the tensor-core dots, float32 v)."""
-    return 8 if wp > 64 else NUM_WARPS
+def projection_warps(kernel: str, wp: int) -> int:
+    """Warps of the projection's ``kernel`` (``"fwd"``, ``"dv"``, ``"dphi"``) for ``wp`` columns:
+    8 for the forward and ``dphi`` above 64 columns (n = 8), whose ``[BT, WP]`` / ``[BK, WP]``
+    accumulators spilled at 4 warps (``dphi``: 32 bytes with vectorised loads, sm_80/sm_89; the
+    forward: 12-20 bytes on sm_90 with the tensor-core dots, float32 v); 4 otherwise."""
+    return 8 if kernel != "dv" and wp > 64 else NUM_WARPS
 
 
 TENSOR_CORES = True  # the projection's products on bf16 tensor cores (dot_f32); False: float32 FMAs
 
 
-def _dots() -> dict:
-    """The projection kernels' dot options: ``MMA`` as ``TENSOR_CORES`` says, the parts in float32
-    under the interpreter."""
-    return {"MMA": TENSOR_CORES, "PARTS_FP32": interpreting()}
-
-
 def _config(W: int) -> tuple[int, int, int]:
-    wp = max(16, next_power_of_2(W))
+    wp = dot_width(W)
     return *((INTERPRETER_BT, INTERPRETER_BK) if interpreting() else (BT, BK)), wp
 
 
@@ -280,7 +275,8 @@ def projection_fwd(v: torch.Tensor, phi: torch.Tensor):
     proj = torch.empty((parts, T, W), dtype=torch.float32, device=v.device)
     ss = torch.empty((parts, T), dtype=torch.float32, device=v.device)
     _projection_fwd_kernel[(blocks, parts)](v, phi, proj, ss, T, K, W, k_per, BT=bt, BK=bk, WP=wp,
-                                            **_dots(), num_warps=wide_warps(wp))  # fmt: skip
+                                            **dot_options(TENSOR_CORES),
+                                            num_warps=projection_warps("fwd", wp))  # fmt: skip
     return (proj[0], ss[0]) if parts == 1 else (proj.sum(0), ss.sum(0))
 
 
@@ -300,8 +296,9 @@ def projection_dv(v, phi, dproj, dss):
     token_blocks = cdiv(T, bt)
     k_per = _parts(token_blocks, K, bk, v.device)
     _projection_dv_kernel[(token_blocks, cdiv(K, k_per))](v, phi, dproj, dss, dv, T, K, W, k_per,
-                                                          BT=bt, BK=bk, WP=wp, **_dots(),
-                                                          num_warps=NUM_WARPS)  # fmt: skip
+                                                          BT=bt, BK=bk, WP=wp,
+                                                          **dot_options(TENSOR_CORES),
+                                                          num_warps=projection_warps("dv", wp))  # fmt: skip
     return dv
 
 
@@ -319,7 +316,8 @@ def projection_dphi(v, dproj, phi):
     parts = cdiv(T, t_per)
     dphi = torch.empty((parts, K, W), dtype=torch.float32, device=v.device)
     _projection_dphi_kernel[(k_blocks, parts)](v, dproj, dphi, T, K, W, t_per, BT=bt, BK=bk, WP=wp,
-                                               **_dots(), num_warps=wide_warps(wp))  # fmt: skip
+                                               **dot_options(TENSOR_CORES),
+                                               num_warps=projection_warps("dphi", wp))  # fmt: skip
     return dphi[0] if parts == 1 else dphi.sum(0)
 
 
@@ -375,8 +373,8 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
     """GPU configurations: ``(name, kernel, signature, constexprs, num_warps)`` for n = 2, 4, 8
     (the projection per stream dtype; the float32 epilogue per n with and without Sinkhorn)."""
     for n in (2, 4, 8):
-        wp = max(16, next_power_of_2(n * n + 2 * n))
-        consts = {"BT": BT, "BK": BK, "WP": wp, "MMA": TENSOR_CORES, "PARTS_FP32": False}
+        wp = dot_width(n * n + 2 * n)
+        consts = {"BT": BT, "BK": BK, "WP": wp, **dot_options(TENSOR_CORES)}
         constexprs = dict.fromkeys(consts, "constexpr")
         for dt in dtypes:
             s, f = f"*{dt}", "*fp32"
@@ -390,7 +388,7 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
             }  # fmt: skip
             for name, (kernel, ptrs, per) in kernels.items():
                 sig = {**ptrs, "T": "i32", "K": "i32", "W": "i32", per: "i32", **constexprs}
-                warps = NUM_WARPS if name == "proj_dv" else wide_warps(wp)
+                warps = projection_warps(name.removeprefix("proj_"), wp)
                 yield f"{name}-W{wp}-{dt}", kernel, sig, consts, warps
         np2 = next_power_of_2(n)
         bt = max(1, EPILOGUE_TILE_ELEMS // (np2 * np2))

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .._autograd import backward_from_saved, differentiable, save_inputs
 from .._host import cdiv, next_power_of_2, rows, shaped
-from .._split_dot import dot_f32
+from .._split_dot import MIN_DOT, dot_f32, dot_options, dot_width
 from ..sinkhorn.triton import interpreting
 
 # --------------------------------------------------------------------------------------- kernels
@@ -308,17 +308,16 @@ def stream_grad_config(tokens: int, n: int, C: int, itemsize: int = 4) -> dict:
     16x more; and the projection term's form (``MMA``: at least 16 tokens, a dot's least rows)."""
     config = launch_config(tokens, n, C, itemsize)
     mma = TENSOR_CORES and n <= MMA_STREAMS
-    dots = {"MMA": mma, "WP": max(16, next_power_of_2(n * n + 2 * n)),
-            "PARTS_FP32": interpreting()}  # fmt: skip
+    dots = {**dot_options(mma), "WP": dot_width(n * n + 2 * n)}
     if interpreting():
-        return {**config, **dots, "BT": max(config["BT"], 16) if mma else config["BT"]}
+        return {**config, **dots, "BT": max(config["BT"], MIN_DOT) if mma else config["BT"]}
     np2 = config["NP"]
     tile = GPU_TILE_ELEMS_PER_THREAD * 32 * 4 * (4 // itemsize)
     bt = min(next_power_of_2(max(tokens, 1)), STREAM_GRAD_TOKENS)
     bc = min(next_power_of_2(C), max(16, tile // (bt * np2)))
     bt = min(next_power_of_2(max(tokens, 1)), max(1, tile // (np2 * bc)))
     if mma:
-        bt = max(bt, 16)
+        bt = max(bt, MIN_DOT)
     return {**config, **dots, "BT": bt, "BC": bc, "num_warps": 4}
 
 
