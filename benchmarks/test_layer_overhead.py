@@ -51,8 +51,7 @@ class Stack(nn.Module):
 
 VARIANTS = ["plain", "mhc", "mhc_recompute", "mhc_fused_backward", "mhc_all_triton",
             "mhc_all_triton_fused", "plain_bf16_residual", "mhc_bf16_streams", "plain_compiled",
-            "mhc_compiled",
-            "mhc_all_triton_compiled", "plain_graphed", "mhc_graphed"]  # fmt: skip
+            "mhc_compiled", "mhc_all_triton_compiled", "plain_graphed", "mhc_graphed"]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"] if ON_GPU else ["fp32"])
@@ -199,8 +198,9 @@ def peak_step_bytes(block, x, autocast) -> int:
 def test_activation_memory(benchmark, record, dim, heads, dtype):
     """Issue 8: activation memory (bytes saved for backward, weights left out) of a 6-layer
     ST-Tahoe-shaped stack: plain residuals, mHC, mHC recomputed per connection and recomputed in
-    blocks of k connections (bf16: autocast, as the trainer runs on a GPU; also with bf16 streams). On a GPU the peak of a
-    whole fwd+bwd step is measured too (it includes the up to k - 1 rebuilt streams).
+    blocks of k connections (bf16: autocast, as the trainer runs on a GPU; also with bf16 streams
+    and residual). On a GPU the peak of a whole fwd+bwd step is measured too (it includes the up
+    to k - 1 rebuilt streams).
     Target: recomputation <= 1.2x the plain residual (ratios: summarize.py)."""
     torch.manual_seed(0)
     sets = 16 if ON_GPU else 1

@@ -59,7 +59,7 @@ def measure(benchmark, record, fn, inputs, upstream, passes, nbytes, **facts):
 def test_stream_kernel_speed(benchmark, record, provider, kernel, tokens, dtype, passes,
                              monkeypatch):  # fmt: skip
     """``triton_fma``: the projection's products as float32 FMAs instead of on bf16 tensor cores
-    (operands split in three bf16 parts: ``mhc_kernels.coefficients.triton._dot``)."""
+    (operands split in three bf16 parts: ``mhc_kernels._split_dot.dot_f32``)."""
     if provider != "eager" and not ON_GPU:
         pytest.skip(f"{provider} is a GPU provider")
     if provider == "triton_fma":

@@ -60,11 +60,12 @@ class _StreamBackbone:
             return h
         dtype = h.dtype
         h = expand_streams(h.to(self.mhc_stream_dtype or dtype), n)
+        cast = h.dtype != dtype  # streams in another dtype: the branches compute in the model's
         for layer in self._blocks():
             for site, branch in zip(
                 ("attn_hc", "mlp_hc"), self._sublayers(layer, *context), strict=True
             ):
-                if h.dtype != dtype:  # streams in another dtype: the branch computes in the model's
+                if cast:
                     branch = _computing_in(dtype, branch)
                 if hasattr(layer, site):
                     h = getattr(layer, site).connect(h, branch)
