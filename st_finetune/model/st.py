@@ -13,6 +13,7 @@ Encoders and ``project_out`` are MLPs of Linear layers with GELU and Dropout bet
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -89,7 +90,9 @@ class STModel(nn.Module):
 
     def __init__(self, config: STConfig):
         super().__init__()
-        self.config = config
+        # its own copy: fine-tuning edits it (new heads, st_finetune.model.adapt.adapt_heads), and
+        # the caller's (a checkpoint's PretrainedInfo, another model's) must stay as it was given
+        self.config = copy.deepcopy(config)
         c = config
         self.pert_encoder = build_mlp(
             c.pert_dim, c.hidden_dim, c.hidden_dim, c.n_encoder_layers, c.dropout

@@ -5,7 +5,13 @@ import logging
 import pytest
 import torch
 
-from st_finetune.model import LoraSettings, MHCSettings, load_pretrained, prepare_for_finetuning
+from st_finetune.model import (
+    LoraSettings,
+    MHCSettings,
+    STModel,
+    load_pretrained,
+    prepare_for_finetuning,
+)
 from st_finetune.model.adapt import is_lora_param, is_mhc_param
 
 from .conftest import PERTS, batch_for
@@ -106,6 +112,21 @@ def test_new_feature_space_and_perturbations_rebuild_heads(model_folder, caplog)
             assert p.requires_grad, name
     batch = {"pert_emb": torch.eye(2)[[0, 1] * 8], "ctrl_cell_emb": torch.randn(16, 20)}
     assert model(batch).shape == (16, 20)
+
+
+def test_rebuilding_heads_leaves_the_checkpoints_config_alone(model_folder):
+    # the model's config is its own: the checkpoint's (and another model built from the same
+    # STConfig) keep the pretrained dimensions, and a second model is built as the first was
+    _, folder = model_folder
+    model, info = load_pretrained(folder)
+    twin = STModel(info.config)
+    lora, mhc = VARIANTS["lora"]
+    prepare_for_finetuning(model, input_dim=20, pert_names=["burn", "sham"],
+                           pretrained_perts=info.pert_names, lora=lora, mhc=mhc)  # fmt: skip
+    assert (model.config.input_dim, model.config.pert_dim) == (20, 2)
+    assert (info.config.input_dim, info.config.pert_dim) == (12, len(PERTS))
+    assert (twin.config.input_dim, twin.config.pert_dim) == (12, len(PERTS))
+    assert STModel(info.config).basal_encoder[0].in_features == 12
 
 
 def test_mhc_layers_subset_and_out_of_range(model_folder):
