@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # The prepared GPU check: on a machine with an NVIDIA GPU and no internet, run the kernel tests
-# natively (no interpreter), the kernel and layer benchmarks, the large stability suite and the
-# torch.compile baselines, each as its own capped step so that a slow step loses only itself.
-# Needs only torch, triton, numpy, pytest, pytest-benchmark (pytest-xdist and matplotlib used when
+# natively (no interpreter), the kernel and layer benchmarks, a fine-tuning step of the main job's
+# model, the large stability suite and the torch.compile baselines, each as its own capped step so
+# that a slow step loses only itself. Needs only torch, triton, numpy, pytest, pytest-benchmark and,
+# for the fine-tuning step, peft, transformers and pyyaml (pytest-xdist and matplotlib used when
 # present; no geomloss, no anndata). Writes benchmarks/results/gpu-<name>-<time>.json (the summary
 # of every step that finished) and benchmarks/results/stability-large/; with $OUT set, also packs
 # everything (logs, one JSON line per measured case, test report, profile) into
-# $OUT/gpu-<name>-<time>.tgz after every step. Each step is capped (tests 150 s, Sinkhorn 120,
-# layer + streams 150, graphs 90, profile 60, sweep 120, sweep-streams 180, compile 240, large
-# stability 300): run the steps that fit the device time with MHC_GPU_STEPS (names below; all by
-# default) and narrow the torch.compile cases with MHC_COMPILE_CASES (a pytest -k). On an H200
-# (2026-11-27) the steps' pytest times were: tests 105 s, Sinkhorn 50, layer + streams 91,
-# sweep-streams 19 (fp32 only), compile 202; the five steps of the first call took 310 s in all,
-# and a machine start costs 40-120 s more.
+# $OUT/gpu-<name>-<time>.tgz after every step. Each step is capped (fine-tuning step 120 s, tests
+# 150, Sinkhorn 120, layer + streams 150, graphs 90, profile 60, sweep 120, sweep-streams 180,
+# compile 240, large stability 300): run the steps that fit the device time with MHC_GPU_STEPS
+# (names below; all by default) and narrow the torch.compile cases with MHC_COMPILE_CASES (a
+# pytest -k). On an H200 (2026-11-27) the steps' pytest times were: tests 105 s, Sinkhorn 50,
+# layer + streams 91, sweep-streams 19 (fp32 only), compile 202; the five steps of the first call
+# took 310 s in all, and a machine start costs 40-120 s more.
 # Usage: [MHC_BENCH_COMMIT=<sha>] [MHC_GPU_STEPS="tests sinkhorn"] bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -57,9 +58,11 @@ xdist=()
 python -c "import xdist" 2>/dev/null && xdist=(-n "$(nproc)")
 bench=(python -m pytest --benchmark-only -q -p no:cacheprovider --benchmark-columns=median,iqr)
 
-ALL_STEPS="tests sinkhorn layer-streams graphs profile sweep sweep-streams compile stability-large"
+ALL_STEPS="finetune tests sinkhorn layer-streams graphs profile sweep sweep-streams compile stability-large"
 want() { [[ " ${MHC_GPU_STEPS:-$ALL_STEPS} " == *" $1 "* ]]; }
 
+# the main job's model (ST-Tahoe's shape, peft LoRA, mHC) training under bf16 autocast
+want finetune && step finetune 120 "${bench[@]}" benchmarks/test_finetune_step.py
 # -v: every result is logged as it finishes, so a capped run still names its failures
 want tests && step tests 150 python -m pytest tests/mhc_kernels -v --tb=short -p no:cacheprovider \
   "${xdist[@]}" -k "not compiles" --junitxml="$work/kernel-tests.xml"
@@ -82,6 +85,7 @@ import json, sys
 data = json.load(open(sys.argv[1]))
 print(json.dumps({"targets": data["sinkhorn"]["targets"], "layer_overhead": data["layer_overhead"],
                   "activation_memory": data["activation_memory"], "connection": data["connection"],
+                  "finetune_step": data.get("finetune_step"),
                   "streams": {k: {m: round(v, 3) if isinstance(v, float) else v for m, v in e.items()}
                               for k, e in data["streams"].items()}}, indent=1, default=str))
 PY

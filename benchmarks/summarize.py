@@ -92,7 +92,7 @@ def layer_summary(rows: list[dict]) -> dict:
     """Overhead of mHC over the plain residual, per block width and dtype (same run)."""
     times: dict[tuple, dict[str, float]] = defaultdict(dict)
     for row in rows:
-        if row.get("variant") and "cells" in row:
+        if row.get("variant") and "cells" in row and not row.get("finetune"):
             times[(row["dim"], row["dtype"])][row["variant"]] = row["median_s"]
     out = {}
     for (dim, dtype), t in sorted(times.items()):
@@ -167,6 +167,22 @@ def connection_summary(rows: list[dict]) -> dict:
     return dict(out)
 
 
+def finetune_summary(rows: list[dict]) -> dict:
+    """One fine-tuning step of the ST-Tahoe-shaped model (``test_finetune_step``): time and peak
+    memory per variant, and each mHC variant against ``lora`` of the same run."""
+    out = {r["variant"]: {k: r[k] for k in ("median_s", "peak_memory_bytes", "step_memory_bytes",
+                                           "finite", "trainable_params") if k in r}
+           for r in rows if r.get("finetune")}  # fmt: skip
+    base = out.get("lora", {})
+    for variant, entry in out.items():
+        if variant != "lora" and base:
+            entry["time_vs_lora"] = entry["median_s"] / base["median_s"]
+            for kind in ("peak_memory_bytes", "step_memory_bytes"):
+                if entry.get(kind) and base.get(kind):
+                    entry[f"{kind.removesuffix('_bytes')}_vs_lora"] = entry[kind] / base[kind]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("benchmark_json", nargs="+")
@@ -185,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["activation_memory"] = memory_summary(rows)
     summary["streams"] = streams_summary(rows)
     summary["connection"] = connection_summary(rows)
+    summary["finetune_step"] = finetune_summary(rows)
     summary["rows"] = rows
     text = json.dumps(summary, indent=1, default=str)
     if args.out:
