@@ -109,7 +109,8 @@ class TrainingConfig:
         loss: ``energy`` (geomloss, tensorized), ``sinkhorn`` (with ``blur``) or ``mse``.
         blur: entropic blur of the sinkhorn loss (no effect on ``energy``).
         seed: seeds the splits, the set sampling and the initialisation.
-        num_workers: data loader workers.
+        num_workers: data loader worker processes (0: sets are drawn in the training process; on
+            a GPU, 2-4 draw the next batch while the step runs).
     """
 
     max_epochs: int = 5

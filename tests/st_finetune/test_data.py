@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
 
 from st_finetune.config import DataConfig
 from st_finetune.data import CellSetData, DataError, load_cells, make_splits
@@ -82,6 +83,28 @@ def test_one_hot_in_sorted_order_and_batch_layout(tmp_path):
     batch = next(iter(data.loader("train", batch_size=3)))
     assert batch["pert_emb"].shape == (24, 2) and batch["ctrl_cell_emb"].shape == (24, 6)
     assert (batch["pert_emb"][:, 0] == 1).all()  # 'burn' sorts before 'sham'
+
+
+def test_a_batch_is_its_sets_stacked(tmp_path):
+    # the loader gathers a batch at once (CellSetDataset.__getitems__): the sets as defined (the
+    # drawn control and target cells' features, the perturbation's one-hot row), stacked in order
+    data = CellSetData(cfg_for(write(make_adata(), tmp_path)), seed=0)
+    dataset = data.sets("train")
+    batch = next(iter(data.loader("train", batch_size=3)))
+    features = torch.from_numpy(data.table.features)
+    items = []
+    for group, ctrl, target in dataset.sets[:3]:
+        onehot = torch.zeros(len(ctrl), len(data.table.pert_names))
+        onehot[:, data.table.pert_index(dataset.groups[group].pert)] = 1
+        items.append({"pert_emb": onehot, "ctrl_cell_emb": features[ctrl],
+                      "pert_cell_emb": features[target], "group": torch.tensor(group)})  # fmt: skip
+    for key, value in batch.items():
+        expected = torch.stack if key == "group" else torch.cat
+        assert torch.equal(value, expected([it[key] for it in items])), key
+        assert torch.equal(dataset[0][key], items[0][key]), key  # one set alone
+    assert batch["pert_emb"].dtype == torch.float32 and batch["group"].dtype == torch.int64
+    in_workers = next(iter(data.loader("train", batch_size=3, num_workers=2)))
+    assert all(torch.equal(in_workers[key], batch[key]) for key in batch)
 
 
 def test_splits_are_reproducible_and_stratified(tmp_path):
