@@ -170,16 +170,17 @@ def connection_summary(rows: list[dict]) -> dict:
 def finetune_summary(rows: list[dict]) -> dict:
     """One fine-tuning step of the ST-Tahoe-shaped model (``test_finetune_step``): time and peak
     memory per variant, and each mHC variant against ``lora`` of the same run."""
-    out = {r["variant"]: {k: r[k] for k in ("median_s", "peak_memory_bytes", "step_memory_bytes",
-                                           "finite", "trainable_params") if k in r}
-           for r in rows if r.get("finetune")}  # fmt: skip
+    keys = ("median_s", "back_to_back_s", "peak_memory_bytes", "step_memory_bytes", "finite",
+            "trainable_params")  # fmt: skip
+    out = {r["variant"]: {k: r[k] for k in keys if k in r} for r in rows if r.get("finetune")}
     base = out.get("lora", {})
     for variant, entry in out.items():
         if variant != "lora" and base:
             entry["time_vs_lora"] = entry["median_s"] / base["median_s"]
-            for kind in ("peak_memory_bytes", "step_memory_bytes"):
+            for kind in ("back_to_back_s", "peak_memory_bytes", "step_memory_bytes"):
                 if entry.get(kind) and base.get(kind):
-                    entry[f"{kind.removesuffix('_bytes')}_vs_lora"] = entry[kind] / base[kind]
+                    name = kind.removesuffix("_bytes").removesuffix("_s")
+                    entry[f"{name}_vs_lora"] = entry[kind] / base[kind]
     return out
 
 
