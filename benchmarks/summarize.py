@@ -167,20 +167,21 @@ def connection_summary(rows: list[dict]) -> dict:
     return dict(out)
 
 
+FINETUNE_RATIOS = {"median_s": "time", "back_to_back_s": "back_to_back",
+                   "activation_bytes_per_set": "activation_memory",
+                   "peak_memory_bytes": "peak_memory", "step_memory_bytes": "step_memory"}  # fmt: skip
+
+
 def finetune_summary(rows: list[dict]) -> dict:
-    """One fine-tuning step of the ST-Tahoe-shaped model (``test_finetune_step``): time and peak
-    memory per variant, and each mHC variant against ``lora`` of the same run."""
-    keys = ("median_s", "back_to_back_s", "peak_memory_bytes", "step_memory_bytes", "finite",
-            "trainable_params")  # fmt: skip
+    """One fine-tuning step of the ST-Tahoe-shaped model (``test_finetune_step``): time and memory
+    per variant, and each mHC variant against ``lora`` of the same run (``<what>_vs_lora``)."""
+    keys = (*FINETUNE_RATIOS, "finite", "trainable_params")
     out = {r["variant"]: {k: r[k] for k in keys if k in r} for r in rows if r.get("finetune")}
     base = out.get("lora", {})
     for variant, entry in out.items():
-        if variant != "lora" and base:
-            entry["time_vs_lora"] = entry["median_s"] / base["median_s"]
-            for kind in ("back_to_back_s", "peak_memory_bytes", "step_memory_bytes"):
-                if entry.get(kind) and base.get(kind):
-                    name = kind.removesuffix("_bytes").removesuffix("_s")
-                    entry[f"{name}_vs_lora"] = entry[kind] / base[kind]
+        for key, name in FINETUNE_RATIOS.items():
+            if variant != "lora" and entry.get(key) and base.get(key):
+                entry[f"{name}_vs_lora"] = entry[key] / base[key]
     return out
 
 

@@ -6,13 +6,15 @@ adapted by the same code: ST-Tahoe's architecture (FACTS.md §5: bidirectional L
 cannot be downloaded here; a step's time and memory do not depend on their values), heads rebuilt
 by :func:`st_finetune.prepare_for_finetuning` for SE-600M embeddings (``X_state``, 2048-d) and a
 sham/burn vocabulary, LoRA on the attention projections, mHC around every sub-layer. One step is
-what Lightning runs with ``bf16-mixed`` on a GPU (float32 on CPU): forward and the per-set energy
-loss under autocast, backward, gradient clipping at 1.0, AdamW. Variants: ``lora`` (the seed's
-ST-LoRA), ``lora_mhc`` (ST-LoRA-mHC; the streams take the hidden states' dtype, bf16 under
-autocast), ``lora_mhc_fp32_streams`` (``mhc.stream_dtype=float32``) and ``lora_mhc_recompute4``
-(``mhc.recompute=4``). On a GPU each step's peak memory is recorded, and every step's loss and
-gradients must be finite: the main job's whole path (peft, the bidirectional backbone, the Triton
-kernels under autocast) on the GPU.
+what Lightning runs with ``bf16-mixed`` on a GPU (float32 on CPU): forward under autocast, the
+per-set energy loss in float32 (as ``STLightning.set_losses``), backward, gradient clipping at 1.0,
+AdamW. Variants: ``lora`` (the seed's ST-LoRA), ``lora_mhc`` (ST-LoRA-mHC; the streams take the
+hidden states' dtype, bf16 under autocast), ``lora_mhc_fp32_streams`` (``mhc.stream_dtype=float32``)
+and ``lora_mhc_recompute4`` (``mhc.recompute=4``). Recorded: the step's time, the model's
+activation memory per cell set (bytes saved for backward, :func:`activation_bytes_per_set`),
+on a GPU the step's peak memory and its back-to-back time. Every step's loss and gradients must be
+finite: on a GPU this runs the main job's whole path (peft, the bidirectional backbone, the Triton
+kernels under autocast).
 
 The energy loss is geomloss's tensorized one (``st_finetune.training.set_loss("energy")``) where
 geomloss is installed; the GPU machines lack it, so there the same formula runs written out
@@ -26,6 +28,7 @@ import math
 import pytest
 import torch
 from conftest import DEVICE, ON_GPU, back_to_back_seconds, synchronized
+from test_layer_overhead import saved_storage_bytes
 
 from st_finetune.model import LoraSettings, MHCSettings, STConfig, STModel, prepare_for_finetuning
 
@@ -83,11 +86,11 @@ def set_losses():
     return geomloss_energy
 
 
-def batch(config: STConfig, gen: torch.Generator) -> dict:
-    """A batch as st_finetune's loader gives it: ``SETS`` sets of ``CELLS`` cells, one perturbation
+def batch(config: STConfig, gen: torch.Generator, sets: int = SETS) -> dict:
+    """A batch as st_finetune's loader gives it: ``sets`` sets of ``CELLS`` cells, one perturbation
     per set, control and perturbed cells from the embedding space."""
-    rows = SETS * CELLS
-    pert = torch.eye(config.pert_dim)[torch.randint(0, config.pert_dim, (SETS,), generator=gen)]
+    rows = sets * CELLS
+    pert = torch.eye(config.pert_dim)[torch.randint(0, config.pert_dim, (sets,), generator=gen)]
     return {
         "pert_emb": pert.repeat_interleave(CELLS, dim=0).to(DEVICE),
         "ctrl_cell_emb": torch.randn(rows, SE_DIM, generator=gen).to(DEVICE),
@@ -105,6 +108,18 @@ def tahoe_for_wounds(mhc: MHCSettings) -> tuple[STModel, dict]:
         pretrained_perts=[f"drug{i}" for i in range(TAHOE_PERTS)], lora=LORA, mhc=mhc,
     )  # fmt: skip
     return model.to(DEVICE).train(), params
+
+
+def activation_bytes_per_set(model: STModel, autocast) -> int:
+    """Activation memory per cell set: bytes saved for backward by the model's forward for two
+    sets less those for one. What grows with the batch; the frozen weights, which their layers
+    save too (and autocast's bf16 copies of them), cancel."""
+    saved = []
+    for sets in (1, 2):
+        data = batch(model.config, torch.Generator().manual_seed(2), sets)
+        with autocast:
+            saved.append(saved_storage_bytes(lambda data=data: model(data)))
+    return saved[1] - saved[0]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -134,12 +149,12 @@ def test_finetune_step(benchmark, record, variant):
 
     synced = synchronized(step)
     synced()  # compilation, autotuning, the allocator, AdamW's state
-    facts = {}
+    facts = {"activation_bytes_per_set": activation_bytes_per_set(model, autocast)}
     if ON_GPU:  # the whole step's peak, and above what was allocated before (weights, states)
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         synced()
-        facts = {"peak_memory_bytes": torch.cuda.max_memory_allocated()}
+        facts["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
         facts["step_memory_bytes"] = facts["peak_memory_bytes"] - before
         # steps queued back to back (no sync inside a step): the GPU's time per step unless the
         # host is the slower side; close to the median, the step is bound by its GPU work
