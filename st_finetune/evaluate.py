@@ -33,23 +33,22 @@ import torch
 from . import metrics as M
 from .config import load_config
 from .data import CellSetData, Group
+from .heldout import evaluation_device, predicted_sets
 
 log = logging.getLogger("st_finetune")
 NO_CHANGE, MEAN_SHIFT, PRETRAINED = "no change", "mean shift", "pretrained"
 BASELINES = (NO_CHANGE, MEAN_SHIFT)
 
 
-@torch.no_grad()
 def predict_groups(model: torch.nn.Module, data: CellSetData, split: str = "test",
-                   batch_size: int = 16) -> tuple[dict, dict]:  # fmt: skip
-    """Predictions and the control inputs they came from, pooled per group name."""
-    model.eval()
+                   batch_size: int = 16, device: torch.device | str = "cpu") -> tuple[dict, dict]:  # fmt: skip
+    """Predictions (run on ``device``) and the control inputs they came from, pooled per group."""
     groups = data.groups[split]
     preds, inputs = defaultdict(list), defaultdict(list)
-    for batch in data.loader(split, batch_size):
-        out = model(batch).float().reshape(len(batch["group"]), -1, data.table.dim)
+    for batch, out in predicted_sets(model, data, split, batch_size, device):
         ctrl = batch["ctrl_cell_emb"].reshape(out.shape)
-        for gi, p, c in zip(batch["group"].tolist(), out.numpy(), ctrl.numpy(), strict=True):
+        for gi, p, c in zip(batch["group"].tolist(), out.cpu().numpy(), ctrl.cpu().numpy(),
+                            strict=True):  # fmt: skip
             preds[groups[gi].name].append(p)
             inputs[groups[gi].name].append(c)
     return ({k: np.concatenate(v) for k, v in preds.items()},
@@ -167,7 +166,7 @@ def score_run(run_dir: str | Path, split: str = "test", baselines: bool = True):
     cfg, data, models = load_run(run_dir)
     rows, predictions, inputs = [], {}, None
     for name, model in models.items():
-        predictions[name], inputs = predict_groups(model, data, split)
+        predictions[name], inputs = predict_groups(model, data, split, device=evaluation_device())
     if baselines and inputs is not None:
         predictions[NO_CHANGE] = inputs
         predictions[MEAN_SHIFT] = mean_shift_predictions(data, inputs, split)

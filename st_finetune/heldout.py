@@ -1,11 +1,15 @@
-"""Held-out energy distance of a model on a run's split, per group and overall.
+"""A model's predictions for a run's held-out cell sets, and their energy distance per group.
 
-Used by training (the pretrained-vs-fine-tuned line of the summary) and by the evaluation.
+Used by training (the pretrained-vs-fine-tuned line of the summary) and by the evaluation. The
+predictions run on the GPU when there is one (:func:`evaluation_device`; an ST-Tahoe-sized model
+takes seconds per batch on CPU cores), in float32, with the model back where it was afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -14,24 +18,46 @@ from .data import CellSetData
 from .training import set_loss
 
 
+def evaluation_device(accelerator: str = "auto") -> torch.device:
+    """The GPU when there is one and the run did not ask for the CPU (``trainer.accelerator``)."""
+    return torch.device("cuda" if torch.cuda.is_available() and accelerator != "cpu" else "cpu")
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module, device: torch.device | str) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode on ``device`` for the block, back on its own device afterwards."""
+    home = next(model.parameters()).device
+    model.eval().to(device)
+    try:
+        yield model
+    finally:
+        model.to(home)
+
+
+@torch.no_grad()
+def predicted_sets(model: torch.nn.Module, data: CellSetData, split: str, batch_size: int,
+                   device: torch.device | str) -> Iterator[tuple[dict, torch.Tensor]]:  # fmt: skip
+    """``(batch, prediction)`` for each batch of ``split``'s sets: the batch on ``device``, the
+    prediction in float32 there, ``(sets, cells, features)``."""
+    with evaluating(model, device):
+        for batch in data.loader(split, batch_size):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            yield batch, model(batch).float().reshape(len(batch["group"]), -1, data.table.dim)
+
+
 @torch.no_grad()
 def heldout_energy(model: torch.nn.Module, data: CellSetData, split: str = "test",
-                   batch_size: int = 16) -> dict:  # fmt: skip
+                   batch_size: int = 16, device: torch.device | str = "cpu") -> dict:  # fmt: skip
     """Mean energy distance between predicted and observed cell sets of ``split``.
 
     Returns ``{"overall": float, "groups": {group name: float}, "sets": int}``; the overall value is
     the mean over groups (each group weighs the same whatever its size). NaN when the split is empty.
     """
-    model.eval()
     energy = set_loss("energy")
     groups = data.groups[split]
     per_group: dict[str, list[float]] = defaultdict(list)
-    device = next(model.parameters()).device
-    set_len = data.cfg.cell_set_len
-    for batch in data.loader(split, batch_size):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        pred = model(batch).float().reshape(-1, set_len, data.table.dim)
-        target = batch["pert_cell_emb"].float().reshape(-1, set_len, data.table.dim)
+    for batch, pred in predicted_sets(model, data, split, batch_size, device):
+        target = batch["pert_cell_emb"].float().reshape(pred.shape)
         for gi, value in zip(batch["group"].tolist(), energy(pred, target).tolist(), strict=True):
             per_group[groups[gi].name].append(value)
     means = {name: float(np.mean(v)) for name, v in sorted(per_group.items())}

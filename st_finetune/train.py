@@ -172,7 +172,7 @@ def run(cfg: RunConfig) -> dict:
     import lightning as L
 
     from .demo import ensure_demo_files
-    from .heldout import heldout_energy
+    from .heldout import evaluation_device, heldout_energy
     from .model import prepare_for_finetuning
     from .plots import read_metrics, training_curves
     from .training import EpochData, STLightning
@@ -200,8 +200,9 @@ def run(cfg: RunConfig) -> dict:
         lora=cfg.lora, mhc=cfg.mhc,
     )  # fmt: skip
     before = None
+    device = evaluation_device(cfg.trainer.accelerator)
     if is_main:
-        before = heldout_energy(model, data)
+        before = heldout_energy(model, data, device=device)
         _save_artifact(model, run_dir / "pretrained_adapter", pretrained, data, rebuilt, cfg)
     model.train()  # load_pretrained returns eval mode; Lightning keeps whatever mode it gets
     module = STLightning(model, cfg.training, cfg.data.cell_set_len)
@@ -217,7 +218,7 @@ def run(cfg: RunConfig) -> dict:
     if not trainer.is_global_zero:
         return {}
     model.cpu()
-    after = heldout_energy(model, data)
+    after = heldout_energy(model, data, device=device)
     _save_artifact(model, run_dir / "adapter", pretrained, data, rebuilt, cfg)
     metrics = read_metrics(run_dir / "metrics.csv")
     plots = training_curves({cfg.name: metrics}, run_dir, cfg.training.gradient_clip)
