@@ -18,9 +18,13 @@ from .data import CellSetData
 from .training import set_loss
 
 
-def evaluation_device(accelerator: str = "auto") -> torch.device:
-    """The GPU when there is one and the run did not ask for the CPU (``trainer.accelerator``)."""
-    return torch.device("cuda" if torch.cuda.is_available() and accelerator != "cpu" else "cpu")
+def evaluation_device(accelerator: str = "auto", strategy: str = "auto") -> torch.device:
+    """The GPU when there is one and the run did not ask for the CPU (``trainer.accelerator``) or
+    a strategy that forks its processes (``ddp_fork``, ``ddp_notebook``: CUDA must not be
+    initialised before they fork)."""
+    forks = any(word in str(strategy) for word in ("fork", "notebook"))
+    gpu = torch.cuda.is_available() and accelerator != "cpu" and not forks
+    return torch.device("cuda" if gpu else "cpu")
 
 
 @contextlib.contextmanager

@@ -200,7 +200,7 @@ def run(cfg: RunConfig) -> dict:
         lora=cfg.lora, mhc=cfg.mhc,
     )  # fmt: skip
     before = None
-    device = evaluation_device(cfg.trainer.accelerator)
+    device = evaluation_device(cfg.trainer.accelerator, cfg.trainer.strategy)
     if is_main:
         before = heldout_energy(model, data, device=device)
         _save_artifact(model, run_dir / "pretrained_adapter", pretrained, data, rebuilt, cfg)
