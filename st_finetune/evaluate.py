@@ -157,6 +157,8 @@ def load_run(run_dir: str | Path):
             from .model import load_pretrained
 
             models[name] = load_pretrained(path / "model.ckpt")[0]
+    for model in models.values():  # the run's sets (an artifact from before it kept them)
+        model.config.cell_set_len = cfg.data.cell_set_len
     return cfg, data, models
 
 

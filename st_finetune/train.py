@@ -261,11 +261,13 @@ def run(cfg: RunConfig) -> dict:
 
 
 def _save_artifact(model, folder: Path, pretrained, data, rebuilt, cfg: RunConfig) -> None:
-    """The small fine-tuned artifact, or a whole checkpoint for a model without a base."""
-    from .model import save_finetuned, save_state_checkpoint
+    """The small fine-tuned artifact, or for a model without a base a whole State-format
+    checkpoint, LoRA merged and mHC recorded, that :func:`load_pretrained` loads back."""
+    from .model import export_merged, save_finetuned
 
     if pretrained is None:
-        save_state_checkpoint(model, folder / "model.ckpt")
+        export_merged(model, folder / "model.ckpt", cfg.mhc if cfg.mhc.enable else None,
+                      data.table.pert_names)  # fmt: skip
         return
     save_finetuned(model, folder, base_checkpoint=pretrained.checkpoint,
                    base_sha256=pretrained.sha256, pert_names=data.table.pert_names,

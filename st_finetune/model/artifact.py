@@ -2,7 +2,8 @@
 
 Adapter folder (what training writes; megabytes, not the whole model)::
 
-    manifest.json        base checkpoint (path, sha256), settings, perturbations, rebuilt heads
+    manifest.json        base checkpoint (path, sha256), settings, perturbations, rebuilt heads,
+                         cells per set
     adapter/             peft's adapter_config.json + adapter_model.safetensors (LoRA only)
     extra_state.pt       mHC coefficients and rebuilt heads (state_dict tensors only)
 
@@ -50,6 +51,7 @@ def save_finetuned(model: STModel, folder: str | Path, *, base_checkpoint: Path,
         "base_sha256": base_sha256,
         "pert_names": list(pert_names),
         "input_dim": model.config.input_dim,
+        "cell_set_len": model.config.cell_set_len,
         "rebuilt_heads": rebuilt,
         "lora": asdict(lora) if isinstance(backbone, PeftModel) else None,
         "mhc": asdict(mhc) if mhc.enable else None,
@@ -73,6 +75,8 @@ def load_finetuned(folder: str | Path, base: str | Path | None = None) -> tuple[
             f"were trained on {manifest['base_sha256'][:12]}...: pass the right base checkpoint"
         )
     adapt_heads(model, manifest["input_dim"], manifest["pert_names"], info.pert_names)
+    # the sets it was fine-tuned on (the base's otherwise: artifacts written before this was kept)
+    model.config.cell_set_len = manifest.get("cell_set_len", model.config.cell_set_len)
     if manifest["mhc"]:
         add_mhc(model, MHCSettings(**manifest["mhc"]))
     if manifest["lora"]:

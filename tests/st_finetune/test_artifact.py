@@ -24,6 +24,7 @@ def test_artifact_roundtrip(model_folder, tmp_path, variant):
     model, rebuilt, _ = prepared(folder, variant, input_dim=10, perts=["burn", "sham"])
     perturb_trainables(model)
     model.eval()
+    model.config.cell_set_len = 16  # fine-tuned on sets of 16 cells, the base on sets of 8
     _, info = load_pretrained(folder)
     lora, mhc = VARIANTS[variant]
     out = save_finetuned(model, tmp_path / "art", base_checkpoint=info.checkpoint,
@@ -34,6 +35,7 @@ def test_artifact_roundtrip(model_folder, tmp_path, variant):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["base_sha256"] == info.sha256
     reloaded, _ = load_finetuned(out)
+    assert reloaded.config.cell_set_len == 16
     batch = {"pert_emb": torch.eye(2)[[0, 1] * 8], "ctrl_cell_emb": torch.randn(16, 10)}
     torch.testing.assert_close(reloaded(batch), model(batch), rtol=1e-6, atol=1e-6)
 

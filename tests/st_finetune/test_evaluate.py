@@ -48,6 +48,29 @@ def test_no_change_scores_the_control_inputs(tiny_run):
     assert row["value"].item() == pytest.approx(expected)
 
 
+def test_models_predict_sets_of_the_runs_length(tiny_run):
+    # the run trained on sets of 16 cells, its base checkpoint on sets of 8: 16 rows must stay one
+    # set (split in two, every prediction would change without an error)
+    from st_finetune.evaluate import load_run
+
+    _, data, models = load_run(tiny_run)
+    assert data.cfg.cell_set_len == 16
+    assert {name: m.config.cell_set_len for name, m in models.items()} == {
+        "tiny": 16,
+        "pretrained": 16,
+    }
+
+
+def test_a_run_without_a_base_checkpoint_is_evaluated(inputs, tmp_path):
+    # LoRA + mHC trained from scratch: its model.ckpt (LoRA merged, mHC recorded) loads back
+    run(load_config(None, overrides(inputs, tmp_path, **{"model.checkpoint": "", "name": "scratch",
+                                                         "training.max_epochs": 1})))  # fmt: skip
+    frame = evaluate_run(tmp_path / "scratch")
+    assert set(frame["variant"]) == {"scratch", "pretrained", "no change", "mean shift"}
+    energy = frame[(frame["group"] == "overall") & (frame["metric"] == "energy_distance")]
+    assert energy["value"].notna().all()
+
+
 def test_evaluate_cli_errors_on_an_unfinished_run(tmp_path, capsys):
     assert main([str(tmp_path)]) == 1
     assert "not a finished run" in capsys.readouterr().err
