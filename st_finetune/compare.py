@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from .config import load_config, to_dict
+from .config import load_config, read_yaml, to_dict
 from .data import DataError
 from .evaluate import score_run, shift_trajectories
 from .report import write_report
@@ -38,7 +38,7 @@ def read_comparison(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"comparison file {path} does not exist")
-    spec = yaml.safe_load(path.read_text()) or {}
+    spec = read_yaml(path)
     unknown = set(spec) - KEYS
     if unknown:
         raise ValueError(f"unknown keys {sorted(unknown)} in {path}; expected {sorted(KEYS)}")

@@ -296,6 +296,25 @@ def _set_dotted(tree: dict, key: str, value) -> None:
     node[parts[-1]] = value
 
 
+def read_yaml(path: Path) -> dict:
+    """A YAML file's mapping (empty for an empty file); a syntax error names the file and the line."""
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(
+            f"{path} is not valid YAML ({problem}{where}); quote values that hold brackets, "
+            "colons or '#' inside a list, e.g. overrides: [\"data.paths=[a.h5ad]\"]"
+        ) from None
+    if not isinstance(tree, dict):
+        raise ValueError(
+            f"{path} must hold a mapping of keys (e.g. 'data:'), not {type(tree).__name__}"
+        )
+    return tree
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
     """Read a YAML config and apply ``key=value`` overrides; returns a validated RunConfig."""
     tree: dict = {}
@@ -303,7 +322,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = read_yaml(path)
     keys = valid_keys()
     for item in overrides:
         if "=" not in item:

@@ -43,6 +43,18 @@ def test_unknown_key_in_yaml(tmp_path):
         load_config(path)
 
 
+@pytest.mark.parametrize(
+    "text,match",
+    [("data:\n  paths: [a.h5ad, [b\n", r"not valid YAML \(.* at line 3, column 1\); quote"),
+     ("- data\n- lora\n", "must hold a mapping of keys")],
+)  # fmt: skip
+def test_a_broken_yaml_file_is_named_with_its_line(tmp_path, text, match):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_config(path)
+
+
 def test_help_lists_every_key_with_its_default():
     text = help_text()
     for key in ("data.pert_col = 'condition'", "lora.r = 16", "mhc.sinkhorn_iters = 20",
