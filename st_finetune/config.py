@@ -63,6 +63,8 @@ class DataConfig:
     def __post_init__(self):
         if isinstance(self.paths, str):
             self.paths = [self.paths]
+        if isinstance(self.holdout_values, str | int):
+            self.holdout_values = [self.holdout_values]
         if self.split not in SPLIT_MODES:
             raise ValueError(f"data.split must be one of {SPLIT_MODES}, got {self.split!r}")
         if not 0 <= self.val_fraction < 1 or not 0 <= self.test_fraction < 1:
@@ -216,7 +218,7 @@ def _coerce(value, tp, key: str):
             except (TypeError, ValueError) as err:
                 errors.append(str(err))
         raise ValueError(f"{key}: cannot read {value!r} as {tp}")
-    if origin is list:
+    if origin is list or tp is list:
         if isinstance(value, str):
             value = (
                 yaml.safe_load(value)

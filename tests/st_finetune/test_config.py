@@ -55,6 +55,16 @@ def test_a_broken_yaml_file_is_named_with_its_line(tmp_path, text, match):
         load_config(path)
 
 
+@pytest.mark.parametrize("value,expected", [("[19]", [19]), ("[10, 19]", [10, 19]),
+                                            ("19", ["19"]), ("10,19", ["10", "19"])])  # fmt: skip
+def test_list_overrides_are_lists(value, expected):
+    # data.holdout_values=[19] on the command line was kept as the string "[19]", then read as
+    # the values '[', '1', '9', ']'
+    cfg = load_config(None, [f"data.holdout_values={value}", "data.paths=[a.h5ad,b.h5ad]"])
+    assert cfg.data.holdout_values == expected
+    assert [p.rsplit("/", 1)[-1] for p in cfg.data.paths] == ["a.h5ad", "b.h5ad"]
+
+
 def test_help_lists_every_key_with_its_default():
     text = help_text()
     for key in ("data.pert_col = 'condition'", "lora.r = 16", "mhc.sinkhorn_iters = 20",
