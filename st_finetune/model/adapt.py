@@ -8,6 +8,7 @@ trains LoRA on a random backbone (FACTS.md §5).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -78,7 +79,8 @@ class MHCSettings:
             streams whatever the precision (twice bf16's memory and traffic). ``"bfloat16"``:
             bf16 streams in float32 training too (half the memory and traffic; every merge
             rounds the streams to bf16). The branches compute in the hidden states' dtype.
-        extra: further :class:`mhc_kernels.MHCConfig` fields.
+        extra: further :class:`mhc_kernels.MHCConfig` fields (``coeff_dtype`` by name, e.g.
+            ``float64``).
     """
 
     enable: bool = False
@@ -96,6 +98,18 @@ class MHCSettings:
         if self.stream_dtype not in STREAM_DTYPES:
             raise ValueError(f"mhc.stream_dtype must be one of {list(STREAM_DTYPES)}, got "
                              f"{self.stream_dtype!r}")  # fmt: skip
+        own = {"n_streams", "sinkhorn_iters", "init", "alpha_init", "backend", "recompute",
+               "recompute_block"}  # fmt: skip
+        fields = {f.name for f in dataclasses.fields(MHCConfig)} - own
+        unknown = [key for key in self.extra if key not in fields]
+        if unknown:
+            colon = any(":" in str(key) for key in unknown)
+            raise ValueError(
+                f"mhc.extra: {unknown} are not MHCConfig fields it may set; choose from "
+                f"{sorted(fields)} (the others are mhc.* settings of their own)"
+                + ("; YAML needs a space after the colon: {fused_backward: true}" if colon else "")
+            )
+        self.mhc_config()  # every setting checked now, before any data is read
 
     def mhc_config(self) -> MHCConfig:
         k = self.recompute
@@ -104,9 +118,13 @@ class MHCSettings:
                 f"mhc.recompute must be an integer >= 0 (0: keep every activation, k: keep one "
                 f"stream input per k connections), got {k!r}"
             )
+        extra = dict(self.extra)
+        if isinstance(extra.get("coeff_dtype"), str):  # YAML and the manifest: "float64"
+            name = extra["coeff_dtype"].removeprefix("torch.")
+            extra["coeff_dtype"] = getattr(torch, name, extra["coeff_dtype"])
         return MHCConfig(n_streams=self.n_streams, sinkhorn_iters=self.sinkhorn_iters,
                          init=self.init, alpha_init=self.alpha_init, backend=self.backend,
-                         recompute=k > 0, recompute_block=max(k, 1), **self.extra)  # fmt: skip
+                         recompute=k > 0, recompute_block=max(k, 1), **extra)  # fmt: skip
 
 
 def adapt_heads(model: STModel, input_dim: int, pert_names: list[str],

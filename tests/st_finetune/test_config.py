@@ -65,6 +65,20 @@ def test_list_overrides_are_lists(value, expected):
     assert [p.rsplit("/", 1)[-1] for p in cfg.data.paths] == ["a.h5ad", "b.h5ad"]
 
 
+def test_mhc_extra_is_checked_when_read():
+    import torch
+
+    cfg = load_config(None, ["mhc.extra={coeff_dtype: float64, fused_backward: true}"])
+    config = cfg.mhc.mhc_config()
+    assert config.coeff_dtype == torch.float64 and config.fused_backward
+    with pytest.raises(ValueError, match="space after the colon"):  # YAML: {key:value} is one key
+        load_config(None, ["mhc.extra={fused_backward:true}"])
+    with pytest.raises(ValueError, match=r"\['n_streams'\] are not MHCConfig fields it may set"):
+        load_config(None, ["mhc.extra={n_streams: 2}"])
+    with pytest.raises(ValueError, match="coeff_dtype must be torch.float32 or torch.float64"):
+        load_config(None, ["mhc.extra={coeff_dtype: float16}"])
+
+
 def test_help_lists_every_key_with_its_default():
     text = help_text()
     for key in ("data.pert_col = 'condition'", "lora.r = 16", "mhc.sinkhorn_iters = 20",
