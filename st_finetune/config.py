@@ -131,6 +131,11 @@ class TrainingConfig:
             raise ValueError(f"training.loss must be one of {LOSSES}, got {self.loss!r}")
         if self.max_epochs < 1 or self.batch_size < 1:
             raise ValueError("training.max_epochs and training.batch_size must be >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"training.lr must be > 0, got {self.lr}")
+        for name in ("weight_decay", "warmup_steps", "gradient_clip", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"training.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass

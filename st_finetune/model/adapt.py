@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from mhc_kernels import MHCConfig
 
@@ -177,6 +178,14 @@ def add_lora(model: STModel, settings: LoraSettings) -> None:
     targets = list(settings.target_modules or DEFAULT_TARGETS[key])
     if settings.adapt_mlp:
         targets += [t for t in MLP_TARGETS[key] if t not in targets]
+    names = [name for name, module in model.transformer_backbone.named_modules()
+             if isinstance(module, nn.Linear | Conv1D)]  # fmt: skip
+    linear = sorted({name.rsplit(".", 1)[-1] for name in names})
+    # peft matches a target against the end of a module's dotted name
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        raise ValueError(f"lora.target_modules {missing} are not layers of the {key} backbone; "
+                         f"its linear layers: {linear}")  # fmt: skip
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=targets, fan_in_fan_out=key == "gpt2", bias="none")  # fmt: skip
     model.transformer_backbone = get_peft_model(model.transformer_backbone, config)

@@ -129,6 +129,18 @@ def test_rebuilding_heads_leaves_the_checkpoints_config_alone(model_folder):
     assert STModel(info.config).basal_encoder[0].in_features == 12
 
 
+def test_lora_targets_must_be_layers_of_the_backbone(model_folder, backbone):
+    _, folder = model_folder
+    model, info = load_pretrained(folder)
+    known = "self_attn.q_proj" if backbone == "llama" else "attn.c_attn"  # a dotted suffix is fine
+    with pytest.raises(ValueError, match=r"\['qproj'\] are not layers of the .* linear layers: \["):
+        prepare_for_finetuning(model, input_dim=12, pert_names=PERTS, pretrained_perts=PERTS,
+                               lora=LoraSettings(target_modules=["qproj", known]),
+                               mhc=MHCSettings())  # fmt: skip
+    prepare_for_finetuning(model, input_dim=12, pert_names=PERTS, pretrained_perts=PERTS,
+                           lora=LoraSettings(target_modules=[known]), mhc=MHCSettings())  # fmt: skip
+
+
 def test_mhc_layers_subset_and_out_of_range(model_folder):
     _, folder = model_folder
     model, info = load_pretrained(folder)

@@ -79,6 +79,13 @@ def test_mhc_extra_is_checked_when_read():
         load_config(None, ["mhc.extra={coeff_dtype: float16}"])
 
 
+def test_training_numbers_are_checked_when_read():
+    for override, match in [("training.lr=-1", "lr must be > 0"),
+                            ("training.gradient_clip=-1", "gradient_clip must be >= 0")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            load_config(None, [override])
+
+
 def test_help_lists_every_key_with_its_default():
     text = help_text()
     for key in ("data.pert_col = 'condition'", "lora.r = 16", "mhc.sinkhorn_iters = 20",
