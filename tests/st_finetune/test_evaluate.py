@@ -1,5 +1,7 @@
 """Scoring a run against its baselines, and the multi-variant comparison report."""
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -69,6 +71,14 @@ def test_a_run_without_a_base_checkpoint_is_evaluated(inputs, tmp_path):
     assert set(frame["variant"]) == {"scratch", "pretrained", "no change", "mean shift"}
     energy = frame[(frame["group"] == "overall") & (frame["metric"] == "energy_distance")]
     assert energy["value"].notna().all()
+
+
+def test_the_readme_prediction_example_runs(tiny_run):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = readme.split("Predicting with a fine-tuned model")[1].split("```python")[1]
+    scope: dict = {}
+    exec(example.split("```")[0].replace("runs/demo/adapter", str(tiny_run / "adapter")), scope)
+    assert scope["predicted"].shape == (300, scope["manifest"]["input_dim"])
 
 
 def test_evaluate_cli_errors_on_an_unfinished_run(tmp_path, capsys):
