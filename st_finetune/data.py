@@ -137,31 +137,42 @@ def _features(adata, key: str, file: Path) -> np.ndarray:
     return matrix
 
 
+def _read_part(adata, cfg: DataConfig, file: Path) -> dict:
+    if adata.n_obs == 0:
+        raise DataError(f"{file.name} holds no cells")
+    obs = adata.obs
+    part = {
+        "pert": _labels(obs, cfg.pert_col, file, "pert_col"),
+        "cell_type": _labels(obs, cfg.cell_type_key, file, "cell_type_key"),
+        "timepoint": (
+            _labels(obs, cfg.timepoint_key, file, "timepoint_key")
+            if cfg.timepoint_key
+            else np.full(adata.n_obs, NO_TIMEPOINT)
+        ),
+        "features": _features(adata, cfg.embed_key, file),
+        "obs_names": np.asarray(adata.obs_names, dtype=str),
+        "source": np.full(adata.n_obs, file.name),
+    }
+    if cfg.batch_key:
+        _labels(obs, cfg.batch_key, file, "batch_key")
+    return part
+
+
 def load_cells(cfg: DataConfig) -> CellTable:
     """Read and validate every file; one clear error for the first problem found."""
     import anndata
 
     parts = []
     for file in find_h5ad(cfg.paths):
-        adata = anndata.read_h5ad(file)
-        if adata.n_obs == 0:
-            raise DataError(f"{file.name} holds no cells")
-        obs = adata.obs
-        part = {
-            "pert": _labels(obs, cfg.pert_col, file, "pert_col"),
-            "cell_type": _labels(obs, cfg.cell_type_key, file, "cell_type_key"),
-            "timepoint": (
-                _labels(obs, cfg.timepoint_key, file, "timepoint_key")
-                if cfg.timepoint_key
-                else np.full(adata.n_obs, NO_TIMEPOINT)
-            ),
-            "features": _features(adata, cfg.embed_key, file),
-            "obs_names": np.asarray(adata.obs_names, dtype=str),
-            "source": np.full(adata.n_obs, file.name),
-        }
-        if cfg.batch_key:
-            _labels(obs, cfg.batch_key, file, "batch_key")
-        parts.append(part)
+        # features from obsm: the file's X (often the gene counts beside the embedding, the
+        # largest part of it) stays on disk
+        backed = "r" if cfg.embed_key != "X" else None
+        adata = anndata.read_h5ad(file, backed=backed)
+        try:
+            parts.append(_read_part(adata, cfg, file))
+        finally:
+            if backed:
+                adata.file.close()
     dims = {p["features"].shape[1] for p in parts}
     if len(dims) > 1:
         raise DataError(f"files disagree on the feature dimension of '{cfg.embed_key}': {dims}")

@@ -39,6 +39,23 @@ def cfg_for(path, **kw):
     return DataConfig(paths=[str(path)], cell_set_len=8, min_cells=3, **kw)
 
 
+def test_features_from_obsm_leave_x_on_disk(tmp_path):
+    # an embedded file usually keeps its gene counts in X, the largest part of it: reading the
+    # features from obsm must not load X (here X is made unreadable; reading it would fail)
+    import h5py
+
+    embedded = make_adata()
+    counts = sp.random(embedded.n_obs, 30, density=0.1, format="csr", dtype=np.float32, rng=0)
+    adata = anndata.AnnData(X=counts, obs=embedded.obs, obsm=dict(embedded.obsm))
+    path = write(adata, tmp_path)
+    with h5py.File(path, "a") as f:
+        del f["X/indptr"]
+    with pytest.raises(KeyError):
+        anndata.read_h5ad(path)
+    table = load_cells(cfg_for(path))
+    np.testing.assert_array_equal(table.features, adata.obsm["X_state"])
+
+
 def test_groups_and_control_matching(tmp_path):
     data = CellSetData(cfg_for(write(make_adata(), tmp_path)), seed=0)
     assert data.table.pert_names == ["burn", "sham"]
