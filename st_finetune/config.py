@@ -147,7 +147,8 @@ class TrainerConfig:
         devices: devices per node (``auto`` or a count).
         num_nodes: nodes.
         strategy: ``auto``, ``ddp``, ``ddp_spawn``, ...
-        precision: ``auto`` (bf16 mixed on GPU, 32 on CPU) or a Lightning precision string.
+        precision: ``auto`` (bf16 mixed on GPU, 16-bit mixed where the GPU lacks bf16, 32 on
+            CPU) or a Lightning precision string.
         tensorboard: also log to TensorBoard (needs the tensorboard package).
         progress_bar: show Lightning's progress bar.
     """

@@ -134,6 +134,16 @@ def parameter_checksum(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def training_precision(precision: str = "auto", accelerator: str = "auto") -> str:
+    """Lightning's precision for ``trainer.precision``: ``auto`` is bf16 mixed precision on a GPU
+    (16-bit mixed, with loss scaling, on GPUs without bf16, e.g. V100 or T4) and float32 on CPU."""
+    if precision != "auto":
+        return precision
+    if not torch.cuda.is_available() or accelerator == "cpu":
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
 def _trainer(cfg: RunConfig, run_dir: Path, has_val: bool):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -141,11 +151,7 @@ def _trainer(cfg: RunConfig, run_dir: Path, has_val: bool):
     from .training import MetricsCSV
 
     t = cfg.trainer
-    precision = t.precision
-    if precision == "auto":
-        precision = (
-            "bf16-mixed" if torch.cuda.is_available() and t.accelerator != "cpu" else "32-true"
-        )
+    precision = training_precision(t.precision, t.accelerator)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best", save_last=True,
         monitor="val_loss" if has_val else None, mode="min", save_top_k=1 if has_val else 0,

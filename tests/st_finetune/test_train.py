@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from st_finetune.config import load_config
-from st_finetune.train import main, run
+from st_finetune.train import main, run, training_precision
 
 from .conftest import overrides
 
@@ -32,6 +32,19 @@ def test_run_writes_a_complete_run_folder(inputs, tmp_path):
     assert 0 < summary["parameters"]["percent"] < 100
     splits = pd.read_csv(run_dir / "splits.csv")
     assert set(splits["split"]) == {"train", "val", "test"}
+
+
+def test_precision_auto_is_mixed_on_gpus_with_or_without_bf16(monkeypatch):
+    import torch
+
+    assert training_precision("auto", "auto") == "32-true"  # this machine: no GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert training_precision("auto", "auto") == "bf16-mixed"
+    assert training_precision("auto", "cpu") == "32-true"
+    assert training_precision("32-true", "gpu") == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # V100, T4
+    assert training_precision("auto", "gpu") == "16-mixed"
 
 
 def test_results_are_never_overwritten_unless_asked(inputs, tmp_path, capsys):
