@@ -41,7 +41,8 @@ BASELINES = (NO_CHANGE, MEAN_SHIFT)
 
 
 def predict_groups(model: torch.nn.Module, data: CellSetData, split: str = "test",
-                   batch_size: int = 16, device: torch.device | str = "cpu") -> tuple[dict, dict]:  # fmt: skip
+                   batch_size: int = 16,
+                   device: torch.device | str = "cpu") -> tuple[dict, dict]:  # fmt: skip
     """Predictions (run on ``device``) and the control inputs they came from, pooled per group."""
     groups = data.groups[split]
     preds, inputs = defaultdict(list), defaultdict(list)
