@@ -103,7 +103,11 @@ def read_var_dims(path: Path) -> dict:
 def find_checkpoint(path: Path) -> Path:
     """The ``.ckpt`` file for a file or a run folder as downloaded."""
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint or model folder at {path}")
+        raise FileNotFoundError(
+            f"no checkpoint or model folder at {path} (model.checkpoint): give a State run folder "
+            "as downloaded (config.yaml, final.ckpt, var_dims.pkl, ...) or a .ckpt file; an empty "
+            "model.checkpoint= builds a new model from the model.* dimensions"
+        )
     if path.is_file():
         return path
     for name in CHECKPOINT_NAMES:

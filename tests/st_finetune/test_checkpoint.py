@@ -73,7 +73,9 @@ def test_relu_only_in_gene_space(tmp_path):
 
 
 def test_missing_file_and_folder_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(
+        FileNotFoundError, match="no checkpoint or model folder at .* give a State run folder"
+    ):
         load_pretrained(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="final.ckpt"):
