@@ -211,7 +211,8 @@ def run(cfg: RunConfig) -> dict:
         before = heldout_energy(model, data, device=device)
         _save_artifact(model, run_dir / "pretrained_adapter", pretrained, data, rebuilt, cfg)
     model.train()  # load_pretrained returns eval mode; Lightning keeps whatever mode it gets
-    module = STLightning(model, cfg.training, cfg.data.cell_set_len)
+    module = STLightning(model, cfg.training, cfg.data.cell_set_len,
+                         frozen_from_base=pretrained is not None)  # fmt: skip
     trainer = _trainer(cfg, run_dir, has_val=bool(data.groups["val"]))
     start = time.perf_counter()
     last = run_dir / "checkpoints" / "last.ckpt"

@@ -9,6 +9,8 @@ from pathlib import Path
 import pandas as pd
 
 from st_finetune.config import load_config
+from st_finetune.model import load_finetuned
+from st_finetune.model.adapt import is_lora_param, is_mhc_param
 from st_finetune.train import main, run, training_precision
 
 from .conftest import overrides
@@ -32,6 +34,16 @@ def test_run_writes_a_complete_run_folder(inputs, tmp_path):
     assert 0 < summary["parameters"]["percent"] < 100
     splits = pd.read_csv(run_dir / "splits.csv")
     assert set(splits["split"]) == {"train", "val", "test"}
+    # the training checkpoints hold what trains (the frozen weights are the base checkpoint's)
+    import torch
+
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    model, _ = load_finetuned(run_dir / "adapter")
+    prepare = {f"model.{n}" for n, p in model.named_parameters()
+               if is_lora_param(n) or is_mhc_param(n) or n.startswith("pert_encoder.")}  # fmt: skip
+    assert set(state) == prepare and summary["parameters"]["trainable"] == sum(
+        t.numel() for t in state.values()
+    )
 
 
 def test_precision_auto_is_mixed_on_gpus_with_or_without_bf16(monkeypatch):

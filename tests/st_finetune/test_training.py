@@ -55,3 +55,21 @@ def test_set_losses_are_float32_under_bf16_mixed_precision(loss):
         mixed = module.set_losses(batch)
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, exact, rtol=1e-5, atol=0)
+
+
+def test_checkpoints_without_the_frozen_weights_must_hold_what_trains():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    model[0].requires_grad_(False)  # frozen: the base checkpoint's
+    module = STLightning(model, TrainingConfig(loss="mse"), set_len=4, frozen_from_base=True)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert sorted(checkpoint["state_dict"]) == ["model.1.bias", "model.1.weight"]
+    assert not module.strict_loading
+    module.on_load_checkpoint(checkpoint)
+    del checkpoint["state_dict"]["model.1.bias"]
+    with pytest.raises(ValueError, match=r"lacks 1 trained weights of this model, e.g. \['model.1"):
+        module.on_load_checkpoint(checkpoint)
+    whole = STLightning(model, TrainingConfig(loss="mse"), set_len=4)  # no base: every weight
+    checkpoint = {"state_dict": whole.state_dict()}
+    whole.on_save_checkpoint(checkpoint)
+    assert len(checkpoint["state_dict"]) == 4 and whole.strict_loading
