@@ -200,6 +200,8 @@ def run(cfg: RunConfig) -> dict:
                  "groups", info["cells"], info["dim"], info["perturbations"],
                  info["groups"]["train"], info["groups"]["val"], info["groups"]["test"])  # fmt: skip
     model, pretrained = build_model(cfg, data)
+    if cfg.resume and pretrained is not None:
+        _check_same_base(run_dir, pretrained)
     rebuilt, params = prepare_for_finetuning(
         model, input_dim=data.table.dim, pert_names=data.table.pert_names,
         pretrained_perts=pretrained.pert_names if pretrained else data.table.pert_names,
@@ -279,6 +281,21 @@ def _save_artifact(model, folder: Path, pretrained, data, rebuilt, cfg: RunConfi
     save_finetuned(model, folder, base_checkpoint=pretrained.checkpoint,
                    base_sha256=pretrained.sha256, pert_names=data.table.pert_names,
                    rebuilt=rebuilt, lora=cfg.lora, mhc=cfg.mhc)  # fmt: skip
+
+
+def _check_same_base(run_dir: Path, pretrained) -> None:
+    """A resumed run's frozen weights come from model.checkpoint again: it must be the same file
+    (its hash as the run recorded it before training)."""
+    manifest = run_dir / "pretrained_adapter" / "manifest.json"
+    if not manifest.is_file():
+        return
+    recorded = json.loads(manifest.read_text())["base_sha256"]
+    if recorded != pretrained.sha256:
+        raise ValueError(
+            f"resume=true, but {pretrained.checkpoint} (sha256 {pretrained.sha256[:12]}...) is not "
+            f"the base checkpoint this run started from ({recorded[:12]}...): point "
+            "model.checkpoint at that file"
+        )
 
 
 def _rank() -> int:

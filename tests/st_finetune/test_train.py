@@ -81,6 +81,22 @@ def test_resume_continues_exactly(inputs, tmp_path):
     assert resumed["parameter_checksum"] == straight["parameter_checksum"]
 
 
+def test_resume_refuses_another_base_checkpoint(inputs, tmp_path, capsys):
+    # a resume loads the frozen weights from model.checkpoint again: a changed file is refused
+    import shutil
+
+    import torch
+
+    base = shutil.copytree(inputs[1], tmp_path / "base")
+    args = overrides(inputs, tmp_path, **{"training.max_epochs": 1, "model.checkpoint": base})
+    assert main(args) == 0
+    ckpt = torch.load(base / "final.ckpt", weights_only=False)
+    ckpt["state_dict"]["transformer_backbone.norm.weight"] += 1.0
+    torch.save(ckpt, base / "final.ckpt")
+    assert main([*args, "resume=true", "training.max_epochs=2"]) == 1
+    assert "is not the base checkpoint this run started from" in capsys.readouterr().err
+
+
 def test_resume_refuses_changed_settings(inputs, tmp_path, capsys):
     assert main(overrides(inputs, tmp_path, **{"training.max_epochs": 1})) == 0
     assert main(overrides(inputs, tmp_path, resume=True, **{"lora.r": 8})) == 1
