@@ -83,7 +83,7 @@ class ModelConfig:
 
     Attributes:
         checkpoint: a State run folder or ``.ckpt`` (ST-Tahoe's layout); empty builds a new model
-            from the dimensions below (no pretraining).
+            from the dimensions below (no pretraining), trained in full.
         hidden_dim, n_layers, n_heads, intermediate_size, n_encoder_layers, n_decoder_layers,
             backbone: dimensions of a new model (ignored with a checkpoint).
         demo_pretrained: build the demo's small pretrained checkpoint at ``checkpoint`` when it is

@@ -205,7 +205,7 @@ def run(cfg: RunConfig) -> dict:
     rebuilt, params = prepare_for_finetuning(
         model, input_dim=data.table.dim, pert_names=data.table.pert_names,
         pretrained_perts=pretrained.pert_names if pretrained else data.table.pert_names,
-        lora=cfg.lora, mhc=cfg.mhc,
+        lora=cfg.lora, mhc=cfg.mhc, new_model=pretrained is None,
     )  # fmt: skip
     before = None
     device = evaluation_device(cfg.trainer.accelerator, cfg.trainer.strategy)

@@ -199,13 +199,14 @@ def is_lora_param(name: str) -> bool:
     return "lora_" in name
 
 
-def set_trainable(model: STModel, rebuilt: list[str]) -> dict:
-    """LoRA adapters, mHC coefficients and rebuilt heads train; everything else is frozen.
+def set_trainable(model: STModel, rebuilt: list[str], everything: bool = False) -> dict:
+    """LoRA adapters, mHC coefficients and rebuilt heads train; everything else is frozen, unless
+    ``everything`` (a new model: no pretrained weights to keep, so all of them train).
 
     Returns ``{"trainable": int, "total": int, "percent": float}`` and logs one line.
     """
     for name, param in model.named_parameters():
-        param.requires_grad = (
+        param.requires_grad = everything or (
             is_lora_param(name) or is_mhc_param(name) or name.split(".")[0] in rebuilt
         )
     return parameter_report(model)
@@ -228,11 +229,19 @@ def prepare_for_finetuning(
     pretrained_perts: list[str],
     lora: LoraSettings,
     mhc: MHCSettings,
+    new_model: bool = False,
 ) -> tuple[list[str], dict]:
-    """Heads, then mHC, then LoRA, then the trainability rule; returns (rebuilt heads, report)."""
+    """Heads, then mHC, then LoRA, then the trainability rule; returns (rebuilt heads, report).
+
+    ``new_model``: the weights are an initialisation, not pretrained ones: every parameter trains
+    (LoRA on a random frozen backbone would train adapters on noise, FACTS.md §5).
+    """
     rebuilt = adapt_heads(model, input_dim, pert_names, pretrained_perts)
     if mhc.enable:
         add_mhc(model, mhc)
     if lora.enable:
         add_lora(model, lora)
-    return rebuilt, set_trainable(model, rebuilt)
+        if new_model:
+            log.warning("lora.enable=true on a new model: its weights are not pretrained, so every "
+                        "parameter trains and the adapters add nothing but parameters")  # fmt: skip
+    return rebuilt, set_trainable(model, rebuilt, everything=new_model)

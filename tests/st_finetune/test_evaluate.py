@@ -64,9 +64,11 @@ def test_models_predict_sets_of_the_runs_length(tiny_run):
 
 
 def test_a_run_without_a_base_checkpoint_is_evaluated(inputs, tmp_path):
-    # LoRA + mHC trained from scratch: its model.ckpt (LoRA merged, mHC recorded) loads back
-    run(load_config(None, overrides(inputs, tmp_path, **{"model.checkpoint": "", "name": "scratch",
-                                                         "training.max_epochs": 1})))  # fmt: skip
+    # LoRA + mHC on a new model: all of it trains, and its model.ckpt (LoRA merged, mHC recorded)
+    # loads back
+    summary = run(load_config(None, overrides(inputs, tmp_path, **{
+        "model.checkpoint": "", "name": "scratch", "training.max_epochs": 1})))  # fmt: skip
+    assert summary["parameters"]["percent"] == 100  # a new model trains in full
     frame = evaluate_run(tmp_path / "scratch")
     assert set(frame["variant"]) == {"scratch", "pretrained", "no change", "mean shift"}
     energy = frame[(frame["group"] == "overall") & (frame["metric"] == "energy_distance")]
