@@ -349,15 +349,10 @@ class CellSetDataset(Dataset):
         return torch.from_numpy(np.take(self.table.features, np.concatenate(cells), axis=0))
 
 
-def collate_sets(batch: dict | list[dict]) -> dict:
-    """A batch from :meth:`CellSetDataset.__getitems__` as it is; single sets (``dataset[i]``)
-    stacked into the same layout."""
-    if isinstance(batch, dict):
-        return batch
-    out = {k: torch.cat([it[k] for it in batch])
-           for k in ("pert_emb", "ctrl_cell_emb", "pert_cell_emb")}  # fmt: skip
-    out["group"] = torch.stack([it["group"] for it in batch])
-    return out
+def collate_sets(batch: dict) -> dict:
+    """The batch :meth:`CellSetDataset.__getitems__` built, as it is (the DataLoader's default
+    collation would stack its tensors once more)."""
+    return batch
 
 
 class CellSetData:

@@ -99,17 +99,6 @@ class MHCSettings:
         if self.stream_dtype not in STREAM_DTYPES:
             raise ValueError(f"mhc.stream_dtype must be one of {list(STREAM_DTYPES)}, got "
                              f"{self.stream_dtype!r}")  # fmt: skip
-        own = {"n_streams", "sinkhorn_iters", "init", "alpha_init", "backend", "recompute",
-               "recompute_block"}  # fmt: skip
-        fields = {f.name for f in dataclasses.fields(MHCConfig)} - own
-        unknown = [key for key in self.extra if key not in fields]
-        if unknown:
-            colon = any(":" in str(key) for key in unknown)
-            raise ValueError(
-                f"mhc.extra: {unknown} are not MHCConfig fields it may set; choose from "
-                f"{sorted(fields)} (the others are mhc.* settings of their own)"
-                + ("; YAML needs a space after the colon: {fused_backward: true}" if colon else "")
-            )
         self.mhc_config()  # every setting checked now, before any data is read
 
     def mhc_config(self) -> MHCConfig:
@@ -119,13 +108,23 @@ class MHCSettings:
                 f"mhc.recompute must be an integer >= 0 (0: keep every activation, k: keep one "
                 f"stream input per k connections), got {k!r}"
             )
+        own = {"n_streams": self.n_streams, "sinkhorn_iters": self.sinkhorn_iters,
+               "init": self.init, "alpha_init": self.alpha_init, "backend": self.backend,
+               "recompute": k > 0, "recompute_block": max(k, 1)}  # fmt: skip
+        fields = {f.name for f in dataclasses.fields(MHCConfig)} - own.keys()
+        unknown = [key for key in self.extra if key not in fields]
+        if unknown:
+            colon = any(":" in str(key) for key in unknown)
+            raise ValueError(
+                f"mhc.extra: {unknown} are not MHCConfig fields it may set; choose from "
+                f"{sorted(fields)} (the others are mhc.* settings of their own)"
+                + ("; YAML needs a space after the colon: {fused_backward: true}" if colon else "")
+            )
         extra = dict(self.extra)
         if isinstance(extra.get("coeff_dtype"), str):  # YAML and the manifest: "float64"
             name = extra["coeff_dtype"].removeprefix("torch.")
             extra["coeff_dtype"] = getattr(torch, name, extra["coeff_dtype"])
-        return MHCConfig(n_streams=self.n_streams, sinkhorn_iters=self.sinkhorn_iters,
-                         init=self.init, alpha_init=self.alpha_init, backend=self.backend,
-                         recompute=k > 0, recompute_block=max(k, 1), **extra)  # fmt: skip
+        return MHCConfig(**own, **extra)
 
 
 def adapt_heads(model: STModel, input_dim: int, pert_names: list[str],
