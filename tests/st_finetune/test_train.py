@@ -2,11 +2,13 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from st_finetune.config import load_config
 from st_finetune.model import load_finetuned
@@ -35,20 +37,15 @@ def test_run_writes_a_complete_run_folder(inputs, tmp_path):
     splits = pd.read_csv(run_dir / "splits.csv")
     assert set(splits["split"]) == {"train", "val", "test"}
     # the training checkpoints hold what trains (the frozen weights are the base checkpoint's)
-    import torch
-
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     model, _ = load_finetuned(run_dir / "adapter")
-    prepare = {f"model.{n}" for n, p in model.named_parameters()
+    trained = {f"model.{n}" for n, _ in model.named_parameters()
                if is_lora_param(n) or is_mhc_param(n) or n.startswith("pert_encoder.")}  # fmt: skip
-    assert set(state) == prepare and summary["parameters"]["trainable"] == sum(
-        t.numel() for t in state.values()
-    )
+    assert set(state) == trained
+    assert sum(t.numel() for t in state.values()) == summary["parameters"]["trainable"]
 
 
 def test_precision_auto_is_mixed_on_gpus_with_or_without_bf16(monkeypatch):
-    import torch
-
     assert training_precision("auto", "auto") == "32-true"  # this machine: no GPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
@@ -83,10 +80,6 @@ def test_resume_continues_exactly(inputs, tmp_path):
 
 def test_resume_refuses_another_base_checkpoint(inputs, tmp_path, capsys):
     # a resume loads the frozen weights from model.checkpoint again: a changed file is refused
-    import shutil
-
-    import torch
-
     base = shutil.copytree(inputs[1], tmp_path / "base")
     args = overrides(inputs, tmp_path, **{"training.max_epochs": 1, "model.checkpoint": base})
     assert main(args) == 0
