@@ -6,9 +6,9 @@ adapted by the same code: ST-Tahoe's architecture (FACTS.md §5: bidirectional L
 cannot be downloaded here; a step's time and memory do not depend on their values), heads rebuilt
 by :func:`st_finetune.prepare_for_finetuning` for SE-600M embeddings (``X_state``, 2048-d) and a
 sham/burn vocabulary, LoRA on the attention projections, mHC around every sub-layer. One step is
-what Lightning runs with ``bf16-mixed`` on a GPU (float32 on CPU): forward under autocast, the
-per-set energy loss in float32 (as ``STLightning.set_losses``), backward, gradient clipping at 1.0,
-AdamW. Variants: ``lora`` (the seed's ST-LoRA), ``lora_mhc`` (ST-LoRA-mHC; the streams take the
+what Lightning runs with ``bf16-mixed`` on a GPU (float32 on CPU): ``STLightning.set_losses``
+under autocast (the forward in bf16, the per-set energy loss in float32), backward, gradient
+clipping at 1.0, AdamW. Variants: ``lora`` (the seed's ST-LoRA), ``lora_mhc`` (ST-LoRA-mHC; the streams take the
 hidden states' dtype, bf16 under autocast), ``lora_mhc_fp32_streams`` (``mhc.stream_dtype=float32``)
 and ``lora_mhc_recompute4`` (``mhc.recompute=4``). Recorded: the step's time, the model's
 activation memory per cell set (bytes saved for backward, :func:`activation_bytes_per_set`),
@@ -23,6 +23,7 @@ geomloss is installed; the GPU machines lack it, so there the same formula runs 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -30,7 +31,9 @@ import torch
 from conftest import DEVICE, ON_GPU, back_to_back_seconds, synchronized
 from test_layer_overhead import saved_storage_bytes
 
+from st_finetune.config import TrainingConfig
 from st_finetune.model import LoraSettings, MHCSettings, STConfig, STModel, prepare_for_finetuning
+from st_finetune.training import STLightning
 
 CELLS = 256  # cells per set (data.cell_set_len)
 SETS = 16 if ON_GPU else 1  # sets per batch (training.batch_size; 1 on CPU, for time)
@@ -67,6 +70,7 @@ def energy_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     )
 
 
+@functools.cache
 def set_losses():
     """geomloss's energy loss where it is installed (checked against :func:`energy_loss`), else
     :func:`energy_loss`."""
@@ -130,6 +134,8 @@ def test_finetune_step(benchmark, record, variant):
         pytest.skip("float32 training on CPU: the streams are float32 in lora_mhc already")
     model, params = tahoe_for_wounds(VARIANTS[variant])
     loss_fn = set_losses()
+    module = STLightning(model, TrainingConfig(loss="mse"), CELLS)  # the trainer's set losses,
+    module.loss_fn = loss_fn  # with the energy loss (geomloss's or written out)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=5e-5, weight_decay=0.01)
     data = batch(model.config, torch.Generator().manual_seed(1))
@@ -137,10 +143,8 @@ def test_finetune_step(benchmark, record, variant):
     losses, norms = [], []
 
     def step():
-        with autocast:
-            pred = model(data).float()
-        shape = (SETS, CELLS, -1)
-        loss = loss_fn(pred.reshape(shape), data["pert_cell_emb"].reshape(shape)).mean()
+        with autocast:  # as Lightning's bf16-mixed; set_losses leaves it for the loss
+            loss = module.set_losses(data).mean()
         loss.backward()
         norms.append(torch.nn.utils.clip_grad_norm_(trainable, 1.0))
         optimizer.step()
