@@ -158,8 +158,6 @@ def load_run(run_dir: str | Path):
             from .model import load_pretrained
 
             models[name] = load_pretrained(path / "model.ckpt")[0]
-    for model in models.values():  # the run's sets (an artifact from before it kept them)
-        model.config.cell_set_len = cfg.data.cell_set_len
     return cfg, data, models
 
 
@@ -168,8 +166,9 @@ def score_run(run_dir: str | Path, split: str = "test", baselines: bool = True):
     run_dir = Path(run_dir)
     cfg, data, models = load_run(run_dir)
     rows, predictions, inputs = [], {}, None
+    device = evaluation_device()
     for name, model in models.items():
-        predictions[name], inputs = predict_groups(model, data, split, device=evaluation_device())
+        predictions[name], inputs = predict_groups(model, data, split, device=device)
     if baselines and inputs is not None:
         predictions[NO_CHANGE] = inputs
         predictions[MEAN_SHIFT] = mean_shift_predictions(data, inputs, split)

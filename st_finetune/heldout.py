@@ -42,7 +42,12 @@ def evaluating(model: torch.nn.Module, device: torch.device | str) -> Iterator[t
 def predicted_sets(model: torch.nn.Module, data: CellSetData, split: str, batch_size: int,
                    device: torch.device | str) -> Iterator[tuple[dict, torch.Tensor]]:  # fmt: skip
     """``(batch, prediction)`` for each batch of ``split``'s sets: the batch on ``device``, the
-    prediction in float32 there, ``(sets, cells, features)``."""
+    prediction in float32 there, ``(sets, cells, features)``. The model must take sets of the
+    data's length (it would split or merge them silently otherwise)."""
+    size, expected = model.config.cell_set_len, data.cfg.cell_set_len
+    if size != expected:
+        raise ValueError(f"the model predicts sets of {size} cells but {split}'s sets have "
+                         f"{expected} (data.cell_set_len): set model.config.cell_set_len")  # fmt: skip
     with evaluating(model, device):
         for batch in data.loader(split, batch_size):
             batch = {k: v.to(device) for k, v in batch.items()}

@@ -25,3 +25,16 @@ def test_evaluating_moves_the_model_there_and_back_even_on_errors(monkeypatch):
         assert not model.training
         raise RuntimeError("stop")
     assert moves == ["cuda", "cpu"]
+
+
+def test_predictions_refuse_sets_of_another_length():
+    # a model built for sets of 8 would read sets of 16 as two sets each, without an error
+    from types import SimpleNamespace
+
+    from st_finetune.heldout import predicted_sets
+
+    from .conftest import tiny_model
+
+    data = SimpleNamespace(cfg=SimpleNamespace(cell_set_len=16))
+    with pytest.raises(ValueError, match="predicts sets of 8 cells but test's sets have 16"):
+        next(predicted_sets(tiny_model(), data, "test", 4, "cpu"))
