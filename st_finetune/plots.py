@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 
 import pandas as pd
@@ -16,20 +17,35 @@ def _pyplot():
     return plt
 
 
-def training_curves(runs: dict[str, pd.DataFrame], out_dir: str | Path, clip: float | None = None
-                    ) -> list[Path]:  # fmt: skip
-    """Loss and gradient-norm curves, one line per run; returns the written files."""
+def training_curves(runs: dict[str, pd.DataFrame], out_dir: str | Path, clip: float | None = None,
+                    groups: dict[str, str] | None = None) -> list[Path]:  # fmt: skip
+    """Loss and gradient-norm curves, one line per run; runs of one of ``groups`` (run -> group,
+    e.g. a variant's seeds) share a colour and a legend entry. Returns the written files."""
     plt = _pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    groups = groups or {name: name for name in runs}
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {g: palette[i % len(palette)] for i, g in enumerate(dict.fromkeys(groups.values()))}
+    count = collections.Counter(groups.values())
+
+    def style(name, seen, suffix=""):
+        """Colour and, for a group's first run, legend label of ``name``'s lines."""
+        group = groups[name]
+        runs = f" ({count[group]} runs)" if count[group] > 1 else ""
+        label = None if (group, suffix) in seen else f"{group}{suffix}{runs}"
+        seen.add((group, suffix))
+        return {"color": colour[group], "label": label}
+
     written = []
     fig, ax = plt.subplots(figsize=(7, 4))
+    seen = set()
     for name, frame in runs.items():
         train = frame[frame["split"] == "train"]
         val = frame[frame["split"] == "val"]
-        (line,) = ax.plot(train["step"], train["loss"], lw=1, alpha=0.8, label=f"{name} train")
+        ax.plot(train["step"], train["loss"], lw=1, alpha=0.8, **style(name, seen, " train"))
         if len(val):
-            ax.plot(val["step"], val["loss"], "o--", color=line.get_color(), label=f"{name} val")
+            ax.plot(val["step"], val["loss"], "o--", **style(name, seen, " val"))
     ax.set(xlabel="step", ylabel="loss", title="Loss")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -38,9 +54,10 @@ def training_curves(runs: dict[str, pd.DataFrame], out_dir: str | Path, clip: fl
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    seen = set()
     for name, frame in runs.items():
         train = frame[(frame["split"] == "train") & frame["grad_norm"].notna()]
-        ax.plot(train["step"], train["grad_norm"], lw=1, alpha=0.8, label=name)
+        ax.plot(train["step"], train["grad_norm"], lw=1, alpha=0.8, **style(name, seen))
     if clip:
         ax.axhline(clip, color="grey", ls=":", label=f"clip {clip:g}")
     ax.set(xlabel="step", ylabel="global gradient norm (before clipping)", title="Gradient norm",

@@ -30,8 +30,16 @@ def _fmt(value: float) -> str:
     return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
 
 
-def markdown_table(table: pd.DataFrame, bold_best: bool = True) -> str:
-    """Variants as rows, metrics as columns; the best value of each metric in bold."""
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when inside it (a report read elsewhere)."""
+    path = Path(path).absolute()
+    return str(path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path)
+
+
+def markdown_table(table: pd.DataFrame, bold_best: bool = True,
+                   spread: pd.DataFrame | None = None) -> str:  # fmt: skip
+    """Variants as rows, metrics as columns; the best value of each metric in bold; with
+    ``spread`` (same shape: the standard deviation over seeds), ``mean ± sd`` where sd > 0."""
     cols = list(table.columns)
     lines = ["| variant | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     best = {}
@@ -44,9 +52,28 @@ def markdown_table(table: pd.DataFrame, bold_best: bool = True) -> str:
         cells = []
         for c in cols:
             text = _fmt(row[c])
-            cells.append(f"**{text}**" if c in best and row[c] == best[c] else text)
+            text = f"**{text}**" if c in best and row[c] == best[c] else text
+            sd = np.nan if spread is None else spread.loc[variant, c]
+            cells.append(text if np.isnan(sd) or sd == 0 else f"{text} ± {_fmt(sd)}")
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def by_seed(results: pd.DataFrame, group: str = "overall") -> pd.DataFrame:
+    """Rows ``(seed, variant)``, a column per metric: each seed's mean over the rows of
+    ``group`` (``"overall"``, or a cell type's groups with ``group=None`` and filtered
+    ``results``). Results without a ``seed`` column are one seed."""
+    rows = results if group is None else results[results["group"] == group]
+    rows = rows if "seed" in rows.columns else rows.assign(seed=0)
+    return rows.pivot_table(index=["seed", "variant"], columns="metric", values="value",
+                            aggfunc="mean", sort=False)  # fmt: skip
+
+
+def over_seeds(table: pd.DataFrame, variants, metrics) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Mean and standard deviation over seeds of a :func:`by_seed` table (NaN sd: one seed)."""
+    grouped = table.groupby(level="variant", sort=False)
+    mean = grouped.mean().reindex(index=variants, columns=metrics)
+    return mean, grouped.std().reindex(index=variants, columns=metrics)
 
 
 def _order(variants, trained):
@@ -59,59 +86,97 @@ def cell_type_order(cell_types) -> list[str]:
     return first + sorted(c for c in cell_types if c not in first)
 
 
+def _seeds_note(n: int) -> str:
+    """What a difference of one sign in every seed is worth, said once per judgement."""
+    if n == 1:
+        return (
+            "One seed and one short run: even a clear difference here is not evidence of a "
+            "general effect."
+        )
+    return (f"With {n} seeds, one sign in every seed arises by chance with probability "
+            f"{2.0 ** (1 - n):.2g}.")  # fmt: skip
+
+
+def _share(flags: np.ndarray) -> str:
+    return f"{int(flags.sum())} of {len(flags)} seeds"
+
+
 def hypotheses(results: pd.DataFrame, trained: list[str]) -> list[str]:
-    """The seed's four hypotheses, each judged against the numbers, without overstating."""
-    overall = results[results["group"] == "overall"].pivot_table(
-        index="variant", columns="metric", values="value"
-    )
+    """The seed's four hypotheses, each judged against the numbers, without overstating. With
+    several seeds each judgement is made seed by seed (the variants of a seed share their split)
+    and holds only when it holds in every seed."""
+    table = by_seed(results)
+    seeds = list(dict.fromkeys(table.index.get_level_values("seed")))
+    n = len(seeds)
     lines = []
 
-    def get(variant, metric):
-        try:
-            return float(overall.loc[variant, metric])
-        except KeyError:
-            return float("nan")
+    def get(variant, metric) -> np.ndarray:
+        """``metric`` of ``variant`` in each seed (NaN where missing)."""
+        if metric not in table.columns:
+            return np.full(n, np.nan)
+        return np.array([table[metric].get((seed, variant), np.nan) for seed in seeds], float)
+
+    def mean(values: np.ndarray) -> str:
+        return _fmt(float(np.nanmean(values)) if np.isfinite(values).any() else np.nan)
 
     lora = next((v for v in trained if "mhc" not in v.lower()), None)
     mhc = next((v for v in trained if "mhc" in v.lower()), None)
     ed = {v: get(v, "energy_distance") for v in [*trained, PRETRAINED, *BASELINES]}
     for name in trained:
-        beats_pre = ed[name] < ed.get(PRETRAINED, float("inf"))
-        beats_base = all(ed[name] < ed[b] for b in BASELINES if not math.isnan(ed[b]))
+        beats_pre = ed[name] < ed[PRETRAINED]
+        beats_base = np.all([ed[name] < ed[b] for b in BASELINES if np.isfinite(ed[b]).all()],
+                            axis=0)  # fmt: skip
+        if n == 1:
+            verdict = "supported" if beats_pre.all() else "not supported"
+            base = ("beats" if beats_base.all() else "does not beat") + " both honest baselines"
+        else:
+            verdict = ("supported" if beats_pre.all() else "not supported" if not beats_pre.any()
+                       else "mixed") + f" (in {_share(beats_pre)})"  # fmt: skip
+            base = f"beats both honest baselines in {_share(beats_base)}"
         lines.append(
-            f"- **Fine-tuning improves over the pretrained model** ({name}): "
-            f"{'supported' if beats_pre else 'not supported'} on held-out energy distance "
-            f"({_fmt(ed[name])} vs {_fmt(ed.get(PRETRAINED))}); it "
-            f"{'beats' if beats_base else 'does not beat'} both honest baselines "
-            f"(no change {_fmt(ed[NO_CHANGE])}, mean shift {_fmt(ed[MEAN_SHIFT])})."
+            f"- **Fine-tuning improves over the pretrained model** ({name}): {verdict} on held-out "
+            f"energy distance ({mean(ed[name])} vs {mean(ed[PRETRAINED])}); it {base} "
+            f"(no change {mean(ed[NO_CHANGE])}, mean shift {mean(ed[MEAN_SHIFT])})."
         )
     if lora and mhc:
         cv_l, cv_m = get(lora, "grad_norm_cv"), get(mhc, "grad_norm_cv")
         sp_l, sp_m = get(lora, "loss_spikes"), get(mhc, "loss_spikes")
         p99_l, p99_m = get(lora, "grad_norm_p99"), get(mhc, "grad_norm_p99")
-        if cv_m < 0.9 * cv_l and sp_m <= sp_l:
+        consistent = (cv_m < 0.9 * cv_l) & (sp_m <= sp_l)
+        contradicted = (cv_m > 1.1 * cv_l) | (sp_m > sp_l)
+        if consistent.all():
             verdict = "consistent with"
-        elif cv_m > 1.1 * cv_l or sp_m > sp_l:
+        elif contradicted.all():
             verdict = "contradicted by"
         else:
             verdict = "not shown by (no meaningful difference in)"
+        runs = "this run" if n == 1 else (f"these runs (consistent in {_share(consistent)}, "
+                                          f"contradicted in {_share(contradicted)})")  # fmt: skip
         lines.append(
-            f"- **mHC stabilises training**: {verdict} this run: gradient-norm CV {_fmt(cv_m)} "
-            f"({mhc}) vs {_fmt(cv_l)} ({lora}), loss spikes {_fmt(sp_m)} vs {_fmt(sp_l)}, p99 "
-            f"{_fmt(p99_m)} vs {_fmt(p99_l)}. One seed and one short run: even a clear difference "
-            "here is not evidence of a general effect."
+            f"- **mHC stabilises training**: {verdict} {runs}: gradient-norm CV {mean(cv_m)} "
+            f"({mhc}) vs {mean(cv_l)} ({lora}), loss spikes {mean(sp_m)} vs {mean(sp_l)}, p99 "
+            f"{mean(p99_m)} vs {mean(p99_l)}{'' if n == 1 else ' (means over seeds)'}. "
+            f"{_seeds_note(n)}"
         )
-        if ed[mhc] < 0.98 * ed[lora]:
+        change = ed[mhc] / ed[lora] - 1
+        if (change < -0.02).all():
             verdict = "supported"
-        elif ed[mhc] > 1.02 * ed[lora]:
+        elif (change > 0.02).all():
             verdict = "not supported (mHC is worse)"
-        else:
+        elif n == 1:
             verdict = "not supported: no meaningful difference (within 2%)"
+        else:
+            verdict = "not supported: the difference is within 2% or changes sign between seeds"
+        where = (
+            "within a single seed."
+            if n == 1
+            else ("per seed " + ", ".join(f"{c:+.1%}" for c in change) + f". {_seeds_note(n)}")
+        )
         lines.append(
             f"- **mHC improves final performance**: {verdict} here (energy distance "
-            f"{_fmt(ed[mhc])} with mHC vs {_fmt(ed[lora])} without), within a single seed."
+            f"{mean(ed[mhc])} with mHC vs {mean(ed[lora])} without), {where}"
         )
-    pct = {v: get(v, "trainable_percent") for v in trained}
+    pct = {v: float(np.nanmean(get(v, "trainable_percent"))) for v in trained}
     efficient = all(p < 5 for p in pct.values())
     lines.append(
         "- **Parameter efficiency (95%+ frozen)**: "
@@ -142,8 +207,11 @@ def plot_cell_type_bars(results: pd.DataFrame, variants: list[str], metric: str,
 
 
 def plot_shift_trajectories(shifts: pd.DataFrame, path: Path):
-    """``shifts``: columns cell_type, timepoint, variant, shift (projection on the observed shift)."""
+    """``shifts``: columns cell_type, timepoint, day, pert, variant, shift (projection on the
+    observed shift) and optionally seed; several seeds are averaged."""
     plt = _pyplot()
+    keys = [k for k in ("cell_type", "pert", "day", "variant") if k in shifts.columns]
+    shifts = shifts.groupby(keys, sort=False)["shift"].mean().reset_index()
     cell_types = cell_type_order(shifts["cell_type"].unique())
     cols = min(3, len(cell_types))
     rows = math.ceil(len(cell_types) / cols)
@@ -163,44 +231,56 @@ def plot_shift_trajectories(shifts: pd.DataFrame, path: Path):
     plt.close(fig)
 
 
-def write_report(out_dir: Path, results: pd.DataFrame, run_dirs: dict[str, Path],
+def write_report(out_dir: Path, results: pd.DataFrame, run_dirs: dict[str, dict[int, Path]],
                  shifts: pd.DataFrame, title: str) -> Path:  # fmt: skip
-    """``results.csv``, the plots and ``report.md`` in ``out_dir``."""
+    """``results.csv``, the plots and ``report.md`` in ``out_dir``; ``run_dirs``: variant ->
+    seed -> run folder."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results.to_csv(out_dir / "results.csv", index=False)
     trained = list(run_dirs)
+    seeds = sorted({seed for runs in run_dirs.values() for seed in runs})
     variants = _order(results["variant"].unique(), trained)
-    overall = results[results["group"] == "overall"].pivot_table(
-        index="variant", columns="metric", values="value", sort=False
-    )
-    head = overall.reindex(index=variants, columns=[m for m in HEADLINE if m in overall.columns])
-    train_table = overall.reindex(index=trained, columns=[*STABILITY, *EFFICIENCY])
-    training_curves({n: read_metrics(d / "metrics.csv") for n, d in run_dirs.items()}, out_dir)
+    overall = by_seed(results)
+    headline = [m for m in HEADLINE if m in overall.columns]
+    mean, sd = over_seeds(overall, variants, headline)
+    head = markdown_table(mean, spread=sd)
+    mean, sd = over_seeds(overall, trained, [*STABILITY, *EFFICIENCY])
+    train_table = markdown_table(mean, bold_best=False, spread=sd)
+    curves = {f"{name} seed {seed}" if len(seeds) > 1 else name: read_metrics(d / "metrics.csv")
+              for name, runs in run_dirs.items() for seed, d in runs.items()}  # fmt: skip
+    training_curves(curves, out_dir, groups={label: label.split(" seed ")[0] for label in curves})
     plot_cell_type_bars(results, variants, "energy_distance", out_dir / "energy_by_cell_type.png")
     plot_shift_trajectories(shifts, out_dir / "shift_trajectories.png")
 
+    if len(seeds) == 1:
+        replicates = ("## Summary (mean over groups; best in bold)",)
+    else:
+        replicates = (f"Every variant was trained with seeds {', '.join(map(str, seeds))}; each "
+                      "seed draws its own split, shared by the variants of that seed. Tables give "
+                      "the mean over seeds ± the standard deviation between them.", "",
+                      "## Summary (mean over groups, then over seeds; best in bold)")  # fmt: skip
     lines = [f"# {title}", "",
              "Held-out cells of every (cell type, timepoint) group; each prediction starts from the "
              "group's own control cells. Baselines: *no change* (the controls as prediction), "
              "*mean shift* (controls plus the training split's mean shift of the same cell type and "
              "timepoint) and *pretrained* (the model before fine-tuning).", "",
-             "## Summary (mean over groups; best in bold)", "", markdown_table(head), "",
+             *replicates, "", head, "",
              "## What the numbers say about the seed's hypotheses", "",
              *hypotheses(results, trained), "",
-             "## Training stability and efficiency", "", markdown_table(train_table, False), "",
+             "## Training stability and efficiency", "", train_table, "",
              "![loss](loss.png) ![gradient norm](grad_norm.png)", "",
              "## By cell type", ""]  # fmt: skip
     groups = results[(results["group"] != "overall") & (results["metric"].isin(HEADLINE))]
     for ct in cell_type_order(groups["cell_type"].unique()):
-        sub = groups[groups["cell_type"] == ct]
-        table = sub.pivot_table(index="variant", columns="metric", values="value", aggfunc="mean")
-        table = table.reindex(index=variants, columns=[m for m in HEADLINE if m in table.columns])
-        lines += [f"### {ct}", "", markdown_table(table), ""]
+        table = by_seed(groups[groups["cell_type"] == ct], group=None)
+        mean, sd = over_seeds(table, variants, [m for m in HEADLINE if m in table.columns])
+        lines += [f"### {ct}", "", markdown_table(mean, spread=sd), ""]
     lines += ["![energy distance by cell type](energy_by_cell_type.png)", "",
               "![predicted vs observed shifts over time](shift_trajectories.png)", "",
               "## Metric definitions", ""]  # fmt: skip
     lines += [f"- **{k}**: {v}" for k, v in {**M.DEFINITIONS, **M.STABILITY_DEFINITIONS}.items()]
-    lines += ["", "Runs: " + ", ".join(f"`{n}` ({d})" for n, d in run_dirs.items()), ""]
+    runs = {name: ", ".join(map(_shown, by.values())) for name, by in run_dirs.items()}
+    lines += ["", "Runs: " + ", ".join(f"`{n}` ({d})" for n, d in runs.items()), ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -14,6 +14,7 @@ import logging
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,6 +38,18 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value):
         pass
+
+
+class _NoAdvert(logging.Filter):
+    """Drops Lightning's tip to install its cloud logger, printed for every Trainer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+# A deprecation inside Lightning's own code (torch >= 2.10), printed once per run; nothing a user
+# of st_finetune can act on.
+LIGHTNING_DEPRECATION = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 
 
 def setup_logging(run_dir: Path | None = None) -> None:
@@ -157,6 +170,9 @@ def _trainer(cfg: RunConfig, run_dir: Path, has_val: bool):
         monitor="val_loss" if has_val else None, mode="min", save_top_k=1 if has_val else 0,
         enable_version_counter=False,
     )  # fmt: skip
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdvert) for f in rank_zero.filters):
+        rank_zero.addFilter(_NoAdvert())
     loggers = False
     if t.tensorboard:
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -218,9 +234,11 @@ def run(cfg: RunConfig) -> dict:
     trainer = _trainer(cfg, run_dir, has_val=bool(data.groups["val"]))
     start = time.perf_counter()
     last = run_dir / "checkpoints" / "last.ckpt"
-    trainer.fit(module, datamodule=EpochData(data, cfg.training.batch_size,
-                                             cfg.training.num_workers),
-                ckpt_path=str(last) if cfg.resume else None)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=LIGHTNING_DEPRECATION)
+        trainer.fit(module, datamodule=EpochData(data, cfg.training.batch_size,
+                                                 cfg.training.num_workers),
+                    ckpt_path=str(last) if cfg.resume else None)  # fmt: skip
     seconds = time.perf_counter() - start
     checksum = parameter_checksum(model)
     agree = _ranks_agree(trainer, checksum)
@@ -250,6 +268,7 @@ def run(cfg: RunConfig) -> dict:
         "heldout_energy_pretrained": before["overall"],
         "heldout_energy_finetuned": after["overall"],
         "heldout_energy_groups": {"pretrained": before["groups"], "finetuned": after["groups"]},
+        "heldout_energy_set_len": cfg.data.cell_set_len,
         "world_size": trainer.world_size,
         "ranks_agree": agree,
         "parameter_checksum": checksum,
@@ -314,6 +333,10 @@ def _ranks_agree(trainer, checksum: str) -> bool:
     return len(set(gathered)) == 1
 
 
+def _of_sets(cells: int | None) -> str:
+    return f" of {cells}-cell sets as in training" if cells else ""
+
+
 def format_summary(s: dict) -> str:
     p = s["parameters"]
     variant = "+".join(k.upper() if k == "mhc" else k.capitalize() for k, v in s["variant"].items()
@@ -327,7 +350,8 @@ def format_summary(s: dict) -> str:
         + (f"; rebuilt heads: {', '.join(s['rebuilt_heads'])}" if s["rebuilt_heads"] else ""),
         f"final loss: train {s['final_train_loss']:.4f}"
         + (f", val {s['final_val_loss']:.4f}" if s["final_val_loss"] is not None else ""),
-        f"held-out energy distance (test split, mean over groups): pretrained "
+        f"held-out energy distance{_of_sets(s.get('heldout_energy_set_len'))} (test split, mean "
+        "over groups; `evaluate` scores whole groups): pretrained "
         f"{s['heldout_energy_pretrained']:.4f} -> fine-tuned {s['heldout_energy_finetuned']:.4f} "
         f"({'better' if better else 'NOT better'})",
         f"peak memory: {s['peak_memory_mb']:.0f} MB; processes: {s['world_size']}"

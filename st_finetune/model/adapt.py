@@ -8,8 +8,11 @@ trains LoRA on a random backbone (FACTS.md §5).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -187,7 +190,19 @@ def add_lora(model: STModel, settings: LoraSettings) -> None:
                          f"its linear layers: {linear}")  # fmt: skip
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=targets, fan_in_fan_out=key == "gpt2", bias="none")  # fmt: skip
-    model.transformer_backbone = get_peft_model(model.transformer_backbone, config)
+    with quiet_peft():
+        model.transformer_backbone = get_peft_model(model.transformer_backbone, config)
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Wrapping a model with peft reads ``is_gradient_checkpointing``, which transformers 5
+    deprecates: a FutureWarning at every wrap that a user of st_finetune cannot act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning
+        )
+        yield
 
 
 def is_mhc_param(name: str) -> bool:

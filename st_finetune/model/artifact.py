@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from .adapt import LoraSettings, MHCSettings, adapt_heads, add_mhc, is_mhc_param
+from .adapt import LoraSettings, MHCSettings, adapt_heads, add_mhc, is_mhc_param, quiet_peft
 from .backbones import unwrap
 from .checkpoint import file_sha256, load_pretrained, safe_torch_load, save_state_checkpoint
 from .st import STModel
@@ -80,9 +80,10 @@ def load_finetuned(folder: str | Path, base: str | Path | None = None) -> tuple[
     if manifest["mhc"]:
         add_mhc(model, MHCSettings(**manifest["mhc"]))
     if manifest["lora"]:
-        model.transformer_backbone = PeftModel.from_pretrained(
-            model.transformer_backbone, folder / "adapter"
-        )
+        with quiet_peft():
+            model.transformer_backbone = PeftModel.from_pretrained(
+                model.transformer_backbone, folder / "adapter"
+            )
     extra = safe_torch_load(folder / "extra_state.pt")
     missing = [k for k in extra if k not in model.state_dict()]
     if missing:

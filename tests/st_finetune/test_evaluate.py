@@ -1,11 +1,10 @@
-"""Scoring a run against its baselines, and the multi-variant comparison report."""
+"""Scoring a run against its baselines."""
 
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from st_finetune.compare import compare
 from st_finetune.config import load_config
 from st_finetune.evaluate import evaluate_run, main
 from st_finetune.metrics import energy_distance
@@ -86,33 +85,3 @@ def test_the_readme_prediction_example_runs(tiny_run):
 def test_evaluate_cli_errors_on_an_unfinished_run(tmp_path, capsys):
     assert main([str(tmp_path)]) == 1
     assert "not a finished run" in capsys.readouterr().err
-
-
-def test_comparison_report_and_reuse(inputs, tmp_path, capsys):
-    base = tmp_path / "base.yaml"
-    base.write_text("\n".join(f"{a.split('=', 1)[0]}: {a.split('=', 1)[1]}"
-                              for a in overrides(inputs, tmp_path) if "." not in a.split("=")[0]))  # fmt: skip
-    spec = tmp_path / "compare.yaml"
-    dotted = [a for a in overrides(inputs, tmp_path, **{"training.max_epochs": 1})
-              if "." in a.split("=")[0]]  # fmt: skip
-    spec.write_text(
-        f"title: tiny\nbase: {base}\noutput_dir: {tmp_path / 'cmp'}\noverrides: {dotted}\n"
-        "variants:\n  st_lora: [mhc.enable=false]\n  st_lora_mhc: [mhc.enable=true]\n"
-    )
-    report = compare(spec)
-    text = report.read_text()
-    for heading in ("## Summary", "## What the numbers say", "## By cell type",
-                    "## Metric definitions", "| no change |", "| st_lora_mhc |"):  # fmt: skip
-        assert heading in text
-    assert text.index("### macrophage") < text.index("### fibroblast") < text.index("### T cell")
-    for name in ("results.csv", "loss.png", "grad_norm.png", "energy_by_cell_type.png",
-                 "shift_trajectories.png"):  # fmt: skip
-        assert (tmp_path / "cmp" / name).is_file(), name
-    results = pd.read_csv(tmp_path / "cmp" / "results.csv")
-    assert set(results["variant"]) == {"st_lora", "st_lora_mhc", "pretrained", "no change",
-                                       "mean shift"}  # fmt: skip
-    stamp = (tmp_path / "cmp" / "runs" / "st_lora" / "summary.json").stat().st_mtime
-    capsys.readouterr()
-    compare(spec)
-    assert "reusing the finished run" in capsys.readouterr().err
-    assert (tmp_path / "cmp" / "runs" / "st_lora" / "summary.json").stat().st_mtime == stamp
