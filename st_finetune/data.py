@@ -74,7 +74,9 @@ def find_h5ad(paths: list[str]) -> list[Path]:
     return files
 
 
-def _labels(obs: pd.DataFrame, key: str, file: Path, role: str) -> np.ndarray:
+def obs_labels(obs: pd.DataFrame, key: str, file: Path, role: str) -> np.ndarray:
+    """``obs[key]`` as string labels, or a DataError naming ``file``, the column, its config key
+    (``data.<role>``) and the fix: missing column, missing values, continuous numbers."""
     if key not in obs.columns:
         raise DataError(
             f"{file.name}: obs has no column '{key}' (data.{role}); available: {list(obs.columns)}"
@@ -110,7 +112,9 @@ def _labels(obs: pd.DataFrame, key: str, file: Path, role: str) -> np.ndarray:
     return col.astype(str).to_numpy()
 
 
-def _features(adata, key: str, file: Path) -> np.ndarray:
+def read_features(adata, key: str, file: Path) -> np.ndarray:
+    """``(cells, features)`` float32 from ``adata.obsm[key]`` or ``adata.X`` (dense or sparse),
+    or a DataError naming ``file`` and what is wrong (missing key, shape, NaN or Inf)."""
     if key == "X":
         matrix = adata.X
         if matrix is None:
@@ -142,19 +146,19 @@ def _read_part(adata, cfg: DataConfig, file: Path) -> dict:
         raise DataError(f"{file.name} holds no cells")
     obs = adata.obs
     part = {
-        "pert": _labels(obs, cfg.pert_col, file, "pert_col"),
-        "cell_type": _labels(obs, cfg.cell_type_key, file, "cell_type_key"),
+        "pert": obs_labels(obs, cfg.pert_col, file, "pert_col"),
+        "cell_type": obs_labels(obs, cfg.cell_type_key, file, "cell_type_key"),
         "timepoint": (
-            _labels(obs, cfg.timepoint_key, file, "timepoint_key")
+            obs_labels(obs, cfg.timepoint_key, file, "timepoint_key")
             if cfg.timepoint_key
             else np.full(adata.n_obs, NO_TIMEPOINT)
         ),
-        "features": _features(adata, cfg.embed_key, file),
+        "features": read_features(adata, cfg.embed_key, file),
         "obs_names": np.asarray(adata.obs_names, dtype=str),
         "source": np.full(adata.n_obs, file.name),
     }
     if cfg.batch_key:
-        _labels(obs, cfg.batch_key, file, "batch_key")
+        obs_labels(obs, cfg.batch_key, file, "batch_key")
     return part
 
 

@@ -139,8 +139,6 @@ def run_stability_rows(run_dir: Path, variant: str) -> list[dict]:
 
 def load_run(run_dir: str | Path):
     """The run's config, data (same splits) and fine-tuned + pretrained models."""
-    from .model import load_finetuned
-
     run_dir = Path(run_dir)
     if not (run_dir / "summary.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a finished run (no summary.json)")
@@ -151,14 +149,26 @@ def load_run(run_dir: str | Path):
         raise ValueError(f"the data under {cfg.data.paths} no longer gives {run_dir}'s splits")
     models = {}
     for name, folder in ((cfg.name, "adapter"), (PRETRAINED, "pretrained_adapter")):
-        path = run_dir / folder
-        if (path / "manifest.json").is_file():
-            models[name] = load_finetuned(path)[0]
-        elif (path / "model.ckpt").is_file():
-            from .model import load_pretrained
-
-            models[name] = load_pretrained(path / "model.ckpt")[0]
+        loaded = load_model(run_dir, folder)
+        if loaded is not None:
+            models[name] = loaded[0]
     return cfg, data, models
+
+
+def load_model(run_dir: str | Path, folder: str) -> tuple[torch.nn.Module, list[str]] | None:
+    """A run's model from ``folder`` (``adapter``: fine-tuned, ``pretrained_adapter``: before
+    fine-tuning) in eval mode, with its perturbation names (sorted: its one-hot order); ``None``
+    when the run has no model there."""
+    from .model import load_finetuned, load_pretrained
+
+    path = Path(run_dir) / folder
+    if (path / "manifest.json").is_file():
+        model, manifest = load_finetuned(path)
+        return model, manifest["pert_names"]
+    if (path / "model.ckpt").is_file():  # a run without a base checkpoint: a whole checkpoint
+        model, info = load_pretrained(path / "model.ckpt")
+        return model, info.pert_names
+    return None
 
 
 def score_run(run_dir: str | Path, split: str = "test", baselines: bool = True):
