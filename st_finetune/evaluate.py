@@ -214,11 +214,14 @@ def shift_trajectories(data: CellSetData, predictions: dict, split: str = "test"
     """Per cell type and timepoint: observed shift size, and each variant's shift projected on it."""
     t = data.table
     rows = []
+    labels = sorted({g.timepoint for g in data.groups[split]}, key=M.timepoint_key)
+    numbered = all(M.day_of(tp) is not None for tp in labels)
     for g in data.groups[split]:
         ctrl = t.features[g.controls].mean(0)
         observed = t.features[g.cells].mean(0) - ctrl
         size = float(np.linalg.norm(observed))
-        day = float(g.timepoint) if g.timepoint.replace(".", "", 1).isdigit() else g.timepoint
+        # the x position: the label's number ("D14" -> 14), or its rank when some have none
+        day = M.day_of(g.timepoint) if numbered else float(labels.index(g.timepoint))
         base = {"cell_type": g.cell_type, "timepoint": g.timepoint, "day": day, "pert": g.pert}
         rows.append({**base, "variant": "observed", "shift": size})
         for variant, preds in predictions.items():

@@ -6,6 +6,7 @@ Distribution metrics compare a predicted cell set ``pred (n, D)`` with the obser
 
 from __future__ import annotations
 
+import re
 from itertools import pairwise
 
 import numpy as np
@@ -92,7 +93,7 @@ def discrimination(pred_means: np.ndarray, obs_means: np.ndarray) -> np.ndarray:
 
 def temporal_coherence(pred_shift: dict, obs_shift: dict) -> float:
     """Correlation of day-to-day shift changes; ``*_shift`` map timepoint -> shift vector."""
-    days = sorted(set(pred_shift) & set(obs_shift), key=_day_key)
+    days = sorted(set(pred_shift) & set(obs_shift), key=timepoint_key)
     if len(days) < 2:
         return float("nan")
     dp = np.concatenate([pred_shift[b] - pred_shift[a] for a, b in pairwise(days)])
@@ -102,11 +103,17 @@ def temporal_coherence(pred_shift: dict, obs_shift: dict) -> float:
     return float(np.corrcoef(dp, do)[0, 1])
 
 
-def _day_key(value: str):
-    try:
-        return (0, float(value))
-    except ValueError:
-        return (1, value)
+def day_of(timepoint: str) -> float | None:
+    """The number in a timepoint label (``"19"``, ``"D19"``, ``"day 19"``, ``"E14.5"``), or None."""
+    match = re.search(r"\d+(?:\.\d+)?", str(timepoint))
+    return float(match.group()) if match else None
+
+
+def timepoint_key(timepoint: str) -> tuple:
+    """Sort key of timepoint labels: by their number where they have one (``"D7"`` before
+    ``"D14"``, which sort the other way as text), the others after them by name."""
+    day = day_of(timepoint)
+    return (0, day, str(timepoint)) if day is not None else (1, 0.0, str(timepoint))
 
 
 # ------------------------------------------------------------------------- training stability

@@ -210,7 +210,7 @@ def plot_shift_trajectories(shifts: pd.DataFrame, path: Path):
     """``shifts``: columns cell_type, timepoint, day, pert, variant, shift (projection on the
     observed shift) and optionally seed; several seeds are averaged."""
     plt = _pyplot()
-    keys = [k for k in ("cell_type", "pert", "day", "variant") if k in shifts.columns]
+    keys = [k for k in ("cell_type", "pert", "day", "timepoint", "variant") if k in shifts.columns]
     shifts = shifts.groupby(keys, sort=False)["shift"].mean().reset_index()
     cell_types = cell_type_order(shifts["cell_type"].unique())
     cols = min(3, len(cell_types))
@@ -222,6 +222,8 @@ def plot_shift_trajectories(shifts: pd.DataFrame, path: Path):
             frame = frame.sort_values("day")
             style = "k-o" if variant == "observed" else "--o"
             ax.plot(frame["day"], frame["shift"], style, label=variant, ms=3)
+        ticks = sub.drop_duplicates("day").sort_values("day")
+        ax.set_xticks(ticks["day"], ticks["timepoint"])
         ax.set(title=ct, xlabel="timepoint", ylabel="|shift| along observed")
     for ax in list(axes.flat)[len(cell_types) :]:
         ax.axis("off")

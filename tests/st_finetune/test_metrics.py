@@ -54,6 +54,18 @@ def test_temporal_coherence():
     assert np.isnan(M.temporal_coherence({"10": np.ones(3)}, obs))
 
 
+def test_timepoints_are_ordered_by_their_number():
+    assert sorted(["D14", "baseline", "D7", "day 21", "E3.5"], key=M.timepoint_key) == [
+        "E3.5", "D7", "D14", "day 21", "baseline"]  # fmt: skip
+    rng = np.random.default_rng(0)
+    obs, pred = ({day: rng.normal(size=5) for day in (7, 14, 21)} for _ in range(2))
+    numbers = M.temporal_coherence({str(d): v for d, v in pred.items()},
+                                   {str(d): v for d, v in obs.items()})  # fmt: skip
+    labels = M.temporal_coherence({f"D{d}": v for d, v in pred.items()},
+                                  {f"D{d}": v for d, v in obs.items()})  # fmt: skip
+    assert labels == pytest.approx(numbers)  # "D14" < "D21" < "D7" as text
+
+
 def test_training_stability_counts_spikes_and_clipping():
     loss = [1.0] * 30 + [3.0] + [1.0] * 9
     norm = [0.5] * 39 + [4.0]

@@ -2,8 +2,15 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 
-from st_finetune.report import by_seed, hypotheses, markdown_table, over_seeds
+from st_finetune.report import (
+    by_seed,
+    hypotheses,
+    markdown_table,
+    over_seeds,
+    plot_shift_trajectories,
+)
 
 TRAINED = ["st_lora", "st_lora_mhc"]
 
@@ -90,3 +97,13 @@ def test_tables_give_the_mean_and_spread_over_seeds():
     assert markdown_table(mean, spread=sd).endswith("| st_lora | **0.600** |")  # one seed: no ±
     mean, sd = over_seeds(by_seed(frame), TRAINED, ["trainable_percent"])  # the same every seed
     assert "| st_lora | 2 |" in markdown_table(mean, bold_best=False, spread=sd)
+
+
+@pytest.mark.parametrize("labels", [("D7", "D14", "D21"), ("early", "mid", "late")])
+def test_shift_plot_takes_timepoint_labels(tmp_path, labels):
+    rows = [{"cell_type": ct, "pert": "burn", "timepoint": tp, "day": float(i), "variant": v,
+             "shift": float(i), "seed": seed}
+            for ct in ("macrophage", "fibroblast") for i, tp in enumerate(labels)
+            for v in ("observed", "st_lora") for seed in (0, 1)]  # fmt: skip
+    plot_shift_trajectories(pd.DataFrame(rows), tmp_path / "shift.png")
+    assert (tmp_path / "shift.png").stat().st_size > 0
