@@ -131,17 +131,20 @@ class MHCSettings:
 
 
 def adapt_heads(model: STModel, input_dim: int, pert_names: list[str],
-                pretrained_perts: list[str]) -> list[str]:  # fmt: skip
+                pretrained_perts: list[str], announce: bool = True) -> list[str]:  # fmt: skip
     """Rebuild the heads that cannot serve the new data; returns the rebuilt module names.
 
     A different feature dimension rebuilds ``basal_encoder`` and ``project_out`` (input and output
     are the same space: we predict perturbed cells from control cells). A different perturbation
-    vocabulary rebuilds ``pert_encoder``. The backbone is always kept.
+    vocabulary rebuilds ``pert_encoder``. The backbone is always kept. ``announce=False`` (loading
+    a fine-tuned model, whose heads come back trained) logs at debug level only.
     """
     c = model.config
     rebuilt = []
+    level = logging.INFO if announce else logging.DEBUG
     if input_dim != c.input_dim or input_dim != c.output_dim:
-        log.info(
+        log.log(
+            level,
             "feature dimension %d differs from the checkpoint's (in %d, out %d): rebuilding "
             "basal_encoder and project_out, trained in full; the backbone is kept",
             input_dim, c.input_dim, c.output_dim,
@@ -153,7 +156,8 @@ def adapt_heads(model: STModel, input_dim: int, pert_names: list[str],
         c.input_dim = c.output_dim = input_dim
         rebuilt += ["basal_encoder", "project_out"]
     if sorted(pert_names) != sorted(pretrained_perts):
-        log.info(
+        log.log(
+            level,
             "perturbations %s are not the checkpoint's vocabulary (%d names): new pert_encoder "
             "(%d -> %d), trained in full",
             sorted(pert_names)[:6], len(pretrained_perts), len(pert_names), c.hidden_dim,
@@ -165,12 +169,13 @@ def adapt_heads(model: STModel, input_dim: int, pert_names: list[str],
     return rebuilt
 
 
-def add_mhc(model: STModel, settings: MHCSettings) -> int:
-    """Add mHC sites to the backbone; returns how many."""
+def add_mhc(model: STModel, settings: MHCSettings, announce: bool = True) -> int:
+    """Add mHC sites to the backbone; returns how many (logged unless ``announce=False``)."""
     sites = enable_mhc(model.transformer_backbone, settings.mhc_config(), settings.layers,
                        STREAM_DTYPES[settings.stream_dtype])  # fmt: skip
-    log.info("mHC: %d sites (n=%d, %d Sinkhorn iterations, %s streams)", sites,
-             settings.n_streams, settings.sinkhorn_iters, settings.stream_dtype)  # fmt: skip
+    log.log(logging.INFO if announce else logging.DEBUG,
+            "mHC: %d sites (n=%d, %d Sinkhorn iterations, %s streams)", sites,
+            settings.n_streams, settings.sinkhorn_iters, settings.stream_dtype)  # fmt: skip
     return sites
 
 

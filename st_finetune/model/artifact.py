@@ -74,11 +74,12 @@ def load_finetuned(folder: str | Path, base: str | Path | None = None) -> tuple[
             f"base checkpoint {info.checkpoint} has sha256 {info.sha256[:12]}..., but the adapters "
             f"were trained on {manifest['base_sha256'][:12]}...: pass the right base checkpoint"
         )
-    adapt_heads(model, manifest["input_dim"], manifest["pert_names"], info.pert_names)
+    adapt_heads(model, manifest["input_dim"], manifest["pert_names"], info.pert_names,
+                announce=False)  # fmt: skip
     # the sets it was fine-tuned on (the base's otherwise: artifacts written before this was kept)
     model.config.cell_set_len = manifest.get("cell_set_len", model.config.cell_set_len)
     if manifest["mhc"]:
-        add_mhc(model, MHCSettings(**manifest["mhc"]))
+        add_mhc(model, MHCSettings(**manifest["mhc"]), announce=False)
     if manifest["lora"]:
         with quiet_peft():
             model.transformer_backbone = PeftModel.from_pretrained(

@@ -1,5 +1,7 @@
 """Predicting perturbed cells from a file of control cells with a trained run."""
 
+import logging
+
 import anndata
 import numpy as np
 import pytest
@@ -26,9 +28,14 @@ def shams(study):
     return adata[adata.obs["condition"] == "sham"]
 
 
-def test_every_control_cell_is_predicted_once_per_perturbation(trained, tmp_path):
+def test_every_control_cell_is_predicted_once_per_perturbation(trained, tmp_path, caplog):
     run_dir, study = trained
-    result = predict(run_dir, study, ["burn", "sham"], tmp_path / "pred.h5ad")
+    with caplog.at_level(logging.INFO, logger="st_finetune"):
+        result = predict(run_dir, study, ["burn", "sham"], tmp_path / "pred.h5ad")
+    assert (
+        "trained in full" not in caplog.text and "mHC:" not in caplog.text
+    )  # loading, not adapting
+    assert "predicted burn, sham for" in caplog.text
     controls = shams(study)
     assert result.n_obs == 2 * controls.n_obs
     for pert in ("burn", "sham"):
