@@ -102,7 +102,7 @@ def _share(flags: np.ndarray) -> str:
 
 
 def hypotheses(results: pd.DataFrame, trained: list[str]) -> list[str]:
-    """The seed's four hypotheses, each judged against the numbers, without overstating. With
+    """The design document's four hypotheses, each judged against the numbers, without overstating. With
     several seeds each judgement is made seed by seed (the variants of a seed share their split)
     and holds only when it holds in every seed."""
     table = by_seed(results)
@@ -267,7 +267,7 @@ def write_report(out_dir: Path, results: pd.DataFrame, run_dirs: dict[str, dict[
              "*mean shift* (controls plus the training split's mean shift of the same cell type and "
              "timepoint) and *pretrained* (the model before fine-tuning).", "",
              *replicates, "", head, "",
-             "## What the numbers say about the seed's hypotheses", "",
+             "## What the numbers say about the design document's hypotheses", "",
              *hypotheses(results, trained), "",
              "## Training stability and efficiency", "", train_table, "",
              "![loss](loss.png) ![gradient norm](grad_norm.png)", "",
