@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from . import metrics as M
+from .config import DataConfig, load_config
 from .evaluate import BASELINES, MEAN_SHIFT, NO_CHANGE, PRETRAINED
 from .plots import _pyplot, read_metrics, training_curves
 
@@ -102,9 +103,9 @@ def _share(flags: np.ndarray) -> str:
 
 
 def hypotheses(results: pd.DataFrame, trained: list[str]) -> list[str]:
-    """The design document's four hypotheses, each judged against the numbers, without overstating. With
-    several seeds each judgement is made seed by seed (the variants of a seed share their split)
-    and holds only when it holds in every seed."""
+    """The design document's four hypotheses, each judged against the numbers, without
+    overstating. With several seeds each judgement is made seed by seed (the variants of a seed
+    share their split) and holds only when it holds in every seed."""
     table = by_seed(results)
     seeds = list(dict.fromkeys(table.index.get_level_values("seed")))
     n = len(seeds)
@@ -233,6 +234,23 @@ def plot_shift_trajectories(shifts: pd.DataFrame, path: Path):
     plt.close(fig)
 
 
+def what_is_scored(cfg: DataConfig) -> str:
+    """The report's opening: which cells are held out, and the baselines (for ``cfg``'s split)."""
+    if cfg.split == "groups":
+        values = ", ".join(map(str, cfg.holdout_values))
+        held = (f"Every group whose {cfg.holdout_key} is {values}, held out of training "
+                "entirely; each prediction starts from the group's own control cells.")  # fmt: skip
+        shift = ("the same cell type's mean shift over the training timepoints"
+                 if cfg.holdout_key == cfg.timepoint_key
+                 else "the perturbation's mean shift over all training groups")  # fmt: skip
+    else:
+        held = ("Held-out cells of every (cell type, timepoint) group; each prediction starts "
+                "from the group's own control cells.")  # fmt: skip
+        shift = "the training split's mean shift of the same cell type and timepoint"
+    return (f"{held} Baselines: *no change* (the controls as prediction), *mean shift* (controls "
+            f"plus {shift}) and *pretrained* (the model before fine-tuning).")  # fmt: skip
+
+
 def write_report(out_dir: Path, results: pd.DataFrame, run_dirs: dict[str, dict[int, Path]],
                  shifts: pd.DataFrame, title: str) -> Path:  # fmt: skip
     """``results.csv``, the plots and ``report.md`` in ``out_dir``; ``run_dirs``: variant ->
@@ -261,11 +279,8 @@ def write_report(out_dir: Path, results: pd.DataFrame, run_dirs: dict[str, dict[
                       "seed draws its own split, shared by the variants of that seed. Tables give "
                       "the mean over seeds ± the standard deviation between them.", "",
                       "## Summary (mean over groups, then over seeds; best in bold)")  # fmt: skip
-    lines = [f"# {title}", "",
-             "Held-out cells of every (cell type, timepoint) group; each prediction starts from the "
-             "group's own control cells. Baselines: *no change* (the controls as prediction), "
-             "*mean shift* (controls plus the training split's mean shift of the same cell type and "
-             "timepoint) and *pretrained* (the model before fine-tuning).", "",
+    first_run = next(iter(next(iter(run_dirs.values())).values()))
+    lines = [f"# {title}", "", what_is_scored(load_config(first_run / "config.yaml").data), "",
              *replicates, "", head, "",
              "## What the numbers say about the design document's hypotheses", "",
              *hypotheses(results, trained), "",

@@ -4,12 +4,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from st_finetune.config import DataConfig
 from st_finetune.report import (
     by_seed,
     hypotheses,
     markdown_table,
     over_seeds,
     plot_shift_trajectories,
+    what_is_scored,
 )
 
 TRAINED = ["st_lora", "st_lora_mhc"]
@@ -107,3 +109,14 @@ def test_shift_plot_takes_timepoint_labels(tmp_path, labels):
             for v in ("observed", "st_lora") for seed in (0, 1)]  # fmt: skip
     plot_shift_trajectories(pd.DataFrame(rows), tmp_path / "shift.png")
     assert (tmp_path / "shift.png").stat().st_size > 0
+
+
+def test_the_opening_says_what_was_held_out():
+    cells = what_is_scored(DataConfig())
+    assert cells.startswith("Held-out cells of every (cell type, timepoint) group")
+    day = what_is_scored(DataConfig(split="groups", holdout_key="timepoint", holdout_values=[19]))
+    assert day.startswith("Every group whose timepoint is 19, held out of training entirely")
+    assert "the same cell type's mean shift over the training timepoints" in day
+    kind = what_is_scored(DataConfig(split="groups", holdout_key="cell_type",
+                                     holdout_values=["T cell"]))  # fmt: skip
+    assert "the perturbation's mean shift over all training groups" in kind
