@@ -5,9 +5,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from st_finetune.compare import compare, main
+from st_finetune.compare import compare, main, read_comparison, variant_config
 
 from .conftest import overrides
+
+CONFIGS = Path(__file__).parents[2] / "configs"
 
 
 def comparison(inputs, tmp_path, extra: str = "", **variants) -> Path:
@@ -83,3 +85,13 @@ def test_bad_seeds_stop_before_training(inputs, tmp_path, capsys, extra, variant
     assert main([str(comparison(inputs, tmp_path, extra, **variants))]) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "cmp" / "runs").exists()
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("compare*.yaml")), ids=lambda p: p.name)
+def test_shipped_comparisons_resolve(path, monkeypatch):
+    monkeypatch.chdir(CONFIGS.parent)  # their base config is named from the repository root
+    spec = read_comparison(path)
+    for seed in spec["seeds"] or [None]:
+        for name in spec["variants"]:
+            cfg = variant_config(spec, name, [], seed)
+            assert cfg.name == name and (seed is None or cfg.training.seed == seed)

@@ -1,6 +1,10 @@
+from pathlib import Path
+
 import pytest
 
 from st_finetune.config import help_text, load_config
+
+CONFIGS = Path(__file__).parents[2] / "configs"
 
 
 def test_yaml_and_dotted_overrides(tmp_path):
@@ -91,3 +95,10 @@ def test_help_lists_every_key_with_its_default():
     for key in ("data.pert_col = 'condition'", "lora.r = 16", "mhc.sinkhorn_iters = 20",
                 "training.lr = 5e-05", "trainer.strategy = 'auto'"):  # fmt: skip
         assert key in text
+
+
+@pytest.mark.parametrize("path", [p for p in sorted(CONFIGS.glob("*.yaml"))
+                                  if not p.name.startswith("compare")], ids=lambda p: p.name)  # fmt: skip
+def test_shipped_run_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem and cfg.data.embed_key == "X_state"
