@@ -106,21 +106,25 @@ def compare(path: str | Path, extra: list[str] = (), seeds: list[int] | None = N
     run_dirs = {name: {} for name in spec["variants"]}  # variant -> seed -> run folder
     for cfg in configs:
         run_dirs[cfg.name][cfg.training.seed] = train_or_reuse(cfg)
-    frames, shifts = [], []
-    for seed in run_dirs[next(iter(run_dirs))]:
+    frames, shifts, plot_data, plotted = [], [], None, {}
+    seeds = list(run_dirs[next(iter(run_dirs))])
+    for seed in seeds:
         for i, name in enumerate(run_dirs):
             rows, predictions, data = score_run(run_dirs[name][seed], baselines=i == 0)
             frame = pd.DataFrame(rows)
             if i:  # the pretrained model is scored once per seed
                 predictions.pop("pretrained", None)
                 frame = frame[frame["variant"] != "pretrained"]
+            if seed == seeds[0]:  # the first seed's cells and predictions, for the plot
+                plot_data = data if i == 0 else plot_data  # the variants of a seed: one split
+                plotted.update(predictions)
             frames.append(frame.assign(seed=seed))
             shift = shift_trajectories(data, predictions)
             shifts.append((shift if i == 0 else shift[shift["variant"] != "observed"])
                           .assign(seed=seed))  # fmt: skip
     results = pd.concat(frames, ignore_index=True)
     report = write_report(out, results, run_dirs, pd.concat(shifts, ignore_index=True),
-                          spec.get("title", "Comparison"))  # fmt: skip
+                          spec.get("title", "Comparison"), (plot_data, plotted))  # fmt: skip
     print(f"[st_finetune] wrote {report} and {out / 'results.csv'}")
     return report
 

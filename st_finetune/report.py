@@ -234,6 +234,49 @@ def plot_shift_trajectories(shifts: pd.DataFrame, path: Path):
     plt.close(fig)
 
 
+def plot_cells(data, predictions: dict[str, dict], variants: list[str], path: Path,
+               per_group: int = 150, seed: int = 0) -> None:  # fmt: skip
+    """Held-out cells, one panel per cell type: the control inputs, the observed perturbed cells
+    and each variant's predictions from those controls (``predictions``: variant -> group name
+    -> ``(cells, features)``; up to ``per_group`` cells of each group and kind). x: position
+    along the cell type's observed mean shift (perturbed minus control, its groups pooled), so
+    the controls sit near 0 and the observed cells near the shift's size; y: the main direction
+    of the remaining variation of the observed cells."""
+    plt = _pyplot()
+    rng = np.random.default_rng(seed)
+    groups, features = data.groups["test"], data.table.features
+    cell_types = cell_type_order({g.cell_type for g in groups})
+    cols = min(3, len(cell_types))
+    rows = math.ceil(len(cell_types) / cols)
+    fig, panels = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows), squeeze=False)
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    observed = {g.name: features[g.cells] for g in groups}
+    kinds = [("controls (input)", predictions[NO_CHANGE], "silver"), ("observed", observed, "black"),
+             *((v, predictions[v], palette[i % len(palette)]) for i, v in enumerate(variants))]  # fmt: skip
+    for ax, ct in zip(panels.flat, cell_types, strict=False):
+        mine = [g for g in groups if g.cell_type == ct]
+        perturbed = np.concatenate([features[g.cells] for g in mine])
+        controls = np.concatenate([features[g.controls] for g in mine])
+        origin = controls.mean(0)
+        shift = perturbed.mean(0) - origin
+        x_axis = shift / max(np.linalg.norm(shift), 1e-12)
+        rest = np.concatenate([perturbed, controls]) - origin
+        rest -= np.outer(rest @ x_axis, x_axis)
+        y_axis = np.linalg.svd(rest, full_matrices=False)[2][0]
+        for label, cells, colour in kinds:
+            points = np.concatenate([cells[g.name][rng.permutation(len(cells[g.name]))[:per_group]]
+                                     for g in mine if g.name in cells]) - origin  # fmt: skip
+            ax.scatter(points @ x_axis, points @ y_axis, s=5, alpha=0.6, color=colour,
+                       label=label, linewidths=0)  # fmt: skip
+        ax.set(title=ct, xlabel="along the observed shift", ylabel="other variation")
+    for ax in list(panels.flat)[len(cell_types) :]:
+        ax.axis("off")
+    panels.flat[0].legend(fontsize=7, markerscale=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def what_is_scored(cfg: DataConfig) -> str:
     """The report's opening: which cells are held out, and the baselines (for ``cfg``'s split)."""
     if cfg.split == "groups":
@@ -252,9 +295,9 @@ def what_is_scored(cfg: DataConfig) -> str:
 
 
 def write_report(out_dir: Path, results: pd.DataFrame, run_dirs: dict[str, dict[int, Path]],
-                 shifts: pd.DataFrame, title: str) -> Path:  # fmt: skip
+                 shifts: pd.DataFrame, title: str, cells: tuple | None = None) -> Path:  # fmt: skip
     """``results.csv``, the plots and ``report.md`` in ``out_dir``; ``run_dirs``: variant ->
-    seed -> run folder."""
+    seed -> run folder; ``cells``: ``(data, predictions)`` of one seed for :func:`plot_cells`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results.to_csv(out_dir / "results.csv", index=False)
     trained = list(run_dirs)
@@ -271,6 +314,15 @@ def write_report(out_dir: Path, results: pd.DataFrame, run_dirs: dict[str, dict[
     training_curves(curves, out_dir, groups={label: label.split(" seed ")[0] for label in curves})
     plot_cell_type_bars(results, variants, "energy_distance", out_dir / "energy_by_cell_type.png")
     plot_shift_trajectories(shifts, out_dir / "shift_trajectories.png")
+    cell_plot = []
+    if cells is not None:
+        plot_cells(*cells, trained, out_dir / "cells.png")
+        seed_note = f" (seed {seeds[0]})" if len(seeds) > 1 else ""
+        cell_plot = [f"Held-out cells{seed_note} of each cell type: the control cells a "
+                     "prediction starts from, the observed perturbed cells and each variant's "
+                     "predicted cells, along the observed shift from control (x) and the main "
+                     "other direction of variation (y).", "",
+                     "![held-out cells: controls, observed and predicted](cells.png)", ""]  # fmt: skip
 
     if len(seeds) == 1:
         replicates = ("## Summary (mean over groups; best in bold)",)
@@ -294,7 +346,7 @@ def write_report(out_dir: Path, results: pd.DataFrame, run_dirs: dict[str, dict[
         lines += [f"### {ct}", "", markdown_table(mean, spread=sd), ""]
     lines += ["![energy distance by cell type](energy_by_cell_type.png)", "",
               "![predicted vs observed shifts over time](shift_trajectories.png)", "",
-              "## Metric definitions", ""]  # fmt: skip
+              *cell_plot, "## Metric definitions", ""]  # fmt: skip
     lines += [f"- **{k}**: {v}" for k, v in {**M.DEFINITIONS, **M.STABILITY_DEFINITIONS}.items()]
     runs = {name: ", ".join(map(_shown, by.values())) for name, by in run_dirs.items()}
     lines += ["", "Runs: " + ", ".join(f"`{n}` ({d})" for n, d in runs.items()), ""]

@@ -38,7 +38,7 @@ def test_comparison_report_and_reuse(inputs, tmp_path, capsys):
     assert "±" not in text and "within a single seed." in text
     assert text.index("### macrophage") < text.index("### fibroblast") < text.index("### T cell")
     for name in ("results.csv", "loss.png", "grad_norm.png", "energy_by_cell_type.png",
-                 "shift_trajectories.png"):  # fmt: skip
+                 "shift_trajectories.png", "cells.png"):  # fmt: skip
         assert (tmp_path / "cmp" / name).is_file(), name
     results = pd.read_csv(tmp_path / "cmp" / "results.csv")
     assert set(results["variant"]) == {"st_lora", "st_lora_mhc", "pretrained", "no change",
@@ -68,7 +68,7 @@ def test_seeds_replicate_every_variant_on_its_own_split(inputs, tmp_path, capsys
         assert set(per_seed[seed]) == {"st_lora", "st_lora_mhc", "pretrained", "no change",
                                        "mean shift"}  # fmt: skip
     text = (tmp_path / "cmp" / "report.md").read_text()
-    assert "trained with seeds 3, 4" in text and " ± " in text
+    assert "trained with seeds 3, 4" in text and " ± " in text and "Held-out cells (seed 3)" in text
     assert "in every seed arises by chance with probability 0.5" in text
     assert "`st_lora` (" + str(runs / "seed3" / "st_lora") in text
 
