@@ -6,6 +6,7 @@ import anndata
 import numpy as np
 import pytest
 import torch
+from scipy import sparse
 
 from st_finetune.config import load_config
 from st_finetune.data import DataError
@@ -127,3 +128,17 @@ def test_a_file_without_the_perturbation_column_is_used_whole(trained, tmp_path)
     result = predict(run_dir, tmp_path / "unlabelled.h5ad", ["burn"], tmp_path / "pred.h5ad")
     assert result.n_obs == controls.n_obs
     assert set(result.obs["condition"]) == {"burn"}
+
+
+def test_gene_features_come_back_as_X_with_the_inputs_genes(inputs, tmp_path):
+    embedded = anndata.read_h5ad(inputs[0])
+    genes = anndata.AnnData(X=sparse.csr_matrix(np.abs(embedded.obsm["X_state"]) + 1.0),
+                            obs=embedded.obs)  # fmt: skip
+    genes.var_names = [f"gene{i}" for i in range(genes.n_vars)]
+    genes.write_h5ad(tmp_path / "genes.h5ad")
+    run(load_config(None, overrides((tmp_path / "genes.h5ad", inputs[1]), tmp_path,
+                                    **{"training.max_epochs": 1, "data.embed_key": "X"})))  # fmt: skip
+    result = predict(tmp_path / "tiny", tmp_path / "genes.h5ad", ["burn"], tmp_path / "pred.h5ad")
+    assert list(result.var_names) == list(genes.var_names)
+    assert result.X.shape == (int((genes.obs["condition"] == "sham").sum()), genes.n_vars)
+    assert np.isfinite(result.X).all() and not result.obsm
