@@ -77,10 +77,20 @@ def epilogue_reference(
     return torch.sigmoid(pre), 2 * torch.sigmoid(post), res
 
 
-@functools.cache
 def _parts(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``(n^2 + 2n, 3)``: one-hot rows saying which part (pre, post, res) each column is in. Two
     operations make the columns' scale from it (a small GPU step is bound by its host: a select,
-    expand and concatenation per part were seven forward and six backward operations)."""
+    expand and concatenation per part were seven forward and six backward operations). Built once
+    per (n, dtype, device) in eager mode; torch.compile traces the build into its graph (a cached
+    call would make Dynamo warn that it ignores the cache)."""
+    if torch.compiler.is_compiling():
+        return _one_hot_parts(n, dtype, device)
+    return _cached_parts(n, dtype, device)
+
+
+def _one_hot_parts(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     part = torch.tensor([0] * n + [1] * n + [2] * (n * n), device=device)
     return torch.nn.functional.one_hot(part, 3).to(dtype)
+
+
+_cached_parts = functools.cache(_one_hot_parts)
