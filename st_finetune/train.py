@@ -236,6 +236,8 @@ def run(cfg: RunConfig) -> dict:
     last = run_dir / "checkpoints" / "last.ckpt"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=LIGHTNING_DEPRECATION)
+        if cfg.resume:  # the checkpoints it finds there are the ones it resumes from
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* is not empty")
         trainer.fit(module, datamodule=EpochData(data, cfg.training.batch_size,
                                                  cfg.training.num_workers),
                     ckpt_path=str(last) if cfg.resume else None)  # fmt: skip

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -69,8 +70,11 @@ def test_resume_continues_exactly(inputs, tmp_path):
         load_config(None, overrides(inputs, tmp_path / "a", **{"training.max_epochs": 3}))
     )
     run(load_config(None, overrides(inputs, tmp_path / "b", **{"training.max_epochs": 2})))
-    resumed = run(load_config(None, overrides(inputs, tmp_path / "b", resume=True,
-                                              **{"training.max_epochs": 3})))  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = run(load_config(None, overrides(inputs, tmp_path / "b", resume=True,
+                                                  **{"training.max_epochs": 3})))  # fmt: skip
+    assert not [w for w in caught if "Checkpoint directory" in str(w.message)]  # it resumes them
     a = pd.read_csv(tmp_path / "a" / "tiny" / "metrics.csv")
     b = pd.read_csv(tmp_path / "b" / "tiny" / "metrics.csv")
     assert resumed["steps"] == straight["steps"]
