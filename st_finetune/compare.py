@@ -130,7 +130,10 @@ def compare(path: str | Path, extra: list[str] = (), seeds: list[int] | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Train or reuse variants and compare them.")
+    parser = argparse.ArgumentParser(
+        prog="python -m st_finetune.compare",
+        description="Train or reuse variants and compare them.",
+    )
     parser.add_argument("comparison", help="comparison YAML (see the module docstring)")
     parser.add_argument("overrides", nargs="*", help="key=value applied to every variant")
     parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED",

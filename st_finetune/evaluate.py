@@ -239,7 +239,10 @@ def headline_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Score a trained run on its held-out split.")
+    parser = argparse.ArgumentParser(
+        prog="python -m st_finetune.evaluate",
+        description="Score a trained run on its held-out split.",
+    )
     parser.add_argument("run_dir")
     parser.add_argument("--split", default="test", choices=("test", "val"))
     args = parser.parse_args(argv)

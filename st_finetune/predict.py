@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     from .train import setup_logging
 
     parser = argparse.ArgumentParser(
-        description="Predict perturbed cells from control cells with a trained run."
+        prog="python -m st_finetune.predict",
+        description="Predict perturbed cells from control cells with a trained run.",
     )
     parser.add_argument("run_dir", help="a finished run folder (python -m st_finetune.train)")
     parser.add_argument("cells", help=".h5ad with the control cells (the run's data settings)")
