@@ -127,6 +127,7 @@ def predict(run_dir: str | Path, cells: str | Path, perts: list[str], out: str |
     import anndata
 
     run_dir, cells, out = Path(run_dir), Path(cells), Path(out)
+    perts = list(dict.fromkeys(perts))  # each once
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite")
     if out.suffix != ".h5ad":
