@@ -362,18 +362,32 @@ def collate_sets(batch: dict) -> dict:
 class CellSetData:
     """Everything the training loop needs from the data, built once per run."""
 
-    def __init__(self, cfg: DataConfig, seed: int, table: CellTable | None = None):
+    def __init__(self, cfg: DataConfig, seed: int, table: CellTable | None = None,
+                 split: np.ndarray | None = None):  # fmt: skip
         self.cfg = cfg
         self.seed = seed
         self.table = table if table is not None else load_cells(cfg)
-        self.split = make_splits(self.table, cfg, seed)
+        self.split = make_splits(self.table, cfg, seed) if split is None else split
         self.report: list[str] = []
         self.groups = {s: build_groups(self.table, self.split, s, cfg, self.report) for s in SPLITS}
-        if not self.groups["train"]:
+        needed = "train" if split is None else "test"
+        if not self.groups[needed]:
             raise DataError(
-                "no training group has enough cells to form a set: "
+                f"no {needed} group has enough cells to form a set: "
                 + ("; ".join(self.report[:5]) or "check data.pert_col and data.control_pert")
             )
+
+    @classmethod
+    def unseen(cls, cfg: DataConfig, pert_names: list[str]) -> CellSetData:
+        """Cells to score a trained model on and never train on (another cohort): every cell in
+        the test split, perturbations coded in the model's order ``pert_names``."""
+        table = load_cells(cfg)
+        unknown = sorted(set(table.pert_names) - set(pert_names))
+        if unknown:
+            raise DataError(f"perturbations {unknown} in {[str(p) for p in cfg.paths]} are not "
+                            f"the model's; it knows {pert_names}")  # fmt: skip
+        table.pert_names = list(pert_names)
+        return cls(cfg, 0, table, split=np.full(len(table.pert), "test"))
 
     def sets(self, which: str, epoch: int = 0) -> CellSetDataset:
         """The sets of split ``which``; training sets change with ``epoch``, evaluation sets do not."""

@@ -12,7 +12,9 @@ Scored side by side, on the same held-out cell sets:
   when the cell type is).
 
 Writes ``evaluation.csv`` (long format: variant, group, metric, value, cell_type, timepoint) in the
-run folder and returns it as a DataFrame. Metric definitions: :mod:`st_finetune.metrics`. When the
+run folder and returns it as a DataFrame. ``--data FILE`` scores the run on another cohort's cells
+instead (:func:`score_cohort`: every group of the file held out, the mean shift taken from the
+run's own training split) into ``evaluation_<FILE's stem>.csv``. Metric definitions: :mod:`st_finetune.metrics`. When the
 features are genes and Arc's ``cell-eval`` is installed, its metrics are added as
 ``cell_eval_*`` rows (:mod:`st_finetune.celleval`).
 """
@@ -20,6 +22,7 @@ features are genes and Arc's ``cell-eval`` is installed, its metrics are added a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -32,7 +35,7 @@ import torch
 
 from . import metrics as M
 from .config import load_config
-from .data import CellSetData, Group
+from .data import CellSetData, DataError, Group
 from .heldout import evaluation_device, predicted_sets
 
 log = logging.getLogger("st_finetune")
@@ -56,16 +59,19 @@ def predict_groups(model: torch.nn.Module, data: CellSetData, split: str = "test
             {k: np.concatenate(v) for k, v in inputs.items()})  # fmt: skip
 
 
-def mean_shift_predictions(data: CellSetData, inputs: dict, split: str = "test") -> dict:
-    """Control inputs plus the training split's mean shift (see the module docstring)."""
-    t, train = data.table, data.split == "train"
+def mean_shift_predictions(data: CellSetData, inputs: dict, split: str = "test",
+                           train_data: CellSetData | None = None) -> dict:  # fmt: skip
+    """Control inputs plus the training split's mean shift (see the module docstring), that of
+    ``train_data`` (the run's data) when ``data`` is another cohort's."""
+    source = train_data if train_data is not None else data
+    t, train = source.table, source.split == "train"
     is_ctrl = t.pert == t.control
 
     def mean(mask):
         return t.features[mask].mean(0) if mask.any() else None
 
     shifts = {}
-    for g in data.groups["train"]:
+    for g in source.groups["train"]:
         ctrl = mean(train & is_ctrl & (t.cell_type == g.cell_type) & (t.timepoint == g.timepoint))
         if ctrl is None:
             ctrl = mean(train & is_ctrl & (t.cell_type == g.cell_type))
@@ -143,16 +149,22 @@ def load_run(run_dir: str | Path):
     if not (run_dir / "summary.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a finished run (no summary.json)")
     cfg = load_config(run_dir / "config.yaml")
-    data = CellSetData(cfg.data, cfg.training.seed)
-    saved = pd.read_csv(run_dir / "splits.csv")
-    if len(saved) != len(data.split) or (saved["split"].to_numpy() != data.split).any():
-        raise ValueError(f"the data under {cfg.data.paths} no longer gives {run_dir}'s splits")
+    data = run_data(run_dir, cfg)
     models = {}
     for name, folder in ((cfg.name, "adapter"), (PRETRAINED, "pretrained_adapter")):
         loaded = load_model(run_dir, folder)
         if loaded is not None:
             models[name] = loaded[0]
     return cfg, data, models
+
+
+def run_data(run_dir: Path, cfg) -> CellSetData:
+    """The run's data with its splits, checked against the ``splits.csv`` it wrote."""
+    data = CellSetData(cfg.data, cfg.training.seed)
+    saved = pd.read_csv(run_dir / "splits.csv")
+    if len(saved) != len(data.split) or (saved["split"].to_numpy() != data.split).any():
+        raise ValueError(f"the data under {cfg.data.paths} no longer gives {run_dir}'s splits")
+    return data
 
 
 def load_model(run_dir: str | Path, folder: str) -> tuple[torch.nn.Module, list[str]] | None:
@@ -186,6 +198,35 @@ def score_run(run_dir: str | Path, split: str = "test", baselines: bool = True):
         rows += score(data, preds, name, split)
     rows += cell_eval_metrics(data, predictions, split)
     rows += run_stability_rows(run_dir, cfg.name)
+    return rows, predictions, data
+
+
+def score_cohort(run_dir: str | Path, paths: list[str]):
+    """``(rows, predictions by variant, data)`` for the run's fine-tuned and pretrained models on
+    the cells of ``paths`` (another cohort, read with the run's data settings, every group
+    scored), beside *no change* and the *mean shift* of the run's own training split."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "summary.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a finished run (no summary.json)")
+    cfg = load_config(run_dir / "config.yaml")
+    models = {name: load_model(run_dir, folder)
+              for name, folder in ((cfg.name, "adapter"), (PRETRAINED, "pretrained_adapter"))}  # fmt: skip
+    models = {name: loaded for name, loaded in models.items() if loaded is not None}
+    data = CellSetData.unseen(dataclasses.replace(cfg.data, paths=[str(p) for p in paths]),
+                              models[cfg.name][1])  # fmt: skip
+    predictions, device = {}, evaluation_device()
+    for name, (model, _) in models.items():
+        predictions[name], inputs = predict_groups(model, data, "test", device=device)
+    predictions[NO_CHANGE] = inputs
+    try:  # the mean shift comes from the cohort the run was trained on
+        predictions[MEAN_SHIFT] = mean_shift_predictions(data, inputs, "test",
+                                                         run_data(run_dir, cfg))  # fmt: skip
+    except (DataError, ValueError) as err:
+        log.warning("no mean-shift baseline: the run's training data cannot be read (%s)", err)
+    rows = []
+    for name, preds in predictions.items():
+        rows += score(data, preds, name, "test")
+    rows += cell_eval_metrics(data, predictions, "test")
     return rows, predictions, data
 
 
@@ -245,15 +286,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("run_dir")
     parser.add_argument("--split", default="test", choices=("test", "val"))
+    parser.add_argument("--data", nargs="+", metavar="H5AD",
+                        help="score another cohort's cells instead of the run's held-out split "
+                             "(.h5ad files or folders, read with the run's data settings)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.data and args.split != "test":
+        parser.error("--split chooses among the run's own cells; --data scores other cells")
+    from .train import setup_logging
+
+    setup_logging()
     try:
-        frame = evaluate_run(args.run_dir, args.split)
+        if args.data:
+            frame = pd.DataFrame(score_cohort(args.run_dir, args.data)[0])
+            path = Path(args.run_dir) / f"evaluation_{Path(args.data[0]).stem}.csv"
+            frame.to_csv(path, index=False)
+        else:
+            frame = evaluate_run(args.run_dir, args.split)
+            path = Path(args.run_dir) / "evaluation.csv"
     except (FileNotFoundError, ValueError) as err:
         print(f"[st_finetune] {err}", file=sys.stderr)
         return 1
-    with pd.option_context("display.width", 160, "display.precision", 4):
+    with pd.option_context(
+        "display.width", 160, "display.max_columns", None, "display.precision", 4
+    ):
         print(headline_table(frame))
-    print(f"wrote {Path(args.run_dir) / 'evaluation.csv'}")
+    print(f"wrote {path}")
     return 0
 
 

@@ -1,12 +1,18 @@
 """Scoring a run against its baselines."""
 
+import logging
 from pathlib import Path
 
+import anndata
+import numpy as np
 import pandas as pd
 import pytest
 
+from st_finetune import evaluate
 from st_finetune.config import load_config
-from st_finetune.evaluate import evaluate_run, main
+from st_finetune.data import DataError
+from st_finetune.demo import make_wound_study
+from st_finetune.evaluate import evaluate_run, main, score_cohort
 from st_finetune.metrics import energy_distance
 from st_finetune.train import run
 
@@ -85,3 +91,39 @@ def test_the_readme_prediction_example_runs(tiny_run):
 def test_evaluate_cli_errors_on_an_unfinished_run(tmp_path, capsys):
     assert main([str(tmp_path)]) == 1
     assert "not a finished run" in capsys.readouterr().err
+
+
+def test_another_cohort_is_scored_beside_the_runs_baselines(tiny_run, tmp_path, capsys):
+    cohort = make_wound_study(tmp_path / "cohort_b.h5ad", seed=1)  # new cells, same biology
+    rows, predictions, data = score_cohort(tiny_run, [cohort])
+    assert set(data.split) == {"test"} and not data.groups["train"]
+    frame = pd.DataFrame(rows)
+    assert set(frame["variant"]) == {"tiny", "pretrained", "no change", "mean shift"}
+    scored = set(frame.loc[frame["metric"] == "energy_distance", "group"]) - {"overall"}
+    assert scored == {g.name for g in data.groups["test"]}
+    for g in data.groups["test"]:  # no change: the cohort's own controls
+        assert np.isin(predictions["no change"][g.name], data.table.features[g.controls]).all()
+    assert main([str(tiny_run), "--data", str(cohort)]) == 0
+    assert (tiny_run / "evaluation_cohort_b.csv").is_file()
+    assert "energy_distance" in capsys.readouterr().out
+
+
+def test_a_cohort_needs_the_models_perturbations(tiny_run, tmp_path):
+    cohort = anndata.read_h5ad(make_wound_study(tmp_path / "b.h5ad", seed=1))
+    cohort.obs["condition"] = cohort.obs["condition"].astype(str).replace("burn", "scald")
+    cohort.write_h5ad(tmp_path / "scald.h5ad")
+    with pytest.raises(DataError, match=r"\['scald'\] .* are not the model's"):
+        score_cohort(tiny_run, [tmp_path / "scald.h5ad"])
+
+
+def test_without_the_runs_data_a_cohort_has_no_mean_shift(tiny_run, tmp_path, monkeypatch, caplog):
+    def unreadable(run_dir, cfg):
+        raise DataError("data file gone.h5ad does not exist")
+
+    monkeypatch.setattr(evaluate, "run_data", unreadable)
+    with caplog.at_level(logging.WARNING, logger="st_finetune"):
+        rows, _, _ = score_cohort(tiny_run, [make_wound_study(tmp_path / "b.h5ad", seed=1)])
+    assert "mean shift" not in {r["variant"] for r in rows}
+    assert "no mean-shift baseline" in caplog.text and "gone.h5ad" in caplog.text
+    with pytest.raises(SystemExit):  # --split picks the run's own cells, --data other cells
+        main([str(tiny_run), "--data", "b.h5ad", "--split", "val"])
