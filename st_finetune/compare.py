@@ -30,10 +30,9 @@ import pandas as pd
 import yaml
 
 from .config import load_config, read_yaml, to_dict
-from .data import DataError
 from .evaluate import score_run, shift_trajectories
 from .report import write_report
-from .train import run, setup_logging
+from .train import run, run_cli
 
 KEYS = {"title", "base", "output_dir", "overrides", "seeds", "variants"}
 
@@ -139,14 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
                         help="train every variant once per seed (replaces the file's 'seeds')")  # fmt: skip
     args = parser.parse_args(argv)
-    setup_logging()
-    try:
+
+    def job():
         report = compare(args.comparison, args.overrides, args.seeds)
-    except (DataError, FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"[st_finetune] {err}", file=sys.stderr)
-        return 1
-    print(Path(report).read_text().split("## What the numbers")[0])
-    return 0
+        print(Path(report).read_text().split("## What the numbers")[0])
+
+    return run_cli(job)
 
 
 if __name__ == "__main__":

@@ -292,10 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.data and args.split != "test":
         parser.error("--split chooses among the run's own cells; --data scores other cells")
-    from .train import setup_logging
+    from .train import run_cli
 
-    setup_logging()
-    try:
+    def job():
         if args.data:
             frame = pd.DataFrame(score_cohort(args.run_dir, args.data)[0])
             path = Path(args.run_dir) / f"evaluation_{Path(args.data[0]).stem}.csv"
@@ -303,15 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             frame = evaluate_run(args.run_dir, args.split)
             path = Path(args.run_dir) / "evaluation.csv"
-    except (FileNotFoundError, ValueError) as err:
-        print(f"[st_finetune] {err}", file=sys.stderr)
-        return 1
-    with pd.option_context(
-        "display.width", 160, "display.max_columns", None, "display.precision", 4
-    ):
-        print(headline_table(frame))
-    print(f"wrote {path}")
-    return 0
+        with pd.option_context("display.width", 160, "display.max_columns", None,
+                               "display.precision", 4):  # fmt: skip
+            print(headline_table(frame))
+        print(f"wrote {path}")
+
+    return run_cli(job)
 
 
 if __name__ == "__main__":

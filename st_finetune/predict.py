@@ -191,7 +191,7 @@ def predict(run_dir: str | Path, cells: str | Path, perts: list[str], out: str |
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .train import setup_logging
+    from .train import run_cli
 
     parser = argparse.ArgumentParser(
         prog="python -m st_finetune.predict",
@@ -208,14 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="cell sets per forward pass")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        predict(args.run_dir, args.cells, args.pert, args.out, model=args.model, seed=args.seed,
-                batch_size=args.batch_size, overwrite=args.overwrite)  # fmt: skip
-    except (DataError, FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"[st_finetune] {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(lambda: predict(args.run_dir, args.cells, args.pert, args.out,
+                                   model=args.model, seed=args.seed, batch_size=args.batch_size,
+                                   overwrite=args.overwrite))  # fmt: skip
 
 
 if __name__ == "__main__":

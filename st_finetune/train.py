@@ -15,6 +15,7 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -66,6 +67,22 @@ def setup_logging(run_dir: Path | None = None) -> None:
         handler = logging.FileHandler(run_dir / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
+
+
+# bad input: a missing file, a wrong setting, unusable data; each raised with its fix
+USER_ERRORS = (DataError, FileNotFoundError, FileExistsError, ValueError)
+
+
+def run_cli(job: Callable[[], object]) -> int:
+    """A command's exit status: ``job()`` run with logging set up, and bad input told in one line
+    instead of a traceback (status 1)."""
+    setup_logging()
+    try:
+        job()
+    except USER_ERRORS as err:
+        log.error("%s", err)
+        return 1
+    return 0
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -370,14 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip() + "\n\n" + help_text())
         return 0 if argv else 2
     path, overrides = (None, argv) if "=" in argv[0] else (argv[0], argv[1:])
-    setup_logging()
-    try:
-        cfg = load_config(path, overrides)
-        run(cfg)
-    except (DataError, FileNotFoundError, FileExistsError, ValueError) as err:
-        log.error("%s", err)
-        return 1
-    return 0
+    return run_cli(lambda: run(load_config(path, overrides)))
 
 
 if __name__ == "__main__":
