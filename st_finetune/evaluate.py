@@ -41,6 +41,8 @@ from .heldout import evaluation_device, predicted_sets
 log = logging.getLogger("st_finetune")
 NO_CHANGE, MEAN_SHIFT, PRETRAINED = "no change", "mean shift", "pretrained"
 BASELINES = (NO_CHANGE, MEAN_SHIFT)
+# where a run keeps its models: the fine-tuned one, and the same model before fine-tuning
+MODEL_FOLDERS = {"finetuned": "adapter", PRETRAINED: "pretrained_adapter"}
 
 
 def predict_groups(model: torch.nn.Module, data: CellSetData, split: str = "test",
@@ -143,19 +145,19 @@ def run_stability_rows(run_dir: Path, variant: str) -> list[dict]:
     return rows
 
 
-def load_run(run_dir: str | Path):
-    """The run's config, data (same splits) and fine-tuned + pretrained models."""
+def finished_run(run_dir: str | Path):
+    """``(run folder, its config)``, or FileNotFoundError when the run has not finished."""
     run_dir = Path(run_dir)
     if not (run_dir / "summary.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a finished run (no summary.json)")
-    cfg = load_config(run_dir / "config.yaml")
-    data = run_data(run_dir, cfg)
-    models = {}
-    for name, folder in ((cfg.name, "adapter"), (PRETRAINED, "pretrained_adapter")):
-        loaded = load_model(run_dir, folder)
-        if loaded is not None:
-            models[name] = loaded[0]
-    return cfg, data, models
+    return run_dir, load_config(run_dir / "config.yaml")
+
+
+def load_run(run_dir: str | Path):
+    """The run's config, data (same splits) and fine-tuned + pretrained models."""
+    run_dir, cfg = finished_run(run_dir)
+    models = {name: model for name, (model, _) in run_models(run_dir, cfg).items()}
+    return cfg, run_data(run_dir, cfg), models
 
 
 def run_data(run_dir: Path, cfg) -> CellSetData:
@@ -165,6 +167,14 @@ def run_data(run_dir: Path, cfg) -> CellSetData:
     if len(saved) != len(data.split) or (saved["split"].to_numpy() != data.split).any():
         raise ValueError(f"the data under {cfg.data.paths} no longer gives {run_dir}'s splits")
     return data
+
+
+def run_models(run_dir: Path, cfg) -> dict[str, tuple[torch.nn.Module, list[str]]]:
+    """The run's fine-tuned model (under the run's name) and pretrained one, those it has, each
+    with its perturbation names (:func:`load_model`)."""
+    names = {"finetuned": cfg.name, PRETRAINED: PRETRAINED}
+    loaded = {names[which]: load_model(run_dir, folder) for which, folder in MODEL_FOLDERS.items()}
+    return {name: model for name, model in loaded.items() if model is not None}
 
 
 def load_model(run_dir: str | Path, folder: str) -> tuple[torch.nn.Module, list[str]] | None:
@@ -205,13 +215,8 @@ def score_cohort(run_dir: str | Path, paths: list[str]):
     """``(rows, predictions by variant, data)`` for the run's fine-tuned and pretrained models on
     the cells of ``paths`` (another cohort, read with the run's data settings, every group
     scored), beside *no change* and the *mean shift* of the run's own training split."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "summary.json").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a finished run (no summary.json)")
-    cfg = load_config(run_dir / "config.yaml")
-    models = {name: load_model(run_dir, folder)
-              for name, folder in ((cfg.name, "adapter"), (PRETRAINED, "pretrained_adapter"))}  # fmt: skip
-    models = {name: loaded for name, loaded in models.items() if loaded is not None}
+    run_dir, cfg = finished_run(run_dir)
+    models = run_models(run_dir, cfg)
     data = CellSetData.unseen(dataclasses.replace(cfg.data, paths=[str(p) for p in paths]),
                               models[cfg.name][1])  # fmt: skip
     predictions, device = {}, evaluation_device()

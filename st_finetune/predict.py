@@ -30,13 +30,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import DataConfig, load_config
+from .config import DataConfig
 from .data import NO_TIMEPOINT, DataError, obs_labels, read_features
-from .evaluate import load_model
+from .evaluate import MODEL_FOLDERS, finished_run, load_model
 from .heldout import evaluating, evaluation_device
 
 log = logging.getLogger("st_finetune")
-MODELS = {"finetuned": "adapter", "pretrained": "pretrained_adapter"}
 
 
 def read_controls(
@@ -132,16 +131,13 @@ def predict(run_dir: str | Path, cells: str | Path, perts: list[str], out: str |
         raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite")
     if out.suffix != ".h5ad":
         raise ValueError(f"--out must name an .h5ad file, got {out}")
-    if model not in MODELS:
-        raise ValueError(f"model must be one of {list(MODELS)}, got {model!r}")
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml").data
-    loaded = load_model(run_dir, MODELS[model])
+    if model not in MODEL_FOLDERS:
+        raise ValueError(f"model must be one of {list(MODEL_FOLDERS)}, got {model!r}")
+    run_dir, run_cfg = finished_run(run_dir)
+    cfg = run_cfg.data
+    loaded = load_model(run_dir, MODEL_FOLDERS[model])
     if loaded is None:
-        raise FileNotFoundError(
-            f"{run_dir} has no {model} model ({MODELS[model]}/): did it finish?"
-        )
+        raise FileNotFoundError(f"{run_dir} has no {model} model ({MODEL_FOLDERS[model]}/)")
     net, pert_names = loaded
     unknown = [p for p in perts if p not in pert_names]
     if unknown:
@@ -202,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pert", action="append", required=True,
                         help="perturbation to predict; repeat for several")  # fmt: skip
     parser.add_argument("--out", required=True, help="the .h5ad to write")
-    parser.add_argument("--model", choices=list(MODELS), default="finetuned",
+    parser.add_argument("--model", choices=list(MODEL_FOLDERS), default="finetuned",
                         help="the fine-tuned model, or the same model before fine-tuning")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="how cells are grouped into sets")
     parser.add_argument("--batch-size", type=int, default=16, help="cell sets per forward pass")

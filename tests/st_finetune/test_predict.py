@@ -115,7 +115,7 @@ def test_bad_requests_stop_with_one_message_and_keep_files(trained, tmp_path, ca
     narrow.write_h5ad(tmp_path / "narrow.h5ad")
     with pytest.raises(DataError, match="has 10 features, but the model takes 64"):
         predict(run_dir, tmp_path / "narrow.h5ad", ["burn"], tmp_path / "x.h5ad")
-    with pytest.raises(FileNotFoundError, match="is not a run folder"):
+    with pytest.raises(FileNotFoundError, match="is not a finished run"):
         predict(tmp_path, study, ["burn"], tmp_path / "x.h5ad")
     assert not (tmp_path / "x.h5ad").exists()
 
