@@ -11,8 +11,10 @@ and its resumption see the same sets in the same order.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,18 +143,38 @@ def read_features(adata, key: str, file: Path) -> np.ndarray:
     return matrix
 
 
+def context_labels(obs: pd.DataFrame, cfg: DataConfig, file: Path) -> tuple[np.ndarray, ...]:
+    """Each cell's cell type and timepoint (``NO_TIMEPOINT`` without ``data.timepoint_key``)."""
+    cell_type = obs_labels(obs, cfg.cell_type_key, file, "cell_type_key")
+    if not cfg.timepoint_key:
+        return cell_type, np.full(len(obs), NO_TIMEPOINT)
+    return cell_type, obs_labels(obs, cfg.timepoint_key, file, "timepoint_key")
+
+
+@contextlib.contextmanager
+def opened_h5ad(file: Path, embed_key: str) -> Iterator:
+    """``file`` as AnnData for the block; with features from obsm, its X (often the gene counts
+    beside the embedding, the largest part of the file) stays on disk."""
+    import anndata
+
+    backed = "r" if embed_key != "X" else None
+    adata = anndata.read_h5ad(file, backed=backed)
+    try:
+        if adata.n_obs == 0:
+            raise DataError(f"{file.name} holds no cells")
+        yield adata
+    finally:
+        if backed:
+            adata.file.close()
+
+
 def _read_part(adata, cfg: DataConfig, file: Path) -> dict:
-    if adata.n_obs == 0:
-        raise DataError(f"{file.name} holds no cells")
     obs = adata.obs
+    cell_type, timepoint = context_labels(obs, cfg, file)
     part = {
         "pert": obs_labels(obs, cfg.pert_col, file, "pert_col"),
-        "cell_type": obs_labels(obs, cfg.cell_type_key, file, "cell_type_key"),
-        "timepoint": (
-            obs_labels(obs, cfg.timepoint_key, file, "timepoint_key")
-            if cfg.timepoint_key
-            else np.full(adata.n_obs, NO_TIMEPOINT)
-        ),
+        "cell_type": cell_type,
+        "timepoint": timepoint,
         "features": read_features(adata, cfg.embed_key, file),
         "obs_names": np.asarray(adata.obs_names, dtype=str),
         "source": np.full(adata.n_obs, file.name),
@@ -164,19 +186,10 @@ def _read_part(adata, cfg: DataConfig, file: Path) -> dict:
 
 def load_cells(cfg: DataConfig) -> CellTable:
     """Read and validate every file; one clear error for the first problem found."""
-    import anndata
-
     parts = []
     for file in find_h5ad(cfg.paths):
-        # features from obsm: the file's X (often the gene counts beside the embedding, the
-        # largest part of it) stays on disk
-        backed = "r" if cfg.embed_key != "X" else None
-        adata = anndata.read_h5ad(file, backed=backed)
-        try:
+        with opened_h5ad(file, cfg.embed_key) as adata:
             parts.append(_read_part(adata, cfg, file))
-        finally:
-            if backed:
-                adata.file.close()
     dims = {p["features"].shape[1] for p in parts}
     if len(dims) > 1:
         raise DataError(f"files disagree on the feature dimension of '{cfg.embed_key}': {dims}")

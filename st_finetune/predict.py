@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 from .config import DataConfig
-from .data import NO_TIMEPOINT, DataError, obs_labels, read_features
+from .data import DataError, context_labels, obs_labels, opened_h5ad, read_features
 from .evaluate import MODEL_FOLDERS, finished_run, load_model
 from .heldout import evaluating, evaluation_device
 
@@ -43,15 +43,9 @@ def read_controls(
 ) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame | None, str]:
     """``(obs, features, var, taken)`` of the file's control cells: ``var`` when the features are
     ``X``, ``taken`` a phrase saying which cells were taken."""
-    import anndata
-
     if not file.is_file():
         raise DataError(f"cells file {file} does not exist")
-    backed = "r" if cfg.embed_key != "X" else None  # features from obsm: X stays on disk
-    adata = anndata.read_h5ad(file, backed=backed)
-    try:
-        if adata.n_obs == 0:
-            raise DataError(f"{file.name} holds no cells")
+    with opened_h5ad(file, cfg.embed_key) as adata:
         obs = adata.obs.copy()
         if cfg.pert_col in obs.columns:
             labels = obs_labels(obs, cfg.pert_col, file, "pert_col")
@@ -68,17 +62,12 @@ def read_controls(
             taken = f"all {adata.n_obs:,} cells (no '{cfg.pert_col}' column)"
         features = read_features(adata, cfg.embed_key, file)[keep]
         var = adata.var.copy() if cfg.embed_key == "X" else None
-    finally:
-        if backed:
-            adata.file.close()
     return obs[keep], features, var, taken
 
 
 def contexts_of(obs: pd.DataFrame, cfg: DataConfig, file: Path) -> np.ndarray:
     """Each cell's (cell type, timepoint) context, as one label."""
-    cell_type = obs_labels(obs, cfg.cell_type_key, file, "cell_type_key")
-    timepoint = (obs_labels(obs, cfg.timepoint_key, file, "timepoint_key") if cfg.timepoint_key
-                 else np.full(len(obs), NO_TIMEPOINT))  # fmt: skip
+    cell_type, timepoint = context_labels(obs, cfg, file)
     return np.char.add(np.char.add(cell_type.astype(str), " | "), timepoint.astype(str))
 
 
