@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from . import metrics as M
-from .config import DataConfig, load_config
+from .config import DataConfig
 from .evaluate import BASELINES, MEAN_SHIFT, NO_CHANGE, PRETRAINED
 from .plots import _pyplot, read_metrics, training_curves
 
@@ -207,6 +207,16 @@ def plot_cell_type_bars(results: pd.DataFrame, variants: list[str], metric: str,
     plt.close(fig)
 
 
+def _cell_type_panels(plt, cell_types: list[str], height: float):
+    """``(figure, one panel per cell type)``, three panels to a row, the spare ones hidden."""
+    cols = min(3, len(cell_types))
+    rows = math.ceil(len(cell_types) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, height * rows), squeeze=False)
+    for ax in list(axes.flat)[len(cell_types) :]:
+        ax.axis("off")
+    return fig, list(axes.flat)[: len(cell_types)]
+
+
 def plot_shift_trajectories(shifts: pd.DataFrame, path: Path):
     """``shifts``: columns cell_type, timepoint, day, pert, variant, shift (projection on the
     observed shift) and optionally seed; several seeds are averaged."""
@@ -214,10 +224,8 @@ def plot_shift_trajectories(shifts: pd.DataFrame, path: Path):
     keys = [k for k in ("cell_type", "pert", "day", "timepoint", "variant") if k in shifts.columns]
     shifts = shifts.groupby(keys, sort=False)["shift"].mean().reset_index()
     cell_types = cell_type_order(shifts["cell_type"].unique())
-    cols = min(3, len(cell_types))
-    rows = math.ceil(len(cell_types) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-    for ax, ct in zip(axes.flat, cell_types, strict=False):
+    fig, panels = _cell_type_panels(plt, cell_types, 3)
+    for ax, ct in zip(panels, cell_types, strict=True):
         sub = shifts[shifts["cell_type"] == ct]
         for variant, frame in sub.groupby("variant", sort=False):
             frame = frame.sort_values("day")
@@ -226,9 +234,7 @@ def plot_shift_trajectories(shifts: pd.DataFrame, path: Path):
         ticks = sub.drop_duplicates("day").sort_values("day")
         ax.set_xticks(ticks["day"], ticks["timepoint"])
         ax.set(title=ct, xlabel="timepoint", ylabel="|shift| along observed")
-    for ax in list(axes.flat)[len(cell_types) :]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    panels[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -246,14 +252,12 @@ def plot_cells(data, predictions: dict[str, dict], variants: list[str], path: Pa
     rng = np.random.default_rng(seed)
     groups, features = data.groups["test"], data.table.features
     cell_types = cell_type_order({g.cell_type for g in groups})
-    cols = min(3, len(cell_types))
-    rows = math.ceil(len(cell_types) / cols)
-    fig, panels = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows), squeeze=False)
+    fig, panels = _cell_type_panels(plt, cell_types, 3.6)
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     observed = {g.name: features[g.cells] for g in groups}
     kinds = [("controls (input)", predictions[NO_CHANGE], "silver"), ("observed", observed, "black"),
              *((v, predictions[v], palette[i % len(palette)]) for i, v in enumerate(variants))]  # fmt: skip
-    for ax, ct in zip(panels.flat, cell_types, strict=False):
+    for ax, ct in zip(panels, cell_types, strict=True):
         mine = [g for g in groups if g.cell_type == ct]
         perturbed = np.concatenate([features[g.cells] for g in mine])
         controls = np.concatenate([features[g.controls] for g in mine])
@@ -269,9 +273,7 @@ def plot_cells(data, predictions: dict[str, dict], variants: list[str], path: Pa
             ax.scatter(points @ x_axis, points @ y_axis, s=5, alpha=0.6, color=colour,
                        label=label, linewidths=0)  # fmt: skip
         ax.set(title=ct, xlabel="along the observed shift", ylabel="other variation")
-    for ax in list(panels.flat)[len(cell_types) :]:
-        ax.axis("off")
-    panels.flat[0].legend(fontsize=7, markerscale=3)
+    panels[0].legend(fontsize=7, markerscale=3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -295,13 +297,14 @@ def what_is_scored(cfg: DataConfig) -> str:
 
 
 def write_report(out_dir: Path, results: pd.DataFrame, run_dirs: dict[str, dict[int, Path]],
-                 shifts: pd.DataFrame, title: str, cells: tuple | None = None) -> Path:  # fmt: skip
+                 shifts: pd.DataFrame, title: str, cells: tuple) -> Path:  # fmt: skip
     """``results.csv``, the plots and ``report.md`` in ``out_dir``; ``run_dirs``: variant ->
-    seed -> run folder; ``cells``: ``(data, predictions)`` of one seed for :func:`plot_cells`."""
+    seed -> run folder; ``cells``: ``(data, predictions)`` of one seed for :func:`plot_cells`
+    (its data's settings say what was held out)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results.to_csv(out_dir / "results.csv", index=False)
     trained = list(run_dirs)
-    seeds = sorted({seed for runs in run_dirs.values() for seed in runs})
+    seeds = list(dict.fromkeys(seed for runs in run_dirs.values() for seed in runs))  # as run
     variants = _order(results["variant"].unique(), trained)
     overall = by_seed(results)
     headline = [m for m in HEADLINE if m in overall.columns]
@@ -309,20 +312,21 @@ def write_report(out_dir: Path, results: pd.DataFrame, run_dirs: dict[str, dict[
     head = markdown_table(mean, spread=sd)
     mean, sd = over_seeds(overall, trained, [*STABILITY, *EFFICIENCY])
     train_table = markdown_table(mean, bold_best=False, spread=sd)
-    curves = {f"{name} seed {seed}" if len(seeds) > 1 else name: read_metrics(d / "metrics.csv")
-              for name, runs in run_dirs.items() for seed, d in runs.items()}  # fmt: skip
-    training_curves(curves, out_dir, groups={label: label.split(" seed ")[0] for label in curves})
+    curves, variant_of = {}, {}
+    for name, runs in run_dirs.items():
+        for seed, run_dir in runs.items():
+            label = f"{name} seed {seed}" if len(seeds) > 1 else name
+            curves[label], variant_of[label] = read_metrics(run_dir / "metrics.csv"), name
+    training_curves(curves, out_dir, groups=variant_of)
     plot_cell_type_bars(results, variants, "energy_distance", out_dir / "energy_by_cell_type.png")
     plot_shift_trajectories(shifts, out_dir / "shift_trajectories.png")
-    cell_plot = []
-    if cells is not None:
-        plot_cells(*cells, trained, out_dir / "cells.png")
-        seed_note = f" (seed {seeds[0]})" if len(seeds) > 1 else ""
-        cell_plot = [f"Held-out cells{seed_note} of each cell type: the control cells a "
-                     "prediction starts from, the observed perturbed cells and each variant's "
-                     "predicted cells, along the observed shift from control (x) and the main "
-                     "other direction of variation (y).", "",
-                     "![held-out cells: controls, observed and predicted](cells.png)", ""]  # fmt: skip
+    plot_cells(*cells, trained, out_dir / "cells.png")
+    seed_note = f" (seed {seeds[0]})" if len(seeds) > 1 else ""
+    cell_plot = [f"Held-out cells{seed_note} of each cell type: the control cells a prediction "
+                 "starts from, the observed perturbed cells and each variant's predicted cells, "
+                 "along the observed shift from control (x) and the main other direction of "
+                 "variation (y).", "",
+                 "![held-out cells: controls, observed and predicted](cells.png)", ""]  # fmt: skip
 
     if len(seeds) == 1:
         replicates = ("## Summary (mean over groups; best in bold)",)
@@ -331,8 +335,7 @@ def write_report(out_dir: Path, results: pd.DataFrame, run_dirs: dict[str, dict[
                       "seed draws its own split, shared by the variants of that seed. Tables give "
                       "the mean over seeds ± the standard deviation between them.", "",
                       "## Summary (mean over groups, then over seeds; best in bold)")  # fmt: skip
-    first_run = next(iter(next(iter(run_dirs.values())).values()))
-    lines = [f"# {title}", "", what_is_scored(load_config(first_run / "config.yaml").data), "",
+    lines = [f"# {title}", "", what_is_scored(cells[0].cfg), "",
              *replicates, "", head, "",
              "## What the numbers say about the design document's hypotheses", "",
              *hypotheses(results, trained), "",
