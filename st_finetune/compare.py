@@ -95,35 +95,35 @@ def compare(path: str | Path, extra: list[str] = (), seeds: list[int] | None = N
     out = Path(spec.get("output_dir", "runs/compare"))
     configs = [variant_config(spec, name, list(extra), seed)
                for seed in seeds or [None] for name in spec["variants"]]  # fmt: skip
-    by_seed = {cfg.name: cfg.training.seed for cfg in configs}
-    if len(set(by_seed.values())) > len(seeds or [None]):
+    run_seeds = list(dict.fromkeys(cfg.training.seed for cfg in configs))
+    if seeds is None and len(run_seeds) > 1:  # a variant's overrides set training.seed
+        chosen = {cfg.name: cfg.training.seed for cfg in configs}
         raise ValueError(
-            f"the variants train with different seeds ({by_seed}), so they would be scored on "
+            f"the variants train with different seeds ({chosen}), so they would be scored on "
             "different held-out cells; set training.seed in the comparison's 'overrides', or "
             "list 'seeds' to replicate every variant"
         )
     run_dirs = {name: {} for name in spec["variants"]}  # variant -> seed -> run folder
     for cfg in configs:
         run_dirs[cfg.name][cfg.training.seed] = train_or_reuse(cfg)
-    frames, shifts, plot_data, plotted = [], [], None, {}
-    seeds = list(run_dirs[next(iter(run_dirs))])
-    for seed in seeds:
+    frames, shifts, plot = [], [], None
+    for seed in run_seeds:
         for i, name in enumerate(run_dirs):
             rows, predictions, data = score_run(run_dirs[name][seed], baselines=i == 0)
             frame = pd.DataFrame(rows)
             if i:  # the pretrained model is scored once per seed
                 predictions.pop("pretrained", None)
                 frame = frame[frame["variant"] != "pretrained"]
-            if seed == seeds[0]:  # the first seed's cells and predictions, for the plot
-                plot_data = data if i == 0 else plot_data  # the variants of a seed: one split
-                plotted.update(predictions)
+            if seed == run_seeds[0]:  # its cells (one split per seed) and predictions, plotted
+                plot = plot or (data, {})
+                plot[1].update(predictions)
             frames.append(frame.assign(seed=seed))
             shift = shift_trajectories(data, predictions)
             shifts.append((shift if i == 0 else shift[shift["variant"] != "observed"])
                           .assign(seed=seed))  # fmt: skip
     results = pd.concat(frames, ignore_index=True)
     report = write_report(out, results, run_dirs, pd.concat(shifts, ignore_index=True),
-                          spec.get("title", "Comparison"), (plot_data, plotted))  # fmt: skip
+                          spec.get("title", "Comparison"), plot)  # fmt: skip
     print(f"[st_finetune] wrote {report} and {out / 'results.csv'}")
     return report
 
