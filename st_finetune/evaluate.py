@@ -14,9 +14,9 @@ Scored side by side, on the same held-out cell sets:
 Writes ``evaluation.csv`` (long format: variant, group, metric, value, cell_type, timepoint) in the
 run folder and returns it as a DataFrame. ``--data FILE`` scores the run on another cohort's cells
 instead (:func:`score_cohort`: every group of the file held out, the mean shift taken from the
-run's own training split) into ``evaluation_<FILE's stem>.csv``. Metric definitions: :mod:`st_finetune.metrics`. When the
-features are genes and Arc's ``cell-eval`` is installed, its metrics are added as
-``cell_eval_*`` rows (:mod:`st_finetune.celleval`).
+run's own training split) into ``evaluation_<FILE's stem>.csv``. Metric definitions:
+:mod:`st_finetune.metrics`. When the features are genes and Arc's ``cell-eval`` is installed, its
+metrics are added as ``cell_eval_*`` rows (:mod:`st_finetune.celleval`).
 """
 
 from __future__ import annotations

@@ -352,10 +352,6 @@ def _ranks_agree(trainer, checksum: str) -> bool:
     return len(set(gathered)) == 1
 
 
-def _of_sets(cells: int | None) -> str:
-    return f" of {cells}-cell sets as in training" if cells else ""
-
-
 def format_summary(s: dict) -> str:
     p = s["parameters"]
     variant = "+".join(k.upper() if k == "mhc" else k.capitalize() for k, v in s["variant"].items()
@@ -369,8 +365,8 @@ def format_summary(s: dict) -> str:
         + (f"; rebuilt heads: {', '.join(s['rebuilt_heads'])}" if s["rebuilt_heads"] else ""),
         f"final loss: train {s['final_train_loss']:.4f}"
         + (f", val {s['final_val_loss']:.4f}" if s["final_val_loss"] is not None else ""),
-        f"held-out energy distance{_of_sets(s.get('heldout_energy_set_len'))} (test split, mean "
-        "over groups; `evaluate` scores whole groups): pretrained "
+        f"held-out energy distance of {s['heldout_energy_set_len']}-cell sets as in training "
+        "(test split, mean over groups; `evaluate` scores whole groups): pretrained "
         f"{s['heldout_energy_pretrained']:.4f} -> fine-tuned {s['heldout_energy_finetuned']:.4f} "
         f"({'better' if better else 'NOT better'})",
         f"peak memory: {s['peak_memory_mb']:.0f} MB; processes: {s['world_size']}"
