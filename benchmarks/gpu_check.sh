@@ -4,8 +4,9 @@
 # model, the large stability suite and the torch.compile baselines, each as its own capped step so
 # that a slow step loses only itself. Needs only torch, triton, numpy, pytest, pytest-benchmark
 # and, for the fine-tuning step, peft, transformers, lightning and pyyaml (pytest-xdist and
-# matplotlib used when present; no geomloss, no anndata). Writes benchmarks/results/gpu-<name>-<time>.json (the summary
-# of every step that finished) and benchmarks/results/stability-large/; with $OUT set, also packs
+# matplotlib used when present; no geomloss, no anndata). Writes
+# benchmarks/results/gpu-<name>-<time>.json (the summary of every step that finished) and
+# benchmarks/results/stability-large/; with $OUT set, also packs
 # everything (logs, one JSON line per measured case, test report, profile) into
 # $OUT/gpu-<name>-<time>.tgz after every step. Each step is capped (fine-tuning step 120 s, tests
 # 150, Sinkhorn 120, layer + streams 150, graphs 90, profile 60, sweep 120, sweep-streams 180,

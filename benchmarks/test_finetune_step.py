@@ -3,18 +3,18 @@
 The layer benchmarks time a stand-in block; this one times the model the main job trains, built and
 adapted by the same code: ST-Tahoe's architecture (FACTS.md §5: bidirectional Llama backbone, hidden
 1488, 6 layers, 12 heads, MLP 5952, 4-layer encoders and decoder) with random weights (the real ones
-cannot be downloaded here; a step's time and memory do not depend on their values), heads rebuilt
-by :func:`st_finetune.prepare_for_finetuning` for SE-600M embeddings (``X_state``, 2048-d) and a
+cannot be downloaded here; a step's time and memory do not depend on their values), heads rebuilt by
+:func:`st_finetune.prepare_for_finetuning` for SE-600M embeddings (``X_state``, 2048-d) and a
 sham/burn vocabulary, LoRA on the attention projections, mHC around every sub-layer. One step is
-what Lightning runs with ``bf16-mixed`` on a GPU (float32 on CPU): ``STLightning.set_losses``
-under autocast (the forward in bf16, the per-set energy loss in float32), backward, gradient
-clipping at 1.0, AdamW. Variants: ``lora`` (the seed's ST-LoRA), ``lora_mhc`` (ST-LoRA-mHC; the streams take the
-hidden states' dtype, bf16 under autocast), ``lora_mhc_fp32_streams`` (``mhc.stream_dtype=float32``)
-and ``lora_mhc_recompute4`` (``mhc.recompute=4``). Recorded: the step's time, the model's
-activation memory per cell set (bytes saved for backward, :func:`activation_bytes_per_set`),
-on a GPU the step's peak memory and its back-to-back time. Every step's loss and gradients must be
-finite: on a GPU this runs the main job's whole path (peft, the bidirectional backbone, the Triton
-kernels under autocast).
+what Lightning runs with ``bf16-mixed`` on a GPU (float32 on CPU): ``STLightning.set_losses`` under
+autocast (the forward in bf16, the per-set energy loss in float32), backward, gradient clipping at
+1.0, AdamW. Variants: ``lora`` (the design document's ST-LoRA), ``lora_mhc`` (ST-LoRA-mHC; the
+streams take the hidden states' dtype, bf16 under autocast), ``lora_mhc_fp32_streams``
+(``mhc.stream_dtype=float32``) and ``lora_mhc_recompute4`` (``mhc.recompute=4``). Recorded: the
+step's time, the model's activation memory per cell set (bytes saved for backward,
+:func:`activation_bytes_per_set`), on a GPU the step's peak memory and its back-to-back time. Every
+step's loss and gradients must be finite: on a GPU this runs the main job's whole path (peft, the
+bidirectional backbone, the Triton kernels under autocast).
 
 The energy loss is geomloss's tensorized one (``st_finetune.training.set_loss("energy")``) where
 geomloss is installed; the GPU machines lack it, so there the same formula runs written out
