@@ -1,8 +1,10 @@
 import pytest
 import torch
 
+from st_finetune.config import load_config
 from st_finetune.demo import make_wound_study
 from st_finetune.model import STConfig, STModel, write_model_folder
+from st_finetune.train import run
 
 PERTS = ["drugA", "drugB", "drugC", "drugD", "DMSO"]
 
@@ -75,3 +77,11 @@ def overrides(inputs, out, **extra):
     }  # fmt: skip
     args.update(extra)
     return [f"{k}={v}" for k, v in args.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(inputs, tmp_path_factory):
+    """A finished one-epoch LoRA + mHC run on the tiny inputs, for the tests that read runs."""
+    out = tmp_path_factory.mktemp("runs")
+    run(load_config(None, overrides(inputs, out, **{"training.max_epochs": 1})))
+    return out / "tiny"

@@ -19,13 +19,6 @@ from st_finetune.train import run
 from .conftest import overrides
 
 
-@pytest.fixture(scope="module")
-def tiny_run(inputs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    run(load_config(None, overrides(inputs, out, **{"training.max_epochs": 1})))
-    return out / "tiny"
-
-
 def test_evaluation_scores_the_run_the_pretrained_model_and_both_baselines(tiny_run):
     frame = evaluate_run(tiny_run)
     assert list(frame.columns[:4]) == ["variant", "group", "metric", "value"]

@@ -17,20 +17,13 @@ from st_finetune.train import run
 from .conftest import overrides
 
 
-@pytest.fixture(scope="module")
-def trained(inputs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    run(load_config(None, overrides(inputs, out, **{"training.max_epochs": 1})))
-    return out / "tiny", inputs[0]
-
-
 def shams(study):
     adata = anndata.read_h5ad(study)
     return adata[adata.obs["condition"] == "sham"]
 
 
-def test_every_control_cell_is_predicted_once_per_perturbation(trained, tmp_path, caplog):
-    run_dir, study = trained
+def test_every_control_cell_is_predicted_once_per_perturbation(tiny_run, inputs, tmp_path, caplog):
+    run_dir, study = tiny_run, inputs[0]
     with caplog.at_level(logging.INFO, logger="st_finetune"):
         result = predict(run_dir, study, ["burn", "sham"], tmp_path / "pred.h5ad")
     assert (
@@ -55,8 +48,8 @@ def test_every_control_cell_is_predicted_once_per_perturbation(trained, tmp_path
     assert int(back.uns["st_finetune"]["cell_set_len"]) == 16
 
 
-def test_predictions_are_the_models_on_whole_sets(trained, tmp_path):
-    run_dir, study = trained
+def test_predictions_are_the_models_on_whole_sets(tiny_run, inputs, tmp_path):
+    run_dir, study = tiny_run, inputs[0]
     result = predict(run_dir, study, ["burn"], tmp_path / "pred.h5ad")
     model, perts = load_model(run_dir, "adapter")
     controls = shams(study)
@@ -88,16 +81,16 @@ def test_cell_sets_fill_short_sets_from_their_context():
     assert np.array_equal(rows, again) and not np.array_equal(rows, other)
 
 
-def test_the_pretrained_model_predicts_too(trained, tmp_path):
-    run_dir, study = trained
+def test_the_pretrained_model_predicts_too(tiny_run, inputs, tmp_path):
+    run_dir, study = tiny_run, inputs[0]
     tuned = predict(run_dir, study, ["burn"], tmp_path / "tuned.h5ad")
     before = predict(run_dir, study, ["burn"], tmp_path / "before.h5ad", model="pretrained")
     assert before.uns["st_finetune"]["model"] == "pretrained"
     assert not np.allclose(tuned.obsm["X_state"], before.obsm["X_state"])
 
 
-def test_bad_requests_stop_with_one_message_and_keep_files(trained, tmp_path, capsys):
-    run_dir, study = trained
+def test_bad_requests_stop_with_one_message_and_keep_files(tiny_run, inputs, tmp_path, capsys):
+    run_dir, study = tiny_run, inputs[0]
     out = tmp_path / "pred.h5ad"
     out.write_text("a previous result")
     assert main([str(run_dir), str(study), "--pert", "burn", "--out", str(out)]) == 1
@@ -120,8 +113,8 @@ def test_bad_requests_stop_with_one_message_and_keep_files(trained, tmp_path, ca
     assert not (tmp_path / "x.h5ad").exists()
 
 
-def test_a_file_without_the_perturbation_column_is_used_whole(trained, tmp_path):
-    run_dir, study = trained
+def test_a_file_without_the_perturbation_column_is_used_whole(tiny_run, inputs, tmp_path):
+    run_dir, study = tiny_run, inputs[0]
     controls = shams(study).copy()
     del controls.obs["condition"]
     controls.write_h5ad(tmp_path / "unlabelled.h5ad")
