@@ -35,6 +35,9 @@ class DataConfig:
         timepoint_key: optional obs column with the timepoint (e.g. day 10/14/19).
         batch_key: optional obs column with the batch (recorded, used for nothing else yet).
         embed_key: ``obsm`` key with the features (e.g. ``X_state``), or ``X`` for the matrix.
+        gene_key: optional gene expression beside embedding features: ``X`` or a ``layers`` name
+            (log-normalised values). Each run then fits a gene decoder (``decoder``) and the
+            evaluation adds gene-space metrics; predictions gain decoded genes.
         cell_set_len: cells per set (the ST model's sequence length).
         control_sets: also train on control-to-control sets (identity examples).
         split: ``cells`` (held-out cells within every group) or ``groups`` (whole held-out groups).
@@ -51,6 +54,7 @@ class DataConfig:
     timepoint_key: str | None = "timepoint"
     batch_key: str | None = None
     embed_key: str = "X_state"
+    gene_key: str | None = None
     cell_set_len: int = 256
     control_sets: bool = False
     split: str = "cells"
@@ -75,6 +79,9 @@ class DataConfig:
             raise ValueError(f"data.cell_set_len must be >= 1, got {self.cell_set_len}")
         if self.split == "groups" and not (self.holdout_key and self.holdout_values):
             raise ValueError("data.split=groups needs data.holdout_key and data.holdout_values")
+        if self.gene_key and self.embed_key == "X":
+            raise ValueError("data.gene_key decodes embeddings to genes; with data.embed_key=X the "
+                             "features are the genes already: leave data.gene_key unset")  # fmt: skip
 
 
 @dataclass
@@ -163,6 +170,36 @@ class TrainerConfig:
 
 
 @dataclass
+class DecoderConfig:
+    """The gene decoder (embedding -> gene expression) fitted when ``data.gene_key`` is set.
+
+    Attributes:
+        n_genes: decode the most variable genes of the training cells (0: every gene).
+        hidden: width of its two hidden layers.
+        max_epochs, patience: epochs at most; stop after ``patience`` epochs without a better
+            validation error (the best epoch's weights are kept).
+        lr, weight_decay, batch_size: AdamW on mini-batches of cells.
+    """
+
+    n_genes: int = 2000
+    hidden: int = 1024
+    max_epochs: int = 100
+    patience: int = 5
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 512
+
+    def __post_init__(self):
+        if self.n_genes < 0:
+            raise ValueError(f"decoder.n_genes must be >= 0 (0: every gene), got {self.n_genes}")
+        for name in ("hidden", "max_epochs", "patience", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"decoder.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise ValueError("decoder.lr must be > 0 and decoder.weight_decay >= 0")
+
+
+@dataclass
 class RunConfig:
     """One fine-tuning run.
 
@@ -185,6 +222,7 @@ class RunConfig:
     mhc: MHCSettings = field(default_factory=MHCSettings)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from scipy import sparse
 from torch.utils.data import DataLoader, Dataset
 
 from .config import DataConfig
@@ -35,6 +36,10 @@ class DataError(ValueError):
     """Bad input data, found before any training starts."""
 
 
+class MissingGenes(DataError):
+    """A file lacks the gene expression that ``data.gene_key`` names."""
+
+
 @dataclass
 class CellTable:
     """All cells, validated: features plus the labels that define groups."""
@@ -47,6 +52,8 @@ class CellTable:
     source: np.ndarray  # (N,) file name
     control: str
     pert_names: list[str]  # sorted, control included
+    genes: sparse.csr_matrix | None = None  # (N, G) float32, with data.gene_key
+    gene_names: list[str] | None = None
 
     @property
     def dim(self) -> int:
@@ -143,6 +150,31 @@ def read_features(adata, key: str, file: Path) -> np.ndarray:
     return matrix
 
 
+def read_genes(adata, key: str, file: Path) -> tuple[sparse.csr_matrix, list[str]]:
+    """Gene expression ``(cells, genes)`` as float32 CSR from ``adata.X`` or ``adata.layers[key]``
+    (on disk or in memory, dense or sparse) with the gene names, or a DataError naming the fix."""
+    if key == "X":
+        try:
+            matrix = adata.X if adata.n_vars else None
+        except KeyError:  # a file read on disk without X raises instead of giving None
+            matrix = None
+        if matrix is None:
+            raise MissingGenes(f"{file.name}: data.gene_key=X but the file has no genes in X")
+    elif key in adata.layers:
+        matrix = adata.layers[key]
+    else:
+        raise MissingGenes(f"{file.name}: no layer '{key}' (data.gene_key); layers: "
+                        f"{list(adata.layers.keys())} (or X)")  # fmt: skip
+    if hasattr(matrix, "to_memory"):  # a sparse matrix left on disk
+        matrix = matrix.to_memory()
+    elif not sparse.issparse(matrix):
+        matrix = np.asarray(matrix[()] if hasattr(matrix, "id") else matrix)  # h5py or numpy
+    matrix = sparse.csr_matrix(matrix, dtype=np.float32)
+    if not np.isfinite(matrix.data).all():
+        raise DataError(f"{file.name}: gene expression '{key}' has NaN or Inf values")
+    return matrix, [str(g) for g in adata.var_names]
+
+
 def context_labels(obs: pd.DataFrame, cfg: DataConfig, file: Path) -> tuple[np.ndarray, ...]:
     """Each cell's cell type and timepoint (``NO_TIMEPOINT`` without ``data.timepoint_key``)."""
     cell_type = obs_labels(obs, cfg.cell_type_key, file, "cell_type_key")
@@ -181,15 +213,35 @@ def _read_part(adata, cfg: DataConfig, file: Path) -> dict:
     }
     if cfg.batch_key:
         obs_labels(obs, cfg.batch_key, file, "batch_key")
+    if cfg.gene_key:
+        part["genes"] = read_genes(adata, cfg.gene_key, file)
     return part
+
+
+def _stack_genes(parts: list[dict], files: list[Path]) -> dict:
+    """The files' gene matrices stacked, on the first file's genes (all must have them)."""
+    names = parts[0]["genes"][1]
+    blocks = []
+    for part, file in zip(parts, files, strict=True):
+        matrix, own = part.pop("genes")
+        if own != names:
+            index = pd.Index(own)
+            missing = [g for g in names if g not in index]
+            if missing:
+                raise DataError(f"{file.name} lacks {len(missing)} of {files[0].name}'s genes "
+                                f"(first: {missing[:5]}); every file needs the same genes")  # fmt: skip
+            matrix = matrix[:, index.get_indexer(names)]
+        blocks.append(matrix)
+    return {"genes": sparse.vstack(blocks, format="csr"), "gene_names": names}
 
 
 def load_cells(cfg: DataConfig) -> CellTable:
     """Read and validate every file; one clear error for the first problem found."""
-    parts = []
-    for file in find_h5ad(cfg.paths):
+    parts, files = [], find_h5ad(cfg.paths)
+    for file in files:
         with opened_h5ad(file, cfg.embed_key) as adata:
             parts.append(_read_part(adata, cfg, file))
+    genes = _stack_genes(parts, files) if cfg.gene_key else {}
     dims = {p["features"].shape[1] for p in parts}
     if len(dims) > 1:
         raise DataError(f"files disagree on the feature dimension of '{cfg.embed_key}': {dims}")
@@ -204,7 +256,7 @@ def load_cells(cfg: DataConfig) -> CellTable:
         )
     if len(labels) < 2:
         raise DataError(f"obs column '{cfg.pert_col}' holds only the control label {labels}")
-    return CellTable(control=cfg.control_pert, pert_names=labels, **table)
+    return CellTable(control=cfg.control_pert, pert_names=labels, **table, **genes)
 
 
 # ------------------------------------------------------------------------------------ splits

@@ -25,6 +25,14 @@ What is planted, exactly (``burn`` vs ``sham`` of the same type and day):
   mean;
 * spread: burn macrophages and neutrophils have 1.5x the within-type noise.
 
+Gene expression (``X``, 200 genes, log1p of counts per 10,000) is drawn from each cell's
+embedding: Poisson counts with rates ``softmax(base + loading . x)`` times a library size, where
+inflammatory genes (Il1b, Tnf, Cxcl2, S100a8, S100a9, ...) load on the inflammation direction,
+Col1a1, Col3a1, Fn1, Postn (fibroblast) and Pecam1, Kdr, Vegfa, Mki67 (endothelial) on their
+type's proliferation direction, three markers per cell type on its centroid, and 169 ``Gm*``
+genes at random. So burn raises the inflammatory genes most in macrophages and neutrophils at day
+10. The embeddings are drawn first and do not depend on the genes.
+
 Two irregularities exercise the data checks: burn T cells at day 19 are only 12 cells (resampled
 with replacement), and there are no sham neutrophils at day 19 (their burn cells fall back on the
 neutrophil controls of other days, with a warning). ``adata.uns["planted"]`` holds the amplitudes.
@@ -60,6 +68,14 @@ COUNTS = {"macrophage": 220, "fibroblast": 260, "endothelial": 160, "keratinocyt
           "neutrophil": 90, "T cell": 70}  # fmt: skip
 CYTOKINES = ("IFNG", "TNF", "IL1B", "IL4", "IL6", "IL10", "TGFB1")
 UNIVERSE_SEED = 1234
+INFLAMMATORY_GENES = ("Il1b", "Tnf", "Cxcl2", "S100a8", "S100a9", "Ccl2", "Il6", "Nos2", "Saa3",
+                      "Lcn2")  # fmt: skip
+PROLIFERATION_GENES = {"fibroblast": ("Col1a1", "Col3a1", "Fn1", "Postn"),
+                       "endothelial": ("Pecam1", "Kdr", "Vegfa", "Mki67")}  # fmt: skip
+MARKER_GENES = {"macrophage": ("Adgre1", "Lyz2", "Cd68"), "fibroblast": ("Pdgfra", "Dcn", "Col1a2"),
+                "endothelial": ("Cdh5", "Emcn", "Cd34"), "keratinocyte": ("Krt14", "Krt5", "Krt10"),
+                "neutrophil": ("Ly6g", "Csf3r", "Retnlg"), "T cell": ("Cd3e", "Cd3g", "Trbc2")}  # fmt: skip
+N_GENES = 200
 
 
 def _unit(rng, dim):
@@ -79,6 +95,45 @@ class Universe:
         self.inflammation = _unit(rng, dim)
         self.proliferation = {t: _unit(rng, dim) for t in CELL_TYPES}
         self.cytokine = {c: _unit(rng, dim) for c in CYTOKINES}
+        self._genes()
+
+    def _genes(self):
+        """Gene loadings (drawn after, and apart from, everything above): the log expression rate
+        of gene g in a cell at embedding x is ``base[g] + loading[g] . x``."""
+        rng = np.random.default_rng(UNIVERSE_SEED + 1)
+        names, rows = [], []
+        for name in INFLAMMATORY_GENES:
+            names.append(name)
+            rows.append(0.35 * self.inflammation)
+        for cell_type, genes in PROLIFERATION_GENES.items():
+            for name in genes:
+                names.append(name)
+                rows.append(0.6 * self.proliferation[cell_type])
+        for cell_type, genes in MARKER_GENES.items():
+            direction = self.centroid[cell_type] / np.linalg.norm(self.centroid[cell_type])
+            for name in genes:
+                names.append(name)
+                rows.append(0.12 * direction)
+        while len(names) < N_GENES:
+            names.append(f"Gm{10001 + len(names)}")
+            rows.append(0.05 * rng.normal(size=self.dim))
+        loading = np.array(rows) + 0.01 * rng.normal(size=(len(rows), self.dim))
+        self.gene_names = names
+        self.gene_base = rng.normal(size=len(names))
+        self.gene_loading = loading
+
+    def expression(self, rng, cells: np.ndarray):
+        """Log-normalised expression (CSR, log1p of counts per 10,000) of ``cells`` (embeddings):
+        Poisson counts with rates ``softmax(base + loading . x)`` times a library size."""
+        from scipy import sparse
+
+        logits = self.gene_base + cells @ self.gene_loading.T
+        rates = np.exp(logits - logits.max(1, keepdims=True))
+        rates /= rates.sum(1, keepdims=True)
+        library = 2000 * rng.lognormal(0.0, 0.3, size=(len(cells), 1))
+        counts = rng.poisson(rates * library)
+        normalised = np.log1p(counts / np.maximum(counts.sum(1, keepdims=True), 1) * 1e4)
+        return sparse.csr_matrix(normalised.astype(np.float32))
 
     def cells(self, rng, cell_type: str, count: int, shift: np.ndarray, spread: float = 1.0,
               response: np.ndarray | None = None):  # fmt: skip
@@ -128,8 +183,10 @@ def make_wound_study(path: str | Path, seed: int = 0) -> Path:
     for col in ("condition", "cell_type", "mouse"):
         frame[col] = frame[col].astype("category")
     frame.index = [f"cell{i:05d}" for i in range(len(frame))]
-    adata = anndata.AnnData(obs=frame)
-    adata.obsm["X_state"] = np.concatenate(blocks).astype(np.float32)
+    cells = np.concatenate(blocks)
+    adata = anndata.AnnData(X=u.expression(np.random.default_rng([seed, 2]), cells), obs=frame,
+                            var=pd.DataFrame(index=u.gene_names))  # fmt: skip
+    adata.obsm["X_state"] = cells.astype(np.float32)
     adata.uns["planted"] = {
         "inflammation_amplitude": dict(INFLAMMATION),
         "proliferation_amplitude": {t: PROLIFERATION.get(t, 0.3) for t in CELL_TYPES},
@@ -219,9 +276,18 @@ def make_pretrained(folder: str | Path, seed: int = 0, steps: int = 600) -> Path
     return write_model_folder(model.eval(), folder, names)
 
 
+def _has_genes(path: str | Path) -> bool:
+    """Whether the demo study at ``path`` has its genes (earlier versions wrote none; it is then
+    written again: its embeddings come out the same)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return "X" in f
+
+
 def ensure_demo_files(data_path: str | Path | None, checkpoint: str | Path | None) -> None:
     """Create whichever of the demo study and the demo checkpoint is missing."""
-    if data_path and not Path(data_path).exists():
+    if data_path and (not Path(data_path).exists() or not _has_genes(data_path)):
         make_wound_study(data_path)
     if checkpoint and not Path(checkpoint).exists():
         make_pretrained(checkpoint)

@@ -33,9 +33,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import genes as G
 from . import metrics as M
 from .config import load_config
-from .data import CellSetData, DataError, Group
+from .data import CellSetData, DataError, Group, MissingGenes
 from .heldout import evaluation_device, predicted_sets
 
 log = logging.getLogger("st_finetune")
@@ -89,9 +90,14 @@ def mean_shift_predictions(data: CellSetData, inputs: dict, split: str = "test",
     return out
 
 
-def score(data: CellSetData, predictions: dict, variant: str, split: str = "test") -> list[dict]:
-    """Every metric per group, plus per-cell-type temporal coherence and overall means."""
+def score(data: CellSetData, predictions: dict, variant: str, split: str = "test",
+          decoder=None) -> list[dict]:  # fmt: skip
+    """Every metric per group, plus per-cell-type temporal coherence and overall means; with a
+    gene ``decoder`` (:mod:`st_finetune.genes`) and genes in the data, the gene-space metrics."""
     t = data.table
+    decoding = decoder is not None and t.genes is not None
+    if decoding:
+        outputs, cols = G.gene_columns(decoder, t.gene_names)
     groups: list[Group] = [g for g in data.groups[split] if g.name in predictions]
     rows = []
 
@@ -109,6 +115,12 @@ def score(data: CellSetData, predictions: dict, variant: str, split: str = "test
                             ("pearson_delta", M.pearson_delta(pred, obs, ctrl)),
                             ("mae_mean", M.mae_mean(pred, obs))):  # fmt: skip
             add(g.name, name, value, g.cell_type, g.timepoint)
+        if decoding and len(cols):
+            found = G.gene_metrics(decoder, outputs, pred, t.features[g.controls],
+                                   G.dense_rows(t.genes, g.cells, cols),
+                                   G.dense_rows(t.genes, g.controls, cols))  # fmt: skip
+            for name, value in found.items():
+                add(g.name, name, value, g.cell_type, g.timepoint)
     for g, value in zip(groups, M.discrimination(np.array(pred_means), np.array(obs_means)),
                         strict=True):  # fmt: skip
         add(g.name, "discrimination", value, g.cell_type, g.timepoint)
@@ -204,8 +216,9 @@ def score_run(run_dir: str | Path, split: str = "test", baselines: bool = True):
     if baselines and inputs is not None:
         predictions[NO_CHANGE] = inputs
         predictions[MEAN_SHIFT] = mean_shift_predictions(data, inputs, split)
+    decoder = G.load_decoder(run_dir)
     for name, preds in predictions.items():
-        rows += score(data, preds, name, split)
+        rows += score(data, preds, name, split, decoder)
     rows += cell_eval_metrics(data, predictions, split)
     rows += run_stability_rows(run_dir, cfg.name)
     return rows, predictions, data
@@ -217,8 +230,15 @@ def score_cohort(run_dir: str | Path, paths: list[str]):
     scored), beside *no change* and the *mean shift* of the run's own training split."""
     run_dir, cfg = finished_run(run_dir)
     models = run_models(run_dir, cfg)
-    data = CellSetData.unseen(dataclasses.replace(cfg.data, paths=[str(p) for p in paths]),
-                              models[cfg.name][1])  # fmt: skip
+    decoder = G.load_decoder(run_dir)
+    settings = dataclasses.replace(cfg.data, paths=[str(p) for p in paths])
+    try:
+        data = CellSetData.unseen(settings, models[cfg.name][1])
+    except MissingGenes as err:  # a cohort without the run's genes is still scored on embeddings
+        log.warning("no gene-space metrics: %s", err)
+        decoder = None
+        data = CellSetData.unseen(dataclasses.replace(settings, gene_key=None),
+                                  models[cfg.name][1])  # fmt: skip
     predictions, device = {}, evaluation_device()
     for name, (model, _) in models.items():
         predictions[name], inputs = predict_groups(model, data, "test", device=device)
@@ -230,7 +250,7 @@ def score_cohort(run_dir: str | Path, paths: list[str]):
         log.warning("no mean-shift baseline: the run's training data cannot be read (%s)", err)
     rows = []
     for name, preds in predictions.items():
-        rows += score(data, preds, name, "test")
+        rows += score(data, preds, name, "test", decoder)
     rows += cell_eval_metrics(data, predictions, "test")
     return rows, predictions, data
 
@@ -281,7 +301,7 @@ def shift_trajectories(data: CellSetData, predictions: dict, split: str = "test"
 def headline_table(frame: pd.DataFrame) -> pd.DataFrame:
     overall = frame[frame["group"] == "overall"]
     table = overall.pivot_table(index="variant", columns="metric", values="value", sort=False)
-    return table[[m for m in M.DEFINITIONS if m in table.columns]]
+    return table[[m for m in {**M.DEFINITIONS, **G.GENE_DEFINITIONS} if m in table.columns]]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,8 +14,9 @@ whole set it is in, so another seed gives slightly different predictions.
 Writes an AnnData with one row per input cell and perturbation: ``obs`` copied from the input, with
 ``data.pert_col`` set to the predicted perturbation, ``source_cell`` (the input cell's name) and
 ``cell_set`` (the set it was predicted in); the predictions where the inputs came from
-(``obsm[data.embed_key]``, or ``X`` with the input's ``var``); ``uns["st_finetune"]`` records the
-run, the model, the perturbations, the set length and the seed. An existing file is never replaced
+(``obsm[data.embed_key]``, or ``X`` with the input's ``var``); when the run has a gene decoder
+(``data.gene_key``, :mod:`st_finetune.genes`), the predicted embeddings' decoded genes in ``X``;
+``uns["st_finetune"]`` records the run, the model, the perturbations, the set length and the seed. An existing file is never replaced
 without ``--overwrite``.
 """
 
@@ -33,6 +34,7 @@ import torch
 from .config import DataConfig
 from .data import DataError, context_labels, obs_labels, opened_h5ad, read_features
 from .evaluate import MODEL_FOLDERS, finished_run, load_model
+from .genes import load_decoder
 from .heldout import evaluating, evaluation_device
 
 log = logging.getLogger("st_finetune")
@@ -158,13 +160,20 @@ def predict(run_dir: str | Path, cells: str | Path, perts: list[str], out: str |
     frame = pd.concat([p for p, _ in parts])
     frame[cfg.pert_col] = frame[cfg.pert_col].astype("category")
     predicted = np.concatenate([x for _, x in parts])
+    decoder = load_decoder(run_dir)
     if cfg.embed_key == "X" and var is not None and len(var) == predicted.shape[1]:
         result = anndata.AnnData(X=predicted, obs=frame, var=var)
+    elif decoder is not None:  # the predicted embeddings' genes, by the run's gene decoder
+        result = anndata.AnnData(X=decoder.decode(predicted), obs=frame,
+                                 var=pd.DataFrame(index=decoder.gene_names),
+                                 obsm={cfg.embed_key: predicted})  # fmt: skip
     else:
         result = anndata.AnnData(obs=frame, obsm={cfg.embed_key: predicted})
     result.uns["st_finetune"] = {
         "run": str(run_dir.resolve()), "model": model, "perturbations": list(perts),
         "cell_set_len": size, "seed": seed, "cells": str(cells.resolve()),
+        "X": "genes decoded from the predictions by the run's gene decoder" if decoder is not None
+        and cfg.embed_key != "X" else "",
     }  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")

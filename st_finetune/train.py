@@ -266,6 +266,7 @@ def run(cfg: RunConfig) -> dict:
     model.cpu()
     after = heldout_energy(model, data, device=device)
     _save_artifact(model, run_dir / "adapter", pretrained, data, rebuilt, cfg)
+    decoder = _gene_decoder(cfg, data, run_dir, device) if cfg.data.gene_key else None
     metrics = read_metrics(run_dir / "metrics.csv")
     plots = training_curves({cfg.name: metrics}, run_dir, cfg.training.gradient_clip)
     train_rows = metrics[metrics["split"] == "train"]
@@ -293,6 +294,7 @@ def run(cfg: RunConfig) -> dict:
         "parameter_checksum": checksum,
         "data": data.summary(),
         "base_checkpoint": str(pretrained.checkpoint) if pretrained else None,
+        "gene_decoder": decoder,
         "files": {
             "metrics": "metrics.csv",
             "splits": "splits.csv",
@@ -305,6 +307,19 @@ def run(cfg: RunConfig) -> dict:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(format_summary(summary), flush=True)
     return summary
+
+
+def _gene_decoder(cfg: RunConfig, data: CellSetData, run_dir: Path, device) -> dict:
+    """Fit and save the run's gene decoder (:mod:`st_finetune.genes`); its record."""
+    from .genes import FILE, fit_decoder, save_decoder
+
+    start = time.perf_counter()
+    decoder, info = fit_decoder(data.table, data.split, cfg.decoder, cfg.training.seed, device)
+    save_decoder(decoder, info, run_dir)
+    info["seconds"] = time.perf_counter() - start
+    log.info("gene decoder: %d of %d genes, %d epochs, R^2 %.3f on validation cells (%s)",
+             info["genes"], info["of_genes"], info["epochs"], info["val_r2"], FILE)  # fmt: skip
+    return info
 
 
 def _save_artifact(model, folder: Path, pretrained, data, rebuilt, cfg: RunConfig) -> None:
@@ -369,12 +384,21 @@ def format_summary(s: dict) -> str:
         "(test split, mean over groups; `evaluate` scores whole groups): pretrained "
         f"{s['heldout_energy_pretrained']:.4f} -> fine-tuned {s['heldout_energy_finetuned']:.4f} "
         f"({'better' if better else 'NOT better'})",
+        *_decoder_line(s.get("gene_decoder")),
         f"peak memory: {s['peak_memory_mb']:.0f} MB; processes: {s['world_size']}"
         + ("" if s["ranks_agree"] else " (WARNING: ranks disagree)"),
         f"run folder: {s['run_dir']} (metrics.csv, splits.csv, adapter/, checkpoints/, "
         "loss.png, grad_norm.png, summary.json)",
     ]
     return "\n".join(lines)
+
+
+def _decoder_line(info: dict | None) -> list[str]:
+    if not info:
+        return []
+    test = f", test cells {info['test_r2']:.3f}" if info["test_r2"] is not None else ""
+    return [f"gene decoder (gene_decoder.pt): {info['genes']} genes, expression variance "
+            f"explained (R^2) on validation cells {info['val_r2']:.3f}{test}"]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

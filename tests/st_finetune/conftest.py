@@ -81,7 +81,10 @@ def overrides(inputs, out, **extra):
 
 @pytest.fixture(scope="session")
 def tiny_run(inputs, tmp_path_factory):
-    """A finished one-epoch LoRA + mHC run on the tiny inputs, for the tests that read runs."""
+    """A finished one-epoch LoRA + mHC run on the tiny inputs, with a gene decoder (the study's
+    genes in X), for the tests that read runs."""
     out = tmp_path_factory.mktemp("runs")
-    run(load_config(None, overrides(inputs, out, **{"training.max_epochs": 1})))
+    run(load_config(None, overrides(inputs, out, **{"training.max_epochs": 1, "data.gene_key": "X",
+                                                    "decoder.hidden": 32,
+                                                    "decoder.max_epochs": 5})))  # fmt: skip
     return out / "tiny"
