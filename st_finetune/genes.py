@@ -92,7 +92,8 @@ def fit_decoder(table, split: np.ndarray, cfg: DecoderConfig, seed: int,
                 device: torch.device | str = "cpu") -> tuple[GeneDecoder, dict]:  # fmt: skip
     """Fit the decoder on the training split's cells (every condition) and return it (on the CPU)
     with its record: genes, epochs, validation and test R^2 (share of the expression variance of
-    those cells that the decoded embeddings explain)."""
+    those cells that the decoded embeddings explain). Expression stays sparse but for one batch of
+    cells at a time."""
     train = np.flatnonzero(split == "train")
     stop = np.flatnonzero(split == "val")
     rng = np.random.default_rng([seed, 11])
@@ -101,9 +102,8 @@ def fit_decoder(table, split: np.ndarray, cfg: DecoderConfig, seed: int,
         stop, train = train[: max(1, len(train) // 10)], train[max(1, len(train) // 10) :]
     cols = variable_genes(table.genes, train, cfg.n_genes)
     names = [table.gene_names[i] for i in cols]
-    y_train = torch.from_numpy(dense_rows(table.genes, train, cols))
+    y_train = table.genes[train][:, cols]
     x_train = torch.from_numpy(table.features[train])
-    x_stop, y_stop = table.features[stop], dense_rows(table.genes, stop, cols)
     torch.manual_seed(seed)
     decoder = GeneDecoder(table.dim, names, cfg.hidden, nonnegative=bool(y_train.min() >= 0))
     decoder.to(device)
@@ -113,12 +113,13 @@ def fit_decoder(table, split: np.ndarray, cfg: DecoderConfig, seed: int,
     for epoch in range(cfg.max_epochs):
         decoder.train()
         for idx in torch.randperm(len(train), generator=order).split(cfg.batch_size):
-            x, y = x_train[idx].to(device), y_train[idx].to(device)
+            x = x_train[idx].to(device)
+            y = torch.from_numpy(y_train[idx.numpy()].toarray()).to(device)
             loss = torch.nn.functional.mse_loss(decoder(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        error = float(((decoder.decode(x_stop) - y_stop) ** 2).mean())
+        error = squared_errors(decoder, table, stop, cols)[0]
         epochs = epoch + 1
         if error < best:
             best, since = error, 0
@@ -130,23 +131,32 @@ def fit_decoder(table, split: np.ndarray, cfg: DecoderConfig, seed: int,
     decoder.load_state_dict(best_state)
     decoder.cpu().eval()
     test = np.flatnonzero(split == "test")
-    info = {
-        "genes": len(names),
-        "of_genes": int(table.genes.shape[1]),
-        "epochs": epochs,
-        "train_cells": int(len(train)),
-        "val_r2": r_squared(decoder.decode(x_stop), y_stop),
-        "test_r2": r_squared(decoder.decode(table.features[test]), dense_rows(table.genes, test, cols))
-        if len(test) else None,
-    }  # fmt: skip
+    info = {"genes": len(names), "of_genes": int(table.genes.shape[1]), "epochs": epochs,
+            "train_cells": int(len(train)), "val_r2": r_squared(decoder, table, stop, cols),
+            "test_r2": r_squared(decoder, table, test, cols) if len(test) else None}  # fmt: skip
     return decoder, info
 
 
-def r_squared(pred: np.ndarray, obs: np.ndarray) -> float:
-    """1 - residual / total sum of squares over all cells and genes (total around each gene's
-    mean)."""
-    total = float(((obs - obs.mean(0)) ** 2).sum())
-    return 1.0 - float(((pred - obs) ** 2).sum()) / total if total > 0 else float("nan")
+def squared_errors(decoder: GeneDecoder, table, rows: np.ndarray, cols: np.ndarray,
+                   chunk: int = 4096) -> tuple[float, float]:  # fmt: skip
+    """``(residual, total)`` sums of squares of the decoded expression of cells ``rows`` on the
+    table's columns ``cols`` (total: around each gene's mean over those cells), a chunk of cells
+    at a time."""
+    y = table.genes[rows][:, cols].astype(np.float64)
+    mean = np.asarray(y.mean(0)).ravel()
+    total = float(np.asarray(y.multiply(y).sum(0)).ravel().sum() - len(rows) * (mean**2).sum())
+    residual = 0.0
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        diff = decoder.decode(table.features[part]) - y[start : start + chunk].toarray()
+        residual += float((diff.astype(np.float64) ** 2).sum())
+    return residual, total
+
+
+def r_squared(decoder: GeneDecoder, table, rows: np.ndarray, cols: np.ndarray) -> float:
+    """1 - residual / total sum of squares over the cells ``rows`` and the decoder's genes."""
+    residual, total = squared_errors(decoder, table, rows, cols)
+    return 1.0 - residual / total if total > 0 else float("nan")
 
 
 def save_decoder(decoder: GeneDecoder, info: dict, run_dir: Path) -> Path:

@@ -109,6 +109,11 @@ def test_the_decoder_learns_a_map_and_is_reproducible(tmp_path):
     assert loaded.gene_names == decoder.gene_names
     np.testing.assert_array_equal(loaded.decode(table.features), decoder.decode(table.features))
     assert G.load_decoder(tmp_path / "elsewhere") is None
+    rows, cols = np.flatnonzero(split == "test"), G.variable_genes(table.genes, np.arange(400), 30)
+    y = table.genes[rows][:, cols].toarray().astype(np.float64)
+    direct = (((decoder.decode(table.features[rows]) - y) ** 2).sum(), ((y - y.mean(0)) ** 2).sum())
+    np.testing.assert_allclose(G.squared_errors(decoder, table, rows, cols, chunk=7), direct,
+                               rtol=1e-6)  # a chunk of cells at a time: the same sums  # fmt: skip
 
 
 def test_without_a_validation_split_a_tenth_of_training_stops_it():
