@@ -41,6 +41,8 @@ from .heldout import evaluation_device, predicted_sets
 
 log = logging.getLogger("st_finetune")
 NO_CHANGE, MEAN_SHIFT, PRETRAINED = "no change", "mean shift", "pretrained"
+# gene metrics of the observed cells' own embeddings, decoded: what predicting them exactly scores
+DECODED_OBSERVED = "decoded observed"
 BASELINES = (NO_CHANGE, MEAN_SHIFT)
 # where a run keeps its models: the fine-tuned one, and the same model before fine-tuning
 MODEL_FOLDERS = {"finetuned": "adapter", PRETRAINED: "pretrained_adapter"}
@@ -219,9 +221,19 @@ def score_run(run_dir: str | Path, split: str = "test", baselines: bool = True):
     decoder = G.load_decoder(run_dir)
     for name, preds in predictions.items():
         rows += score(data, preds, name, split, decoder)
-    rows += cell_eval_metrics(data, predictions, split)
+    if baselines and decoder is not None:
+        rows += decoded_observed_rows(data, split, decoder)
+    rows += cell_eval_metrics(data, predictions, split, decoder)
     rows += run_stability_rows(run_dir, cfg.name)
     return rows, predictions, data
+
+
+def decoded_observed_rows(data: CellSetData, split: str, decoder) -> list[dict]:
+    """The gene metrics a model would score if it predicted the observed perturbed cells'
+    embeddings exactly (variant ``decoded observed``): the reference for decoded predictions."""
+    observed = {g.name: data.table.features[g.cells] for g in data.groups[split]}
+    rows = score(data, observed, DECODED_OBSERVED, split, decoder)
+    return [r for r in rows if r["metric"] in G.GENE_DEFINITIONS]
 
 
 def score_cohort(run_dir: str | Path, paths: list[str]):
@@ -251,21 +263,26 @@ def score_cohort(run_dir: str | Path, paths: list[str]):
     rows = []
     for name, preds in predictions.items():
         rows += score(data, preds, name, "test", decoder)
-    rows += cell_eval_metrics(data, predictions, "test")
+    if decoder is not None:
+        rows += decoded_observed_rows(data, "test", decoder)
+    rows += cell_eval_metrics(data, predictions, "test", decoder)
     return rows, predictions, data
 
 
-def cell_eval_metrics(data: CellSetData, predictions: dict, split: str = "test") -> list[dict]:
-    """Arc's cell-eval metrics when the features are genes and it is installed; else nothing."""
+def cell_eval_metrics(data: CellSetData, predictions: dict, split: str = "test",
+                      decoder=None) -> list[dict]:  # fmt: skip
+    """Arc's cell-eval metrics when it is installed and the features are genes (or the run has
+    a gene ``decoder``); else nothing."""
     from . import celleval
 
-    ok, why = celleval.applies(data)
+    ok, why = celleval.applies(data, decoder)
     if not ok:
         log.info("cell-eval metrics skipped: %s", why)
         return []
+    decoder = decoder if data.cfg.embed_key not in celleval.GENE_KEYS else None
     rows = []
     for name, preds in predictions.items():
-        rows += celleval.cell_eval_rows(data, preds, name, split)
+        rows += celleval.cell_eval_rows(data, preds, name, split, decoder)
     return rows
 
 

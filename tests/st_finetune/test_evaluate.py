@@ -22,7 +22,9 @@ from .conftest import overrides
 def test_evaluation_scores_the_run_the_pretrained_model_and_both_baselines(tiny_run):
     frame = evaluate_run(tiny_run)
     assert list(frame.columns[:4]) == ["variant", "group", "metric", "value"]
-    assert set(frame["variant"]) == {"tiny", "pretrained", "no change", "mean shift"}
+    # "decoded observed": the reference for the gene metrics (the run has a gene decoder)
+    assert set(frame["variant"]) == {"tiny", "pretrained", "no change", "mean shift",
+                                     "decoded observed"}  # fmt: skip
     overall = frame[frame["group"] == "overall"].pivot_table(index="variant", columns="metric",
                                                              values="value")  # fmt: skip
     for metric in ("energy_distance", "nn_distance_norm", "pearson_delta", "mae_mean",
@@ -91,7 +93,8 @@ def test_another_cohort_is_scored_beside_the_runs_baselines(tiny_run, tmp_path, 
     rows, predictions, data = score_cohort(tiny_run, [cohort])
     assert set(data.split) == {"test"} and not data.groups["train"]
     frame = pd.DataFrame(rows)
-    assert set(frame["variant"]) == {"tiny", "pretrained", "no change", "mean shift"}
+    assert set(frame["variant"]) == {"tiny", "pretrained", "no change", "mean shift",
+                                     "decoded observed"}  # fmt: skip
     scored = set(frame.loc[frame["metric"] == "energy_distance", "group"]) - {"overall"}
     assert scored == {g.name for g in data.groups["test"]}
     for g in data.groups["test"]:  # no change: the cohort's own controls

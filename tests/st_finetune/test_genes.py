@@ -158,6 +158,8 @@ def test_a_run_fits_its_decoder_and_evaluation_scores_genes(tiny_run):
                                                              values="value")  # fmt: skip
     for metric in G.GENE_DEFINITIONS:
         assert overall.loc[["tiny", "pretrained", "mean shift"], metric].notna().all(), metric
+    reference = frame[frame["variant"] == "decoded observed"]  # gene metrics only
+    assert set(reference["metric"]) == set(G.GENE_DEFINITIONS)
     assert (frame.loc[frame["metric"] == "top_gene_overlap", "value"].dropna().between(0, 1)).all()
 
 
