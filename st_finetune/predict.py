@@ -16,7 +16,11 @@ Writes an AnnData with one row per input cell and perturbation: ``obs`` copied f
 ``cell_set`` (the set it was predicted in); the predictions where the inputs came from
 (``obsm[data.embed_key]``, or ``X`` with the input's ``var``); when the run has a gene decoder
 (``data.gene_key``, :mod:`st_finetune.genes`), the predicted embeddings' decoded genes in ``X``;
-``uns["st_finetune"]`` records the run, the model, the perturbations, the set length and the seed. An existing file is never replaced
+``uns["st_finetune"]`` records the run, the model, the perturbations, the set length and the seed.
+``--with-controls`` adds the input cells themselves as rows of the control label (``cell_set``
+-1), their genes decoded the same way: compare predicted with control cells within the file, so
+that the decoder's own errors fall on both sides (measured expression against decoded expression
+would show them as shifts). An existing file is never replaced
 without ``--overwrite``.
 """
 
@@ -111,9 +115,10 @@ def predict_sets(model: torch.nn.Module, features: np.ndarray, rows: np.ndarray,
 
 def predict(run_dir: str | Path, cells: str | Path, perts: list[str], out: str | Path, *,
             model: str = "finetuned", seed: int = 0, batch_size: int = 16,
-            overwrite: bool = False):  # fmt: skip
+            with_controls: bool = False, overwrite: bool = False):  # fmt: skip
     """Predict ``perts`` for the control cells in ``cells`` with the run's model; writes and
-    returns the AnnData described in the module docstring."""
+    returns the AnnData described in the module docstring (``with_controls``: the input cells
+    too, as rows of the control label)."""
     import anndata
 
     run_dir, cells, out = Path(run_dir), Path(cells), Path(out)
@@ -157,6 +162,11 @@ def predict(run_dir: str | Path, cells: str | Path, perts: list[str], out: str |
         part["cell_set"] = which_set
         part.index = pd.Index((part["source_cell"] + ":" + pert).to_numpy())
         parts.append((part, predicted))
+    if with_controls:  # the inputs as they are: the other side of a comparison in one file
+        part = obs.assign(**{cfg.pert_col: cfg.control_pert, "source_cell": obs.index.astype(str),
+                             "cell_set": -1})  # fmt: skip
+        part.index = pd.Index((part["source_cell"] + ":" + cfg.control_pert).to_numpy())
+        parts.append((part, features))
     frame = pd.concat([p for p, _ in parts])
     frame[cfg.pert_col] = frame[cfg.pert_col].astype("category")
     predicted = np.concatenate([x for _, x in parts])
@@ -172,6 +182,7 @@ def predict(run_dir: str | Path, cells: str | Path, perts: list[str], out: str |
     result.uns["st_finetune"] = {
         "run": str(run_dir.resolve()), "model": model, "perturbations": list(perts),
         "cell_set_len": size, "seed": seed, "cells": str(cells.resolve()),
+        "with_controls": with_controls,
         "X": "genes decoded from the predictions by the run's gene decoder" if decoder is not None
         and cfg.embed_key != "X" else "",
     }  # fmt: skip
@@ -200,10 +211,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="the fine-tuned model, or the same model before fine-tuning")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="how cells are grouped into sets")
     parser.add_argument("--batch-size", type=int, default=16, help="cell sets per forward pass")
+    parser.add_argument("--with-controls", action="store_true",
+                        help="also write the input cells (their genes decoded like the "
+                             "predictions' when the run has a gene decoder)")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     return run_cli(lambda: predict(args.run_dir, args.cells, args.pert, args.out,
                                    model=args.model, seed=args.seed, batch_size=args.batch_size,
+                                   with_controls=args.with_controls,
                                    overwrite=args.overwrite))  # fmt: skip
 
 

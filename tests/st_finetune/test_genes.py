@@ -198,3 +198,16 @@ def test_the_report_lists_the_genes_the_perturbation_moved_most(tiny_run):
     observed = (data.table.genes[group.cells][:, column].mean()
                 - data.table.genes[group.controls][:, column].mean())  # fmt: skip
     assert float(rows[0][4]) == pytest.approx(observed, abs=0.005)
+
+
+def test_predictions_can_carry_their_controls_decoded_alike(tiny_run, inputs, tmp_path):
+    result = predict(tiny_run, inputs[0], ["burn"], tmp_path / "pred.h5ad", with_controls=True)
+    shams = anndata.read_h5ad(inputs[0])
+    shams = shams[shams.obs["condition"] == "sham"]
+    controls = result[result.obs["condition"] == "sham"]
+    assert controls.n_obs == shams.n_obs == result.n_obs // 2
+    assert (controls.obs["cell_set"] == -1).all()
+    assert list(controls.obs["source_cell"]) == list(shams.obs_names)
+    np.testing.assert_array_equal(controls.obsm["X_state"], shams.obsm["X_state"])
+    decoder = G.load_decoder(tiny_run)
+    np.testing.assert_allclose(controls.X, decoder.decode(shams.obsm["X_state"]), rtol=1e-6)
