@@ -251,6 +251,15 @@ def score_cohort(run_dir: str | Path, paths: list[str]):
         decoder = None
         data = CellSetData.unseen(dataclasses.replace(settings, gene_key=None),
                                   models[cfg.name][1])  # fmt: skip
+    if decoder is not None:
+        missing = set(decoder.gene_names) - set(data.table.gene_names)
+        if len(missing) == len(decoder.gene_names):
+            log.warning("no gene-space metrics: the cohort has none of the gene decoder's genes")
+            decoder = None
+        elif missing:
+            log.warning("%d of the gene decoder's %d genes are not in the cohort (e.g. %s): gene "
+                        "metrics use the other %d", len(missing), len(decoder.gene_names),
+                        sorted(missing)[:3], len(decoder.gene_names) - len(missing))  # fmt: skip
     predictions, device = {}, evaluation_device()
     for name, (model, _) in models.items():
         predictions[name], inputs = predict_groups(model, data, "test", device=device)

@@ -15,7 +15,6 @@ is the perturbed cells' mean expression minus the control cells' (see ``GENE_DEF
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
@@ -26,7 +25,6 @@ from torch import nn
 
 from .config import DecoderConfig
 
-log = logging.getLogger("st_finetune")
 FILE = "gene_decoder.pt"
 TOP_GENES = 50
 
@@ -180,13 +178,10 @@ def load_decoder(run_dir: str | Path) -> GeneDecoder | None:
 
 
 def gene_columns(decoder: GeneDecoder, gene_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """``(decoder outputs, table columns)`` of the decoder's genes that the table has."""
+    """``(decoder outputs, table columns)`` of the decoder's genes that the table has (another
+    cohort's file may lack some: :func:`st_finetune.evaluate.score_cohort` says so)."""
     where = {g: i for i, g in enumerate(gene_names)}
     pairs = [(i, where[g]) for i, g in enumerate(decoder.gene_names) if g in where]
-    if len(pairs) < len(decoder.gene_names):
-        log.warning("%d of the gene decoder's %d genes are not in the data: gene metrics use the "
-                    "other %d", len(decoder.gene_names) - len(pairs), len(decoder.gene_names),
-                    len(pairs))  # fmt: skip
     out, cols = zip(*pairs, strict=True) if pairs else ((), ())
     return np.array(out, dtype=np.int64), np.array(cols, dtype=np.int64)
 

@@ -211,3 +211,13 @@ def test_predictions_can_carry_their_controls_decoded_alike(tiny_run, inputs, tm
     np.testing.assert_array_equal(controls.obsm["X_state"], shams.obsm["X_state"])
     decoder = G.load_decoder(tiny_run)
     np.testing.assert_allclose(controls.X, decoder.decode(shams.obsm["X_state"]), rtol=1e-6)
+
+
+def test_a_cohort_with_part_of_the_genes_is_scored_on_those(tiny_run, tmp_path, caplog):
+    cohort = anndata.read_h5ad(make_wound_study(tmp_path / "b.h5ad", seed=1))
+    cohort[:, cohort.var_names[20:]].copy().write_h5ad(tmp_path / "panel.h5ad")
+    with caplog.at_level(logging.WARNING, logger="st_finetune"):
+        rows, _, _ = score_cohort(tiny_run, [tmp_path / "panel.h5ad"])
+    assert caplog.text.count("20 of the gene decoder's 200 genes are not in the cohort") == 1
+    values = [r["value"] for r in rows if r["metric"] == "pearson_delta_genes"]
+    assert values and np.isfinite(values).any()
