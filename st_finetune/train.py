@@ -266,7 +266,7 @@ def run(cfg: RunConfig) -> dict:
     model.cpu()
     after = heldout_energy(model, data, device=device)
     _save_artifact(model, run_dir / "adapter", pretrained, data, rebuilt, cfg)
-    decoder = _gene_decoder(cfg, data, run_dir, device) if cfg.data.gene_key else None
+    decoder_info = _gene_decoder(cfg, data, run_dir, device) if cfg.data.gene_key else None
     metrics = read_metrics(run_dir / "metrics.csv")
     plots = training_curves({cfg.name: metrics}, run_dir, cfg.training.gradient_clip)
     train_rows = metrics[metrics["split"] == "train"]
@@ -294,7 +294,7 @@ def run(cfg: RunConfig) -> dict:
         "parameter_checksum": checksum,
         "data": data.summary(),
         "base_checkpoint": str(pretrained.checkpoint) if pretrained else None,
-        "gene_decoder": decoder,
+        "gene_decoder": decoder_info,
         "files": {
             "metrics": "metrics.csv",
             "splits": "splits.csv",

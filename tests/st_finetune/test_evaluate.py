@@ -79,8 +79,9 @@ def test_the_readme_prediction_example_runs(tiny_run):
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     example = readme.split("Predicting with a fine-tuned model")[1].split("```python")[1]
     scope: dict = {}
-    exec(example.split("```")[0].replace("runs/demo/adapter", str(tiny_run / "adapter")), scope)
+    exec(example.split("```")[0].replace("runs/demo", str(tiny_run)), scope)
     assert scope["predicted"].shape == (300, scope["manifest"]["input_dim"])
+    assert scope["genes"].shape == (300, len(scope["decoder"].gene_names))
 
 
 def test_evaluate_cli_errors_on_an_unfinished_run(tmp_path, capsys):
