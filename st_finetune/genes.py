@@ -96,8 +96,8 @@ def fit_decoder(table, split: np.ndarray, cfg: DecoderConfig, seed: int,
     stop = np.flatnonzero(split == "val")
     rng = np.random.default_rng([seed, 11])
     if len(stop) == 0:  # no validation split: stop on a tenth of the training cells
-        train = rng.permutation(train)
-        stop, train = train[: max(1, len(train) // 10)], train[max(1, len(train) // 10) :]
+        train, n_stop = rng.permutation(train), max(1, len(train) // 10)
+        stop, train = train[:n_stop], train[n_stop:]
     cols = variable_genes(table.genes, train, cfg.n_genes)
     names = [table.gene_names[i] for i in cols]
     y_train = table.genes[train][:, cols]
@@ -195,8 +195,8 @@ def control_scale(ctrl_genes: np.ndarray) -> np.ndarray:
 
 def top_gene_overlap(pred_shift: np.ndarray, obs_shift: np.ndarray, scale=None) -> float:
     """See ``GENE_DEFINITIONS`` (shifts divided by ``scale``, :func:`control_scale`); NaN for a
-    prediction without any shift."""
-    if not np.any(pred_shift):
+    prediction without any shift, or an observation without any (a control-to-control set)."""
+    if not np.any(pred_shift) or not np.any(obs_shift):
         return float("nan")
     k = min(TOP_GENES, len(obs_shift) // 2)
     if k < 1:

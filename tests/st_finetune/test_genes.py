@@ -149,6 +149,7 @@ def test_gene_metrics_of_a_perfect_and_of_a_shiftless_prediction():
     biased.decode = lambda x: x @ dec.w + 3.0
     assert G.gene_metrics(biased, outputs, obs, ctrl, dec.decode(obs), dec.decode(ctrl)) == perfect
     assert G.top_gene_overlap(np.arange(10.0), -np.arange(10.0)) == 1.0  # by |shift|, 5 of 10
+    assert np.isnan(G.top_gene_overlap(np.arange(10.0), np.zeros(10)))  # nothing observed moved
 
 
 def test_a_run_fits_its_decoder_and_evaluation_scores_genes(tiny_run):
