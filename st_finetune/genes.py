@@ -222,22 +222,32 @@ def gene_metrics(decoder: GeneDecoder, outputs: np.ndarray, pred: np.ndarray, ct
     return {"pearson_delta_genes": corr, "top_gene_overlap": overlap}
 
 
-def top_gene_shifts(data, predictions: dict, decoder: GeneDecoder, variants: list[str],
-                    split: str = "test", top: int = 3) -> pd.DataFrame:  # fmt: skip
-    """Per held-out group, the ``top`` genes the perturbation moved most (largest observed |shift|
-    over :func:`control_scale`; the shift: mean expression of the perturbed minus the control
-    cells), with each variant's decoded shift of the same gene."""
+def gene_shifts(data, predictions: dict, decoder: GeneDecoder, variants: list[str],
+                split: str = "test") -> pd.DataFrame:  # fmt: skip
+    """Every decoded gene of every held-out group: its observed shift (mean expression of the
+    perturbed minus the control cells), that shift over :func:`control_scale` (``effect``), and
+    each variant's decoded shift (decoded prediction minus decoded controls)."""
     t = data.table
     outputs, cols = gene_columns(decoder, t.gene_names)
-    rows = []
+    names = np.array(decoder.gene_names)[outputs]
+    frames = []
     for g in data.groups[split]:
         ctrl_genes = dense_rows(t.genes, g.controls, cols)
         observed = dense_rows(t.genes, g.cells, cols).mean(0) - ctrl_genes.mean(0)
         ctrl = decoder.decode(t.features[g.controls])[:, outputs].mean(0)
         shifts = {v: decoder.decode(predictions[v][g.name])[:, outputs].mean(0) - ctrl
                   for v in variants if g.name in predictions.get(v, {})}  # fmt: skip
-        for i in np.argsort(-np.abs(observed / control_scale(ctrl_genes)), kind="stable")[:top]:
-            rows.append({"cell_type": g.cell_type, "timepoint": g.timepoint, "pert": g.pert,
-                         "gene": decoder.gene_names[outputs[i]], "observed": observed[i],
-                         **{v: shift[i] for v, shift in shifts.items()}})  # fmt: skip
-    return pd.DataFrame(rows)
+        frames.append(pd.DataFrame({"cell_type": g.cell_type, "timepoint": g.timepoint,
+                                    "pert": g.pert, "gene": names, "observed": observed,
+                                    "effect": observed / control_scale(ctrl_genes),
+                                    **shifts}))  # fmt: skip
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def top_gene_shifts(shifts: pd.DataFrame, top: int = 3) -> pd.DataFrame:
+    """Of :func:`gene_shifts`, the ``top`` genes of each group that the perturbation moved most
+    (largest |effect|), in that order."""
+    order = shifts.assign(size=-shifts["effect"].abs()).sort_values("size", kind="stable")
+    return (
+        order.groupby(["cell_type", "timepoint", "pert"], sort=False).head(top).drop(columns="size")
+    )

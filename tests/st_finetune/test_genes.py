@@ -16,7 +16,7 @@ from st_finetune.data import CellTable, DataError, MissingGenes, load_cells
 from st_finetune.demo import INFLAMMATORY_GENES, make_wound_study
 from st_finetune.evaluate import evaluate_run, score_cohort, score_run
 from st_finetune.predict import predict
-from st_finetune.report import gene_section
+from st_finetune.report import gene_section, plot_gene_shifts
 
 
 def _file(path, X=None, layers=None, genes=("a", "b", "c"), n=12, seed=0):
@@ -185,10 +185,12 @@ def test_a_cohort_without_genes_is_scored_on_embeddings(tiny_run, tmp_path, capl
     assert set(G.GENE_DEFINITIONS) <= {r["metric"] for r in rows}
 
 
-def test_the_report_lists_the_genes_the_perturbation_moved_most(tiny_run):
+def test_the_report_lists_the_genes_the_perturbation_moved_most(tiny_run, tmp_path):
     _, predictions, data = score_run(tiny_run)
     decoder = G.load_decoder(tiny_run)
-    lines = gene_section(data, predictions, decoder, ["pretrained", "tiny"], "")
+    shifts = G.gene_shifts(data, predictions, decoder, ["pretrained", "tiny"])
+    assert len(shifts) == len(decoder.gene_names) * len(data.groups["test"])
+    lines = gene_section(shifts, ["pretrained", "tiny"], "")
     rows = [line.strip("| ").split(" | ") for line in lines if line.startswith("| ")][1:]
     assert len(rows) == 3 * len(data.groups["test"])
     assert rows[0][:3] == ["macrophage", "10", "burn"]  # key wound-healing cell types first
@@ -199,6 +201,8 @@ def test_the_report_lists_the_genes_the_perturbation_moved_most(tiny_run):
     observed = (data.table.genes[group.cells][:, column].mean()
                 - data.table.genes[group.controls][:, column].mean())  # fmt: skip
     assert float(rows[0][4]) == pytest.approx(observed, abs=0.005)
+    plot_gene_shifts(shifts, ["pretrained", "tiny"], tmp_path / "genes.png")
+    assert (tmp_path / "genes.png").stat().st_size > 10_000
 
 
 def test_predictions_can_carry_their_controls_decoded_alike(tiny_run, inputs, tmp_path):
