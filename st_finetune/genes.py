@@ -158,6 +158,8 @@ def r_squared(decoder: GeneDecoder, table, rows: np.ndarray, cols: np.ndarray) -
 
 
 def save_decoder(decoder: GeneDecoder, info: dict, run_dir: Path) -> Path:
+    """Write ``run_dir/gene_decoder.pt`` (weights, genes, shape and the fit's record: tensors,
+    lists and numbers only, so :func:`load_decoder` reads it with ``weights_only=True``)."""
     path = Path(run_dir) / FILE
     torch.save({"state_dict": decoder.state_dict(), "gene_names": decoder.gene_names,
                 "embed_dim": decoder.net[0].in_features, "hidden": decoder.net[0].out_features,
