@@ -159,12 +159,14 @@ def read_genes(adata, key: str, file: Path) -> tuple[sparse.csr_matrix, list[str
         except KeyError:  # a file read on disk without X raises instead of giving None
             matrix = None
         if matrix is None:
-            raise MissingGenes(f"{file.name}: data.gene_key=X but the file has no genes in X")
+            raise MissingGenes(f"{file.name}: data.gene_key=X but the file has no genes in X; "
+                               "name the layer that holds them, or leave data.gene_key unset "
+                               "(no gene decoder)")  # fmt: skip
     elif key in adata.layers:
         matrix = adata.layers[key]
     else:
         raise MissingGenes(f"{file.name}: no layer '{key}' (data.gene_key); layers: "
-                        f"{list(adata.layers.keys())} (or X)")  # fmt: skip
+                           f"{list(adata.layers.keys())} (or X; unset: no gene decoder)")  # fmt: skip
     if hasattr(matrix, "to_memory"):  # a sparse matrix left on disk
         matrix = matrix.to_memory()
     elif not sparse.issparse(matrix):

@@ -276,18 +276,28 @@ def make_pretrained(folder: str | Path, seed: int = 0, steps: int = 600) -> Path
     return write_model_folder(model.eval(), folder, names)
 
 
-def _has_genes(path: str | Path) -> bool:
-    """Whether the demo study at ``path`` has its genes (earlier versions wrote none; it is then
-    written again: its embeddings come out the same)."""
+def _demo_without_genes(path: str | Path) -> bool:
+    """Whether ``path`` is a demo study written by an earlier version, without genes: one this
+    module wrote (its planted effects in ``uns``) and no ``X``. Any other file is the user's."""
     import h5py
 
-    with h5py.File(path, "r") as f:
-        return "X" in f
+    if not Path(path).is_file():  # a folder of files: the user's
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            return "X" not in f and "planted" in f.get("uns", {})
+    except OSError:  # not an HDF5 file: the user's (the data checks say what is wrong with it)
+        return False
 
 
 def ensure_demo_files(data_path: str | Path | None, checkpoint: str | Path | None) -> None:
-    """Create whichever of the demo study and the demo checkpoint is missing."""
-    if data_path and (not Path(data_path).exists() or not _has_genes(data_path)):
+    """Create whichever of the demo study and the demo checkpoint is missing (and write again a
+    demo study from an earlier version, which lacks the genes: same embeddings). A file of the
+    user's at ``data_path`` is never touched."""
+    if data_path and not Path(data_path).exists():
+        make_wound_study(data_path)
+    elif data_path and _demo_without_genes(data_path):
+        log.info("the demo study at %s predates its genes: writing it again", data_path)
         make_wound_study(data_path)
     if checkpoint and not Path(checkpoint).exists():
         make_pretrained(checkpoint)
