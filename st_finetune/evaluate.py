@@ -92,21 +92,19 @@ def mean_shift_predictions(data: CellSetData, inputs: dict, split: str = "test",
     return out
 
 
+def _row(variant: str, group: str, metric: str, value, cell_type: str = "",
+         timepoint: str = "") -> dict:  # fmt: skip
+    return {"variant": variant, "group": group, "metric": metric, "value": float(value),
+            "cell_type": cell_type, "timepoint": timepoint}  # fmt: skip
+
+
 def score(data: CellSetData, predictions: dict, variant: str, split: str = "test",
           decoder=None) -> list[dict]:  # fmt: skip
     """Every metric per group, plus per-cell-type temporal coherence and overall means; with a
     gene ``decoder`` (:mod:`st_finetune.genes`) and genes in the data, the gene-space metrics."""
     t = data.table
-    decoding = decoder is not None and t.genes is not None
-    if decoding:
-        outputs, cols = G.gene_columns(decoder, t.gene_names)
     groups: list[Group] = [g for g in data.groups[split] if g.name in predictions]
     rows = []
-
-    def add(group, metric, value, cell_type="", timepoint=""):
-        rows.append({"variant": variant, "group": group, "metric": metric, "value": float(value),
-                     "cell_type": cell_type, "timepoint": timepoint})  # fmt: skip
-
     pred_means, obs_means = [], []
     for g in groups:
         pred, obs, ctrl = predictions[g.name], t.features[g.cells], t.features[g.controls]
@@ -116,16 +114,10 @@ def score(data: CellSetData, predictions: dict, variant: str, split: str = "test
                             ("nn_distance_norm", M.nn_distance_norm(pred, obs)),
                             ("pearson_delta", M.pearson_delta(pred, obs, ctrl)),
                             ("mae_mean", M.mae_mean(pred, obs))):  # fmt: skip
-            add(g.name, name, value, g.cell_type, g.timepoint)
-        if decoding and len(cols):
-            found = G.gene_metrics(decoder, outputs, pred, t.features[g.controls],
-                                   G.dense_rows(t.genes, g.cells, cols),
-                                   G.dense_rows(t.genes, g.controls, cols))  # fmt: skip
-            for name, value in found.items():
-                add(g.name, name, value, g.cell_type, g.timepoint)
+            rows.append(_row(variant, g.name, name, value, g.cell_type, g.timepoint))
     for g, value in zip(groups, M.discrimination(np.array(pred_means), np.array(obs_means)),
                         strict=True):  # fmt: skip
-        add(g.name, "discrimination", value, g.cell_type, g.timepoint)
+        rows.append(_row(variant, g.name, "discrimination", value, g.cell_type, g.timepoint))
     by_type = defaultdict(lambda: ({}, {}))
     for g, pm, om in zip(groups, pred_means, obs_means, strict=True):
         ctrl_mean = t.features[g.controls].mean(0)
@@ -133,11 +125,40 @@ def score(data: CellSetData, predictions: dict, variant: str, split: str = "test
         pred_shift[g.timepoint] = pm - ctrl_mean
         obs_shift[g.timepoint] = om - ctrl_mean
     for (ct, pert), (ps, os_) in sorted(by_type.items()):
-        add(f"{ct} | {pert}", "temporal_coherence", M.temporal_coherence(ps, os_), ct, "")
-    frame = pd.DataFrame(rows)
-    for metric, values in frame.groupby("metric")["value"]:
-        add("overall", metric, np.nanmean(values) if values.notna().any() else np.nan)
+        rows.append(_row(variant, f"{ct} | {pert}", "temporal_coherence",
+                         M.temporal_coherence(ps, os_), ct))  # fmt: skip
+    if decoder is not None:
+        rows += gene_rows(data, predictions, variant, split, decoder)
+    return with_overall(rows, variant)
+
+
+def gene_rows(data: CellSetData, predictions: dict, variant: str, split: str,
+              decoder) -> list[dict]:  # fmt: skip
+    """The gene-space metrics of each group (:func:`st_finetune.genes.gene_metrics`); none when
+    the data has none of the decoder's genes."""
+    t = data.table
+    if t.genes is None:
+        return []
+    outputs, cols = G.gene_columns(decoder, t.gene_names)
+    if not len(cols):
+        return []
+    rows = []
+    for g in data.groups[split]:
+        if g.name in predictions:
+            found = G.gene_metrics(decoder, outputs, predictions[g.name], t.features[g.controls],
+                                   G.dense_rows(t.genes, g.cells, cols),
+                                   G.dense_rows(t.genes, g.controls, cols))  # fmt: skip
+            rows += [_row(variant, g.name, name, value, g.cell_type, g.timepoint)
+                     for name, value in found.items()]  # fmt: skip
     return rows
+
+
+def with_overall(rows: list[dict], variant: str) -> list[dict]:
+    """``rows`` and, per metric, its mean over them (NaN left out) as an ``overall`` row."""
+    overall = [_row(variant, "overall", metric, np.nanmean(values) if values.notna().any()
+                    else np.nan)
+               for metric, values in pd.DataFrame(rows).groupby("metric")["value"]]  # fmt: skip
+    return rows + overall
 
 
 def run_stability_rows(run_dir: Path, variant: str) -> list[dict]:
@@ -211,29 +232,29 @@ def score_run(run_dir: str | Path, split: str = "test", baselines: bool = True):
     """``(rows, predictions by variant, data)`` for a run, its pretrained model and baselines."""
     run_dir = Path(run_dir)
     cfg, data, models = load_run(run_dir)
-    rows, predictions, inputs = [], {}, None
+    predictions, inputs = {}, None
     device = evaluation_device()
     for name, model in models.items():
         predictions[name], inputs = predict_groups(model, data, split, device=device)
     if baselines and inputs is not None:
         predictions[NO_CHANGE] = inputs
         predictions[MEAN_SHIFT] = mean_shift_predictions(data, inputs, split)
-    decoder = G.load_decoder(run_dir)
-    for name, preds in predictions.items():
-        rows += score(data, preds, name, split, decoder)
-    if baselines and decoder is not None:
-        rows += decoded_observed_rows(data, split, decoder)
-    rows += cell_eval_metrics(data, predictions, split, decoder)
-    rows += run_stability_rows(run_dir, cfg.name)
-    return rows, predictions, data
+    rows = score_variants(data, predictions, split, G.load_decoder(run_dir), reference=baselines)
+    return rows + run_stability_rows(run_dir, cfg.name), predictions, data
 
 
-def decoded_observed_rows(data: CellSetData, split: str, decoder) -> list[dict]:
-    """The gene metrics a model would score if it predicted the observed perturbed cells'
-    embeddings exactly (variant ``decoded observed``): the reference for decoded predictions."""
-    observed = {g.name: data.table.features[g.cells] for g in data.groups[split]}
-    rows = score(data, observed, DECODED_OBSERVED, split, decoder)
-    return [r for r in rows if r["metric"] in G.GENE_DEFINITIONS]
+def score_variants(data: CellSetData, predictions: dict, split: str, decoder,
+                   reference: bool = True) -> list[dict]:  # fmt: skip
+    """:func:`score` of every variant in ``predictions``; with a gene ``decoder`` and
+    ``reference``, the ``decoded observed`` rows (the gene metrics a model would score if it
+    predicted the observed perturbed cells' embeddings exactly); cell-eval's where it applies."""
+    rows = [row for name, preds in predictions.items()
+            for row in score(data, preds, name, split, decoder)]  # fmt: skip
+    if reference and decoder is not None:
+        observed = {g.name: data.table.features[g.cells] for g in data.groups[split]}
+        rows += with_overall(gene_rows(data, observed, DECODED_OBSERVED, split, decoder),
+                             DECODED_OBSERVED)  # fmt: skip
+    return rows + cell_eval_metrics(data, predictions, split, decoder)
 
 
 def score_cohort(run_dir: str | Path, paths: list[str]):
@@ -269,13 +290,7 @@ def score_cohort(run_dir: str | Path, paths: list[str]):
                                                          run_data(run_dir, cfg))  # fmt: skip
     except (DataError, ValueError) as err:
         log.warning("no mean-shift baseline: the run's training data cannot be read (%s)", err)
-    rows = []
-    for name, preds in predictions.items():
-        rows += score(data, preds, name, "test", decoder)
-    if decoder is not None:
-        rows += decoded_observed_rows(data, "test", decoder)
-    rows += cell_eval_metrics(data, predictions, "test", decoder)
-    return rows, predictions, data
+    return score_variants(data, predictions, "test", decoder), predictions, data
 
 
 def cell_eval_metrics(data: CellSetData, predictions: dict, split: str = "test",

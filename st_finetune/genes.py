@@ -209,18 +209,29 @@ def top_gene_overlap(pred_shift: np.ndarray, obs_shift: np.ndarray, scale=None) 
     return len(np.intersect1d(top_obs, top_pred)) / k
 
 
+def group_shifts(decoder: GeneDecoder, outputs: np.ndarray, predicted: dict[str, np.ndarray],
+                 ctrl: np.ndarray, obs_genes: np.ndarray, ctrl_genes: np.ndarray):  # fmt: skip
+    """One group's shifts: ``(observed, scale, {name: decoded})``. ``predicted`` maps a name to
+    predicted embeddings, ``ctrl`` holds the control cells' embeddings (their decoded mean is
+    subtracted, so the decoder's own bias cancels); ``obs_genes`` and ``ctrl_genes``: measured
+    expression on the decoder outputs ``outputs``; ``scale``: :func:`control_scale`."""
+    base = decoder.decode(ctrl)[:, outputs].mean(0)
+    decoded = {name: decoder.decode(x)[:, outputs].mean(0) - base for name, x in predicted.items()}
+    return obs_genes.mean(0) - ctrl_genes.mean(0), control_scale(ctrl_genes), decoded
+
+
 def gene_metrics(decoder: GeneDecoder, outputs: np.ndarray, pred: np.ndarray, ctrl: np.ndarray,
                  obs_genes: np.ndarray, ctrl_genes: np.ndarray) -> dict[str, float]:  # fmt: skip
     """Gene-space metrics of one group: ``pred`` and ``ctrl`` embeddings (decoded here, outputs
     ``outputs``), ``obs_genes`` and ``ctrl_genes`` the observed expression on the same genes."""
-    decoded = decoder.decode(np.concatenate([pred, ctrl]))[:, outputs]
-    pred_shift = decoded[: len(pred)].mean(0) - decoded[len(pred) :].mean(0)
-    obs_shift = obs_genes.mean(0) - ctrl_genes.mean(0)
+    obs_shift, scale, decoded = group_shifts(decoder, outputs, {"pred": pred}, ctrl, obs_genes,
+                                             ctrl_genes)  # fmt: skip
+    pred_shift = decoded["pred"]
     if pred_shift.std() == 0 or obs_shift.std() == 0:
         corr = float("nan")
     else:
         corr = float(np.corrcoef(pred_shift, obs_shift)[0, 1])
-    overlap = top_gene_overlap(pred_shift, obs_shift, control_scale(ctrl_genes))
+    overlap = top_gene_overlap(pred_shift, obs_shift, scale)
     return {"pearson_delta_genes": corr, "top_gene_overlap": overlap}
 
 
@@ -228,21 +239,22 @@ def gene_shifts(data, predictions: dict, decoder: GeneDecoder, variants: list[st
                 split: str = "test") -> pd.DataFrame:  # fmt: skip
     """Every decoded gene of every held-out group: its observed shift (mean expression of the
     perturbed minus the control cells), that shift over :func:`control_scale` (``effect``), and
-    each variant's decoded shift (decoded prediction minus decoded controls)."""
+    each variant's decoded shift (:func:`group_shifts`)."""
     t = data.table
     outputs, cols = gene_columns(decoder, t.gene_names)
     names = np.array(decoder.gene_names)[outputs]
     frames = []
     for g in data.groups[split]:
-        ctrl_genes = dense_rows(t.genes, g.controls, cols)
-        observed = dense_rows(t.genes, g.cells, cols).mean(0) - ctrl_genes.mean(0)
-        ctrl = decoder.decode(t.features[g.controls])[:, outputs].mean(0)
-        shifts = {v: decoder.decode(predictions[v][g.name])[:, outputs].mean(0) - ctrl
-                  for v in variants if g.name in predictions.get(v, {})}  # fmt: skip
+        predicted = {
+            v: predictions[v][g.name] for v in variants if g.name in predictions.get(v, {})
+        }
+        observed, scale, decoded = group_shifts(decoder, outputs, predicted,
+                                                t.features[g.controls],
+                                                dense_rows(t.genes, g.cells, cols),
+                                                dense_rows(t.genes, g.controls, cols))  # fmt: skip
         frames.append(pd.DataFrame({"cell_type": g.cell_type, "timepoint": g.timepoint,
                                     "pert": g.pert, "gene": names, "observed": observed,
-                                    "effect": observed / control_scale(ctrl_genes),
-                                    **shifts}))  # fmt: skip
+                                    "effect": observed / scale, **decoded}))  # fmt: skip
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
