@@ -183,8 +183,9 @@ def predict(run_dir: str | Path, cells: str | Path, perts: list[str], out: str |
         "run": str(run_dir.resolve()), "model": model, "perturbations": list(perts),
         "cell_set_len": size, "seed": seed, "cells": str(cells.resolve()),
         "with_controls": with_controls,
-        "X": "genes decoded from the predictions by the run's gene decoder" if decoder is not None
-        and cfg.embed_key != "X" else "",
+        # a run has a gene decoder only with embedding features (data.gene_key refuses X)
+        "X": "genes decoded from the predictions by the run's gene decoder"
+        if decoder is not None else "",
     }  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
