@@ -46,7 +46,7 @@ def amax_gain(h_res: torch.Tensor | Sequence[torch.Tensor]) -> dict[str, torch.T
     """
     h = _stack(h_res)
     composite = []
-    product = torch.eye(h.shape[-1], dtype=h.dtype)
+    product = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
     for layer in h:
         product = layer @ product
         composite.append(product)
