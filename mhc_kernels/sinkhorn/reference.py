@@ -48,6 +48,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, without a call when it already is. For the output of an autograd
+    Function's forward: ``t.to(t.dtype)`` returns ``t`` itself, and under torch.compile torch 2.11
+    routes the gradient of an output that is the same tensor as a forward intermediate to the wrong
+    slot (pytorch/pytorch#180642, fixed in 2.12): wrong gradients, silently."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def autocast_exempt(fn):
     """Run a reference op with autocast off on its first argument's device.
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..coefficients.reference import projection_backward_reference
-from ..sinkhorn.reference import autocast_exempt, compute_dtype
+from ..sinkhorn.reference import as_dtype, autocast_exempt, compute_dtype
 
 
 @autocast_exempt
@@ -49,7 +49,7 @@ class _PreMix(torch.autograd.Function):
     def forward(ctx, x, h_pre):
         ctx.save_for_backward(x, h_pre)
         dt = compute_dtype(x.dtype)
-        return torch.einsum("...j,...jc->...c", h_pre.to(dt), x.to(dt)).to(x.dtype)
+        return as_dtype(torch.einsum("...j,...jc->...c", h_pre.to(dt), x.to(dt)), x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -65,7 +65,7 @@ class _Merge(torch.autograd.Function):
         ctx.save_for_backward(x, y, h_post, h_res)
         dt = compute_dtype(x.dtype)
         mixed = torch.einsum("...ij,...jc->...ic", h_res.to(dt), x.to(dt))
-        return (mixed + h_post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(-2)).to(x.dtype)
+        return as_dtype(mixed + h_post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(-2), x.dtype)
 
     @staticmethod
     def backward(ctx, grad):

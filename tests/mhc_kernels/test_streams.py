@@ -98,6 +98,42 @@ def test_reference_backwards_are_autograds():
         assert torch.autograd.gradgradcheck(merge_reference, (x, y, h_post, h_res))
 
 
+class _NoOpCasts(torch.overrides.TorchFunctionMode):
+    """Records the results of ``Tensor.to`` calls that return their input unchanged."""
+
+    def __init__(self):
+        super().__init__()
+        self.results = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.to and out is args[0]:
+            self.results.append(out)
+        return out
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_reference_outputs_are_not_no_op_casts(dtype):
+    """torch 2.11 under torch.compile routes the gradient of a Function's output that is the same
+    tensor as a forward intermediate to the wrong slot (pytorch/pytorch#180642): the reference
+    Functions must not return one. The PyTorch pre-mix and merge returned ``result.to(x.dtype)``, which for float32 streams is ``result`` itself, and
+    every gradient of a compiled mHC stack was wrong on the GPU machine's torch 2.11 (torch 2.13
+    is fixed, so this checks the cause rather than the symptom)."""
+    from mhc_kernels.coefficients import projection_reference
+    from mhc_kernels.sinkhorn import sinkhorn_knopp_reference
+    from mhc_kernels.streams import merge_reference, pre_mix_reference
+
+    x = torch.randn(2, 4, 8).to(DTYPES[dtype]).requires_grad_()
+    y = torch.randn(2, 8).to(DTYPES[dtype]).requires_grad_()
+    h_pre, h_post, h_res = torch.rand(2, 4), torch.rand(2, 4), torch.rand(2, 4, 4)
+    logits, phi = torch.randn(2, 4, 4, requires_grad=True), torch.randn(32, 24, requires_grad=True)
+    with _NoOpCasts() as casts:
+        outputs = [pre_mix_reference(x, h_pre), merge_reference(x, y, h_post, h_res),
+                   *projection_reference(x.reshape(2, 32), phi),
+                   sinkhorn_knopp_reference(logits.to(DTYPES[dtype]), iters=3)]  # fmt: skip
+    assert not [o for o in outputs if any(o is r for r in casts.results)]
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("x_dtype,y_dtype", [("fp32", "fp32"), ("fp32", "bf16"), ("bf16", "bf16")])
 def test_merge_backward_alone_equals_autograd_through_merge(backend, x_dtype, y_dtype, device):
