@@ -293,19 +293,24 @@ def merge_bwd(x, y, h_post, h_res, g, want_dx: bool = True):
     return dx, dy, dh_post.sum(0), dh_res.sum(0)
 
 
-STREAM_GRAD_TOKENS = 16  # tokens per program that share each row of phi^T read (GPU)
+# tokens per program sharing each row of phi^T read, by the streams' bytes per element (GPU). The
+# H200 sweep (n = 4, C = 1488, 16,384 tokens, 53 configurations per dtype): float32 fastest with 4
+# tokens x 128 channels on 4 warps (0.47 ms, 1.8x the roofline; 16 x 32 was 0.70 ms), 16-bit with
+# 16 tokens x 64 channels on 2 warps (0.42 ms; 4 warps 0.54 ms): one warp per 32 channels
+STREAM_GRAD_TOKENS = {4: 4, 2: 16}
 # the stream gradient's projection term as one tensor-core product (n <= 4: n = 8's phi^T tile
-# spills) instead of W rank-1 updates in float32 FMAs (2.7-4.1x the roofline on an H200). Off
-# until a GPU has timed it: it doubles the registers (n = 4 fp32, sm_90: 66 -> 138 per thread)
+# spills) instead of W rank-1 updates in float32 FMAs. Off: on the H200 it was 1.07-1.22x slower
+# than the FMAs at the same launch (and 0.63 ms at best in the sweep), with twice the registers
 TENSOR_CORES = False
 MMA_STREAMS = 4
 
 
 def stream_grad_config(tokens: int, n: int, C: int, itemsize: int = 4) -> dict:
     """Launch options of the stream gradient kernel: ``launch_config``'s, except that a GPU program
-    takes 16 tokens (narrower C blocks: 128-byte stream rows), so that phi^T, read once per
-    program, costs about as much L2 traffic per token as the streams cost DRAM traffic instead of
-    16x more; and the projection term's form (``MMA``: at least 16 tokens, a dot's least rows)."""
+    takes several tokens (``STREAM_GRAD_TOKENS``: 4 for float32 streams, 16 for 16-bit ones) and
+    a narrower C block to match, one warp per 32 channels, so that the tokens share each read of
+    phi^T (one token per program would cost 16x more L2 traffic in phi^T than DRAM traffic in
+    streams); and the projection term's form (``MMA``: at least 16 tokens, a dot's least rows)."""
     config = launch_config(tokens, n, C, itemsize)
     mma = TENSOR_CORES and n <= MMA_STREAMS
     dots = {**dot_options(mma), "WP": dot_width(n * n + 2 * n)}
@@ -313,12 +318,14 @@ def stream_grad_config(tokens: int, n: int, C: int, itemsize: int = 4) -> dict:
         return {**config, **dots, "BT": max(config["BT"], MIN_DOT) if mma else config["BT"]}
     np2 = config["NP"]
     tile = GPU_TILE_ELEMS_PER_THREAD * 32 * 4 * (4 // itemsize)
-    bt = min(next_power_of_2(max(tokens, 1)), STREAM_GRAD_TOKENS)
+    bt = min(next_power_of_2(max(tokens, 1)), STREAM_GRAD_TOKENS[itemsize])
     bc = min(next_power_of_2(C), max(16, tile // (bt * np2)))
     bt = min(next_power_of_2(max(tokens, 1)), max(1, tile // (np2 * bc)))
     if mma:
         bt = max(bt, MIN_DOT)
-    return {**config, **dots, "BT": bt, "BC": bc, "num_warps": 4}
+    # one warp per 32 channels, and at most 64 tile elements per thread (n = 8 16-bit: 128 spilled)
+    warps = min(8, max(1, bc // 32, bt * np2 * bc // (32 * 64)))
+    return {**config, **dots, "BT": bt, "BC": bc, "num_warps": warps}
 
 
 def stream_grad(x, g_in, g_out, h_pre, h_res, dss, dproj, phi_t):

@@ -191,6 +191,34 @@ def test_backwards_without_their_stream_gradient(backend, dtype, device):
             )
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_the_gpu_launch_configurations_give_the_interpreters_results(n, dtype, monkeypatch):
+    """The interpreter runs few, large programs; a GPU runs the shipped configurations (the stream
+    gradient: 4 or 16 tokens per program, 64-512 channels, from the H200 sweep). The same kernels
+    under those configurations, on CPU, match the interpreter's tiles to float32 rounding."""
+    from mhc_kernels.streams import stream_grad
+    from mhc_kernels.streams import triton as kernels
+
+    T, C, W, dt = 20, 520, n * n + 2 * n, DTYPES[dtype]
+    x, g_out = torch.randn(T, n, C).to(dt), torch.randn(T, n, C).to(dt)
+    g_in, y = torch.randn(T, C).to(dt), torch.randn(T, C).to(dt)
+    h_pre, h_post, h_res = torch.rand(T, n), torch.rand(T, n), torch.rand(T, n, n)
+    dss, dproj, phi = torch.randn(T), torch.randn(T, W), torch.randn(n * C, W) / (n * C) ** 0.5
+
+    def run():
+        outs = [pre_mix(x, h_pre, "triton"), merge(x, y, h_post, h_res, "triton"),
+                stream_grad(x, g_in, g_out, h_pre, h_res, dss, dproj, phi, "triton")]  # fmt: skip
+        return [o.double() for o in outs]
+
+    interpreter = run()
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    gpu_tiles = kernels.stream_grad_config(T, n, C, x.element_size())
+    assert gpu_tiles["BT"] < T and gpu_tiles["BC"] < C  # several programs each way
+    for got, want in zip(run(), interpreter, strict=True):
+        torch.testing.assert_close(got, want, rtol=4 * torch.finfo(dt).eps, atol=1e-5)
+
+
 @pytest.mark.parametrize("dots", ["fma", "tensor-cores"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("merge_grad", [True, False], ids=["merge", "no-merge"])
