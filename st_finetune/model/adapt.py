@@ -72,7 +72,8 @@ class MHCSettings:
         layers: decoder layer indices to wrap; ``None`` wraps all.
         init: ``"identity"`` (reproduces the pretrained model at step 0) or ``"paper"``.
         alpha_init: initial gates.
-        backend: Sinkhorn backend (``"auto"``, ``"torch"``, ``"triton"``).
+        backend: the mHC kernels' backend (``"auto"``, ``"torch"``, ``"triton"``: every fused
+            Triton kernel, the opt-in projection included).
         recompute: activation memory traded for compute: 0 keeps every activation; ``k >= 1``
             keeps one stream input per ``k`` consecutive connections and rebuilds the others in
             backward by re-running the merges (:mod:`mhc_kernels.recompute`; 3 or 4 suit
