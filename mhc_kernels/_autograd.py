@@ -16,7 +16,10 @@ from torch.autograd.function import once_differentiable
 
 
 def eager_function(forward: Callable, setup_context: Callable, backward: Callable) -> Callable:
-    """``Function.apply`` running ``forward`` directly, with ``register_autograd``-style helpers."""
+    """``Function.apply`` running ``forward`` directly, with ``register_autograd``-style helpers;
+    with grad mode off (no graph to record) ``forward`` alone, without ``apply``'s machinery: the
+    recomputed and fused-backward connections call the kernels inside their own Functions'
+    forwards, where grad mode is off, and so do ``torch.no_grad`` callers (prediction)."""
 
     class Eager(torch.autograd.Function):
         @staticmethod
@@ -31,7 +34,12 @@ def eager_function(forward: Callable, setup_context: Callable, backward: Callabl
             return backward(ctx, *grads)
 
     Eager.__name__ = f"Eager_{getattr(forward, '__name__', 'kernel')}"
-    return Eager.apply
+    apply = Eager.apply
+
+    def call(*inputs):
+        return apply(*inputs) if torch.is_grad_enabled() else forward(*inputs)
+
+    return call
 
 
 def compiled_or_eager(op: Callable, eager: Callable) -> Callable:

@@ -45,6 +45,21 @@ def test_eager_calls_skip_the_custom_op_dispatch(device):
     assert not any(name.startswith("mhc_kernels::") for name in names), sorted(names)
 
 
+def test_without_grad_mode_the_launchers_run_without_a_function(device):
+    """No graph to record: the kernel runs without ``Function.apply`` (its host cost is paid by
+    the recomputed and fused connections, whose Functions call the kernels with grad mode off,
+    and by no_grad callers), with the same result."""
+    x = torch.randn(5, 3, 3, device=device, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        with torch.no_grad():
+            out = sinkhorn_knopp(x, 2, backend="triton")
+    assert not [e.name for e in prof.events() if e.name.startswith("Eager_")]
+    assert out.grad_fn is None
+    recorded = sinkhorn_knopp(x, 2, backend="triton")
+    assert recorded.grad_fn is not None
+    torch.testing.assert_close(out, recorded.detach(), rtol=0, atol=0)
+
+
 def test_gradients_of_kernel_gradients_raise_instead_of_vanishing(device):
     x = torch.randn(5, 4, 8, device=device, requires_grad=True)
     y = torch.randn(5, 8, device=device, requires_grad=True)
