@@ -99,9 +99,9 @@ def _row(variant: str, group: str, metric: str, value, cell_type: str = "",
 
 
 def score(data: CellSetData, predictions: dict, variant: str, split: str = "test",
-          decoder=None) -> list[dict]:  # fmt: skip
-    """Every metric per group, plus per-cell-type temporal coherence and overall means; with a
-    gene ``decoder`` (:mod:`st_finetune.genes`) and genes in the data, the gene-space metrics."""
+          genes: list[dict] = ()) -> list[dict]:  # fmt: skip
+    """Every metric per group, plus per-cell-type temporal coherence, this variant's gene-space
+    rows ``genes`` (:func:`gene_rows`), and overall means."""
     t = data.table
     groups: list[Group] = [g for g in data.groups[split] if g.name in predictions]
     rows = []
@@ -127,29 +127,19 @@ def score(data: CellSetData, predictions: dict, variant: str, split: str = "test
     for (ct, pert), (ps, os_) in sorted(by_type.items()):
         rows.append(_row(variant, f"{ct} | {pert}", "temporal_coherence",
                          M.temporal_coherence(ps, os_), ct))  # fmt: skip
-    if decoder is not None:
-        rows += gene_rows(data, predictions, variant, split, decoder)
-    return with_overall(rows, variant)
+    return with_overall(rows + list(genes), variant)
 
 
-def gene_rows(data: CellSetData, predictions: dict, variant: str, split: str,
-              decoder) -> list[dict]:  # fmt: skip
-    """The gene-space metrics of each group (:func:`st_finetune.genes.gene_metrics`); none when
-    the data has none of the decoder's genes."""
-    t = data.table
-    if t.genes is None:
-        return []
-    outputs, cols = G.gene_columns(decoder, t.gene_names)
-    if not len(cols):
-        return []
-    rows = []
-    for g in data.groups[split]:
-        if g.name in predictions:
-            found = G.gene_metrics(decoder, outputs, predictions[g.name], t.features[g.controls],
-                                   G.dense_rows(t.genes, g.cells, cols),
-                                   G.dense_rows(t.genes, g.controls, cols))  # fmt: skip
-            rows += [_row(variant, g.name, name, value, g.cell_type, g.timepoint)
-                     for name, value in found.items()]  # fmt: skip
+def gene_rows(data: CellSetData, predictions: dict, split: str, decoder) -> dict[str, list[dict]]:
+    """Each variant's gene-space metrics per group (:func:`st_finetune.genes.shift_metrics`), for
+    ``predictions``: variant -> group name -> embeddings; no rows when the data has none of the
+    decoder's genes."""
+    rows = {name: [] for name in predictions}
+    for g, _, observed, scale, decoded in G.each_group_shifts(data, predictions, decoder, split):
+        for name, shift in decoded.items():
+            found = G.shift_metrics(shift, observed, scale)
+            rows[name] += [_row(name, g.name, metric, value, g.cell_type, g.timepoint)
+                           for metric, value in found.items()]  # fmt: skip
     return rows
 
 
@@ -248,12 +238,15 @@ def score_variants(data: CellSetData, predictions: dict, split: str, decoder,
     """:func:`score` of every variant in ``predictions``; with a gene ``decoder`` and
     ``reference``, the ``decoded observed`` rows (the gene metrics a model would score if it
     predicted the observed perturbed cells' embeddings exactly); cell-eval's where it applies."""
-    rows = [row for name, preds in predictions.items()
-            for row in score(data, preds, name, split, decoder)]  # fmt: skip
+    scored = dict(predictions)
     if reference and decoder is not None:
-        observed = {g.name: data.table.features[g.cells] for g in data.groups[split]}
-        rows += with_overall(gene_rows(data, observed, DECODED_OBSERVED, split, decoder),
-                             DECODED_OBSERVED)  # fmt: skip
+        scored[DECODED_OBSERVED] = {g.name: data.table.features[g.cells]
+                                    for g in data.groups[split]}  # fmt: skip
+    genes = gene_rows(data, scored, split, decoder) if decoder is not None else {}
+    rows = [row for name, preds in predictions.items()
+            for row in score(data, preds, name, split, genes.get(name, []))]  # fmt: skip
+    if genes.get(DECODED_OBSERVED):
+        rows += with_overall(genes[DECODED_OBSERVED], DECODED_OBSERVED)
     return rows + cell_eval_metrics(data, predictions, split, decoder)
 
 

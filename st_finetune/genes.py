@@ -220,13 +220,10 @@ def group_shifts(decoder: GeneDecoder, outputs: np.ndarray, predicted: dict[str,
     return obs_genes.mean(0) - ctrl_genes.mean(0), control_scale(ctrl_genes), decoded
 
 
-def gene_metrics(decoder: GeneDecoder, outputs: np.ndarray, pred: np.ndarray, ctrl: np.ndarray,
-                 obs_genes: np.ndarray, ctrl_genes: np.ndarray) -> dict[str, float]:  # fmt: skip
-    """Gene-space metrics of one group: ``pred`` and ``ctrl`` embeddings (decoded here, outputs
-    ``outputs``), ``obs_genes`` and ``ctrl_genes`` the observed expression on the same genes."""
-    obs_shift, scale, decoded = group_shifts(decoder, outputs, {"pred": pred}, ctrl, obs_genes,
-                                             ctrl_genes)  # fmt: skip
-    pred_shift = decoded["pred"]
+def shift_metrics(pred_shift: np.ndarray, obs_shift: np.ndarray,
+                  scale: np.ndarray) -> dict[str, float]:  # fmt: skip
+    """The gene-space metrics (``GENE_DEFINITIONS``) of one predicted shift against the observed
+    one (:func:`group_shifts`)."""
     if pred_shift.std() == 0 or obs_shift.std() == 0:
         corr = float("nan")
     else:
@@ -235,26 +232,46 @@ def gene_metrics(decoder: GeneDecoder, outputs: np.ndarray, pred: np.ndarray, ct
     return {"pearson_delta_genes": corr, "top_gene_overlap": overlap}
 
 
+def each_group_shifts(data, predictions: dict, decoder: GeneDecoder, split: str = "test"):
+    """Per held-out group that has predictions: ``(group, outputs, observed, scale, {variant:
+    decoded})`` (:func:`group_shifts`; ``outputs``: the decoder's genes that the data has), for
+    ``predictions``: variant -> group name -> embeddings. A group's expression is read and its
+    controls decoded once for every variant. Nothing when the data has none of the genes."""
+    t = data.table
+    if t.genes is None:
+        return
+    outputs, cols = gene_columns(decoder, t.gene_names)
+    if not len(cols):
+        return
+    for g in data.groups[split]:
+        predicted = {v: preds[g.name] for v, preds in predictions.items() if g.name in preds}
+        if predicted:
+            yield (g, outputs,
+                   *group_shifts(decoder, outputs, predicted, t.features[g.controls],
+                                 dense_rows(t.genes, g.cells, cols),
+                                 dense_rows(t.genes, g.controls, cols)))  # fmt: skip
+
+
 def gene_shifts(data, predictions: dict, decoder: GeneDecoder, variants: list[str],
                 split: str = "test") -> pd.DataFrame:  # fmt: skip
     """Every decoded gene of every held-out group: its observed shift (mean expression of the
     perturbed minus the control cells), that shift over :func:`control_scale` (``effect``), and
-    each variant's decoded shift (:func:`group_shifts`)."""
-    t = data.table
-    outputs, cols = gene_columns(decoder, t.gene_names)
-    names = np.array(decoder.gene_names)[outputs]
-    frames = []
-    for g in data.groups[split]:
-        predicted = {
-            v: predictions[v][g.name] for v in variants if g.name in predictions.get(v, {})
-        }
-        observed, scale, decoded = group_shifts(decoder, outputs, predicted,
-                                                t.features[g.controls],
-                                                dense_rows(t.genes, g.cells, cols),
-                                                dense_rows(t.genes, g.controls, cols))  # fmt: skip
-        frames.append(pd.DataFrame({"cell_type": g.cell_type, "timepoint": g.timepoint,
-                                    "pert": g.pert, "gene": names, "observed": observed,
-                                    "effect": observed / scale, **decoded}))  # fmt: skip
+    each variant's decoded shift (:func:`each_group_shifts`)."""
+    chosen = {v: predictions[v] for v in variants if v in predictions}
+    frames = [
+        pd.DataFrame(
+            {
+                "cell_type": g.cell_type,
+                "timepoint": g.timepoint,
+                "pert": g.pert,
+                "gene": np.array(decoder.gene_names)[outputs],
+                "observed": observed,
+                "effect": observed / scale,
+                **decoded,
+            }
+        )  # fmt: skip
+        for g, outputs, observed, scale, decoded in each_group_shifts(data, chosen, decoder, split)
+    ]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 

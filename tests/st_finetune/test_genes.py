@@ -133,21 +133,27 @@ class _Linear:
         return x @ self.w
 
 
+def _metrics(decoder, outputs, pred, ctrl, obs_genes, ctrl_genes):
+    observed, scale, decoded = G.group_shifts(decoder, outputs, {"p": pred}, ctrl, obs_genes,
+                                              ctrl_genes)  # fmt: skip
+    return G.shift_metrics(decoded["p"], observed, scale)
+
+
 def test_gene_metrics_of_a_perfect_and_of_a_shiftless_prediction():
     rng = np.random.default_rng(0)
     dec = _Linear(rng.normal(size=(5, 120)))
     ctrl = rng.normal(size=(30, 5))
     obs = ctrl + rng.normal(size=5)
     outputs = np.arange(120)
-    perfect = G.gene_metrics(dec, outputs, obs, ctrl, dec.decode(obs), dec.decode(ctrl))
+    perfect = _metrics(dec, outputs, obs, ctrl, dec.decode(obs), dec.decode(ctrl))
     assert perfect["pearson_delta_genes"] == pytest.approx(1.0)
     assert perfect["top_gene_overlap"] == 1.0
-    none = G.gene_metrics(dec, outputs, ctrl, ctrl, dec.decode(obs), dec.decode(ctrl))
+    none = _metrics(dec, outputs, ctrl, ctrl, dec.decode(obs), dec.decode(ctrl))
     assert np.isnan(none["pearson_delta_genes"]) and np.isnan(none["top_gene_overlap"])
     # the decoder's bias cancels: a constant offset on every decoded gene changes nothing
     biased = _Linear(dec.w)
     biased.decode = lambda x: x @ dec.w + 3.0
-    assert G.gene_metrics(biased, outputs, obs, ctrl, dec.decode(obs), dec.decode(ctrl)) == perfect
+    assert _metrics(biased, outputs, obs, ctrl, dec.decode(obs), dec.decode(ctrl)) == perfect
     assert G.top_gene_overlap(np.arange(10.0), -np.arange(10.0)) == 1.0  # by |shift|, 5 of 10
     assert np.isnan(G.top_gene_overlap(np.arange(10.0), np.zeros(10)))  # nothing observed moved
 
