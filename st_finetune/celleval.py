@@ -48,10 +48,8 @@ def _anndata(ctrl: np.ndarray, groups: dict[str, np.ndarray], control: str, gene
 
     labels = [control] * len(ctrl) + [p for p, cells in groups.items() for _ in range(len(cells))]
     matrix = np.concatenate([ctrl, *groups.values()]).astype(np.float32)
-    adata = anndata.AnnData(X=matrix, obs=pd.DataFrame({"target": labels}))
-    adata.obs_names = [f"c{i}" for i in range(len(labels))]
-    adata.var_names = genes
-    return adata
+    obs = pd.DataFrame({"target": labels}, index=[f"c{i}" for i in range(len(labels))])
+    return anndata.AnnData(X=matrix, obs=obs, var=pd.DataFrame(index=genes))
 
 
 def _views(data: CellSetData, decoder):
