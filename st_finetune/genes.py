@@ -102,6 +102,7 @@ def fit_decoder(table, split: np.ndarray, cfg: DecoderConfig, seed: int,
     names = [table.gene_names[i] for i in cols]
     y_train = table.genes[train][:, cols]
     x_train = torch.from_numpy(table.features[train])
+    x_stop, y_stop = table.features[stop], table.genes[stop][:, cols]  # read once, every epoch
     torch.manual_seed(seed)
     decoder = GeneDecoder(table.dim, names, cfg.hidden, nonnegative=bool(y_train.min() >= 0))
     decoder.to(device)
@@ -117,7 +118,7 @@ def fit_decoder(table, split: np.ndarray, cfg: DecoderConfig, seed: int,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        error = squared_errors(decoder, table, stop, cols)[0]
+        error = squared_error(decoder, x_stop, y_stop)
         epochs = epoch + 1
         if error < best:
             best, since = error, 0
@@ -130,31 +131,30 @@ def fit_decoder(table, split: np.ndarray, cfg: DecoderConfig, seed: int,
     decoder.cpu().eval()
     test = np.flatnonzero(split == "test")
     info = {"genes": len(names), "of_genes": int(table.genes.shape[1]), "epochs": epochs,
-            "train_cells": int(len(train)), "val_r2": r_squared(decoder, table, stop, cols),
-            "test_r2": r_squared(decoder, table, test, cols) if len(test) else None}  # fmt: skip
+            "train_cells": int(len(train)), "val_r2": r_squared(decoder, x_stop, y_stop),
+            "test_r2": r_squared(decoder, table.features[test], table.genes[test][:, cols])
+            if len(test) else None}  # fmt: skip
     return decoder, info
 
 
-def squared_errors(decoder: GeneDecoder, table, rows: np.ndarray, cols: np.ndarray,
-                   chunk: int = 4096) -> tuple[float, float]:  # fmt: skip
-    """``(residual, total)`` sums of squares of the decoded expression of cells ``rows`` on the
-    table's columns ``cols`` (total: around each gene's mean over those cells), a chunk of cells
-    at a time."""
-    y = table.genes[rows][:, cols].astype(np.float64)
-    mean = np.asarray(y.mean(0)).ravel()
-    total = float(np.asarray(y.multiply(y).sum(0)).ravel().sum() - len(rows) * (mean**2).sum())
+def squared_error(decoder: GeneDecoder, x: np.ndarray, y, chunk: int = 4096) -> float:
+    """Sum over cells and genes of the squared difference between the decoded embeddings ``x``
+    and the expression ``y`` (CSR, the same cells, the decoder's genes), in float64, a chunk of
+    cells at a time."""
     residual = 0.0
-    for start in range(0, len(rows), chunk):
-        part = rows[start : start + chunk]
-        diff = decoder.decode(table.features[part]) - y[start : start + chunk].toarray()
-        residual += float((diff.astype(np.float64) ** 2).sum())
-    return residual, total
+    for start in range(0, len(x), chunk):
+        decoded = decoder.decode(x[start : start + chunk]).astype(np.float64)
+        residual += float(((decoded - y[start : start + chunk].toarray()) ** 2).sum())
+    return residual
 
 
-def r_squared(decoder: GeneDecoder, table, rows: np.ndarray, cols: np.ndarray) -> float:
-    """1 - residual / total sum of squares over the cells ``rows`` and the decoder's genes."""
-    residual, total = squared_errors(decoder, table, rows, cols)
-    return 1.0 - residual / total if total > 0 else float("nan")
+def r_squared(decoder: GeneDecoder, x: np.ndarray, y) -> float:
+    """1 - residual / total sum of squares (around each gene's mean over these cells) of the
+    decoded embeddings ``x`` against the expression ``y`` (as for :func:`squared_error`)."""
+    y = y.astype(np.float64)
+    mean = np.asarray(y.mean(0)).ravel()
+    total = float(np.asarray(y.multiply(y).sum(0)).ravel().sum() - y.shape[0] * (mean**2).sum())
+    return 1.0 - squared_error(decoder, x, y) / total if total > 0 else float("nan")
 
 
 def save_decoder(decoder: GeneDecoder, info: dict, run_dir: Path) -> Path:

@@ -110,10 +110,13 @@ def test_the_decoder_learns_a_map_and_is_reproducible(tmp_path):
     np.testing.assert_array_equal(loaded.decode(table.features), decoder.decode(table.features))
     assert G.load_decoder(tmp_path / "elsewhere") is None
     rows, cols = np.flatnonzero(split == "test"), G.variable_genes(table.genes, np.arange(400), 30)
-    y = table.genes[rows][:, cols].toarray().astype(np.float64)
-    direct = (((decoder.decode(table.features[rows]) - y) ** 2).sum(), ((y - y.mean(0)) ** 2).sum())
-    np.testing.assert_allclose(G.squared_errors(decoder, table, rows, cols, chunk=7), direct,
-                               rtol=1e-6)  # a chunk of cells at a time: the same sums  # fmt: skip
+    x, y_sparse = table.features[rows], table.genes[rows][:, cols]
+    y = y_sparse.toarray().astype(np.float64)
+    residual, total = ((decoder.decode(x) - y) ** 2).sum(), ((y - y.mean(0)) ** 2).sum()
+    # a chunk of cells at a time: the same sums
+    assert G.squared_error(decoder, x, y_sparse, chunk=7) == pytest.approx(residual, rel=1e-6)
+    assert G.r_squared(decoder, x, y_sparse) == pytest.approx(1 - residual / total, rel=1e-6)
+    assert info["test_r2"] == pytest.approx(1 - residual / total, rel=1e-6)
 
 
 def test_without_a_validation_split_a_tenth_of_training_stops_it():
