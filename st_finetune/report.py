@@ -424,9 +424,10 @@ def write_report(out_dir: Path, results: pd.DataFrame, run_dirs: dict[str, dict[
               *cell_plot]  # fmt: skip
     decoder = G.load_decoder(run_dirs[trained[0]][seeds[0]])
     if decoder is not None and cells[0].table.genes is not None:
-        shifts = G.gene_shifts(*cells, decoder, [PRETRAINED, *trained])
-        plot_gene_shifts(shifts, [PRETRAINED, *trained], out_dir / "gene_shifts.png")
-        lines += gene_section(shifts, [PRETRAINED, *trained], seed_note)
+        models = [PRETRAINED, *trained]
+        by_gene = G.gene_shifts(*cells, decoder, models)  # (the trajectories' shifts: above)
+        plot_gene_shifts(by_gene, models, out_dir / "gene_shifts.png")
+        lines += gene_section(by_gene, models, seed_note)
     lines += ["## Metric definitions", ""]
     defined = {**M.DEFINITIONS, **G.GENE_DEFINITIONS, **M.STABILITY_DEFINITIONS}
     lines += [f"- **{k}**: {v}" for k, v in defined.items() if k in set(results["metric"])]
