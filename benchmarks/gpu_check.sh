@@ -11,11 +11,12 @@
 # $OUT/gpu-<name>-<time>.tgz after every step. Each step is capped (fine-tuning step 120 s, tests
 # 150, Sinkhorn 120, layer + streams 150, graphs 90, profile 60, sweep 120, sweep-streams 180,
 # compile 240, large stability 540): run the steps that fit the device time with MHC_GPU_STEPS
-# (names below; all by default) and narrow the torch.compile cases with MHC_COMPILE_CASES (a
-# pytest -k). On an H200 (2026-11-27) the steps' pytest times were: tests 96-105 s, Sinkhorn 50,
-# layer + streams 91, compile 202; finetune, layer-streams, graphs, profile and sweep-streams (fp32
-# and bf16) took 309 s in one call; large stability: plain 60 s, HC 180 s, mHC more (run it in a
-# call of its own); a machine start costs 40-120 s more.
+# (names below; all by default), narrow the torch.compile cases with MHC_COMPILE_CASES and the
+# large stability runs with MHC_STABILITY_CASES (each a pytest -k). On an H200 (2026-11-27) the
+# steps' pytest times were: tests 96-105 s, Sinkhorn 50, layer + streams 91, compile 202;
+# finetune, layer-streams, graphs, profile and sweep-streams (fp32 and bf16) took 309 s in one call;
+# large stability: plain 60 s, HC 180 s, mHC more (run it in a call of its own); a machine start
+# costs 40-120 s more.
 # Usage: [MHC_BENCH_COMMIT=<sha>] [MHC_GPU_STEPS="tests sinkhorn"] bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -79,8 +80,10 @@ want sweep-streams && step sweep-streams 180 python benchmarks/sweep_streams.py 
   --dtypes fp32 bf16 --out "$work/sweep-streams.json"
 want compile && step compile 240 "${bench[@]}" benchmarks/test_sinkhorn.py benchmarks/test_streams.py \
   benchmarks/test_layer_overhead.py -k "${MHC_COMPILE_CASES:-compile}"
+stability_k=()  # MHC_STABILITY_CASES: a pytest -k, e.g. "training and mhc" for mHC's runs alone
+[ -n "${MHC_STABILITY_CASES:-}" ] && stability_k=(-k "$MHC_STABILITY_CASES")
 want stability-large && MHC_STABILITY_SCALE=large step stability-large 540 "${bench[@]}" \
-  benchmarks/test_stability.py
+  benchmarks/test_stability.py "${stability_k[@]}"
 
 python - "$work/$name.json" <<'PY'
 import json, sys
