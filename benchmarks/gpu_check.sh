@@ -85,6 +85,10 @@ stability_k=()  # MHC_STABILITY_CASES: a pytest -k, e.g. "training and mhc" for 
 want stability-large && MHC_STABILITY_SCALE=large step stability-large 540 "${bench[@]}" \
   benchmarks/test_stability.py "${stability_k[@]}"
 
+if [ ! -e "$work/$name.json" ]; then  # no benchmark step ran (tests or the profile alone)
+  echo "no benchmark results (exit $status); logs${OUT:+ in $OUT/$name.tgz}"
+  exit $status
+fi
 python - "$work/$name.json" <<'PY'
 import json, sys
 data = json.load(open(sys.argv[1]))
