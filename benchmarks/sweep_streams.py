@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for kernel, name in itertools.product(KERNELS, args.dtypes):
         grad = kernel == "stream_grad"
-        configure = st.stream_grad_config if grad else st.launch_config
+        configure = st.stream_grad_config if grad else functools.partial(st.launch_config, kernel)
         config = configure(T, n, C, DTYPES[name].itemsize)
         shipped = (config["BT"], config["BC"], config["num_warps"], config.get("MMA", False))
         launch, nbytes = kernel_launcher(kernel, T, n, C, DTYPES[name])

@@ -1,11 +1,11 @@
 """Fused Triton stream mixing: pre-mix and post/residual merge, forward and backward, and the
 fused connection backward's stream gradient.
 
-Limits: n up to 8 (padded to a power of two, padded streams masked), any C (blocks of up to 512
-with masks; a multiple of 8 gets 16-byte loads); streams float32, float16 or bfloat16,
-coefficients float32. The grid is (token blocks, C blocks): a program owns BT tokens x BC channels
-of every stream, loads those tokens' coefficients, and unrolls the streams so that sums over
-streams stay in each thread's registers (BC runs across threads).
+Limits: n up to 8 (padded to a power of two, padded streams masked), any C (blocks of up to 2048
+or 512 channels, per kernel, with masks; a multiple of 8 gets 16-byte loads); streams float32,
+float16 or bfloat16, coefficients float32. The grid is (token blocks, C blocks): a program owns BT
+tokens x BC channels of every stream, loads those tokens' coefficients, and unrolls the streams so
+that sums over streams stay in each thread's registers (BC runs across threads).
 
 Traffic per token (the fused layer's point, paper §4.3): pre-mix reads n*C, writes C; merge reads
 (n + 1)*C, writes n*C. Backward: pre-mix reads (n + 1)*C and writes n*C plus n coefficient
@@ -13,8 +13,8 @@ gradients; merge reads (2n + 1)*C and writes (n + 1)*C plus n^2 + n coefficient 
 fused connection backward runs both without their stream gradient (pre-mix: reads (n + 1)*C;
 merge: reads (2n + 1)*C, writes C) and writes that gradient once (``_stream_grad_kernel``: reads
 (2n + 1)*C, writes n*C, phi^T read once per 16 tokens). Each program writes its C block's share of
-the coefficient gradients; the launcher adds the C blocks' shares (C / 512 of them: no atomics,
-deterministic). Measured on an H200: benchmarks/README.md.
+the coefficient gradients; the launcher adds the C blocks' shares (none to add for whole rows; no
+atomics, deterministic). Measured on an H200: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -211,31 +211,46 @@ def _stream_grad_kernel(x_ptr, gin_ptr, gout_ptr, hpre_ptr, hres_ptr, dss_ptr, d
 
 # -------------------------------------------------------------------------------------- launchers
 
-GPU_BLOCK_C = 512  # channels per program on a GPU (C up to 512 in one block)
+# channels per program and warps, at most, per kernel on a GPU. The H200 sweep (n = 4, C = 1488,
+# 16,384 tokens, fp32 and bf16, each kernel alone; benchmarks/README.md): the forwards and the
+# pre-mix backward were fastest with a whole token row per program (2048 channels: 1.18-1.28x the
+# roofline, against 1.22-1.37x in the 512-channel blocks they had), the pre-mix backward on at
+# most 4 warps (bf16 1.23x; on 8, 1.42x), the merge backward in 512-channel blocks on 2 warps
+# (fp32 1.22x; on 4, 1.30x; bf16 1.48x, the best of its 41 configurations)
+GPU_BLOCKS = {"pre_mix_fwd": (2048, 8), "merge_fwd": (2048, 8), "pre_mix_bwd": (2048, 4),
+              "merge_bwd": (512, 2)}  # fmt: skip
+GPU_STREAM_ELEMS_PER_THREAD = 64  # [NP, BC] elements per thread at most (the sweep's limit)
 GPU_TILE_ELEMS_PER_THREAD = 16  # [BT, NP, BC] tile elements per thread when BT > 1 (more spilled)
 VECTOR_BYTES = 16  # one 128-bit load or store per thread per stream row
 INTERPRETER_TILE_ELEMS = 2**18  # the interpreter's cost is per program: few, large programs
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def launch_config(tokens: int, n: int, C: int, itemsize: int = 4) -> dict:
-    """The kernels' launch options: tokens ``BT`` and channels ``BC`` per program, padded ``NP``,
-    ``CV`` (8 when C is a multiple of 8, else 1: see ``_multiple``) and ``num_warps``.
+def launch_config(kernel: str, tokens: int, n: int, C: int, itemsize: int = 4) -> dict:
+    """The launch options of ``kernel`` (a key of ``GPU_BLOCKS``): tokens ``BT`` and channels ``BC``
+    per program, padded ``NP``, ``CV`` (8 when C is a multiple of 8, else 1: see ``_multiple``) and
+    ``num_warps``.
 
+    On a GPU, C in blocks of up to the kernel's ``GPU_BLOCKS`` width, narrower where the streams'
+    ``[NP, BC]`` tile would take more than ``GPU_STREAM_ELEMS_PER_THREAD`` registers per thread.
     A warp spans 32 x 16 bytes of one stream row, and the program has as many warps as its C block
-    needs (4 for 512 fp32 channels, 2 for 512 bf16/fp16 ones). With more warps than that, Triton
+    needs (4 for 512 fp32 channels, 2 for 512 bf16/fp16 ones), up to the kernel's cap. With more
+    warps than that, Triton
     lays the spare warps across the streams, so each sum over streams goes through shared memory
     with barriers and the stream rows load 8 bytes per thread instead of 16 (PTX of the n = 4 bf16
     merge: 9 barriers in the forward and 79 in the backward at 4 warps; 0 and 19 at 2 warps, as
     fp32 at 4; checked for every shipped configuration by the compile check's test).
     """
     np2 = next_power_of_2(n)
+    block_c, max_warps = GPU_BLOCKS[kernel]
     if interpreting():
         bc = min(next_power_of_2(C), INTERPRETER_TILE_ELEMS)
         warps, tile = 4, INTERPRETER_TILE_ELEMS
     else:
-        bc = min(next_power_of_2(C), GPU_BLOCK_C)
-        warps = min(4, max(1, bc * itemsize // (32 * VECTOR_BYTES)))
+        bc = min(next_power_of_2(C), block_c)
+        warps = min(max_warps, max(1, bc * itemsize // (32 * VECTOR_BYTES)))
+        bc = min(bc, GPU_STREAM_ELEMS_PER_THREAD * 32 * warps // np2)
+        warps = min(max_warps, max(1, bc * itemsize // (32 * VECTOR_BYTES)))
         tile = GPU_TILE_ELEMS_PER_THREAD * 32 * warps
     bt = min(next_power_of_2(max(tokens, 1)), max(1, tile // (np2 * bc)))
     return {"BT": bt, "NP": np2, "BC": bc, "CV": 8 if C % 8 == 0 else 1, "num_warps": warps}
@@ -254,7 +269,7 @@ def pre_mix_fwd(x, h):
     T, n, C = x.shape
     _check(x, n)
     out = torch.empty((T, C), dtype=x.dtype, device=x.device)
-    config = launch_config(T, n, C, x.element_size())
+    config = launch_config("pre_mix_fwd", T, n, C, x.element_size())
     _pre_mix_fwd_kernel[_grid(T, C, config)](x, h, out, T, n, C, **config)
     return out
 
@@ -262,20 +277,20 @@ def pre_mix_fwd(x, h):
 def pre_mix_bwd(x, h, g, want_dx: bool = True):
     """``(dx, dh)``; ``want_dx=False``: ``(None, dh)`` (reads x and g, writes no stream)."""
     T, n, C = x.shape
-    config = launch_config(T, n, C, x.element_size())
+    config = launch_config("pre_mix_bwd", T, n, C, x.element_size())
     grid = _grid(T, C, config)
     dx = torch.empty_like(x) if want_dx else None
     dh = torch.empty((grid[1], T, n), dtype=torch.float32, device=x.device)  # per C block
     _pre_mix_bwd_kernel[grid](x, h, g, x if dx is None else dx, dh, T, n, C, WRITE_DX=want_dx,
                               **config)  # fmt: skip
-    return dx, dh.sum(0)
+    return dx, dh[0] if grid[1] == 1 else dh.sum(0)  # one C block: nothing to add
 
 
 def merge_fwd(x, y, h_post, h_res):
     T, n, C = x.shape
     _check(x, n)
     out = torch.empty_like(x)
-    config = launch_config(T, n, C, x.element_size())
+    config = launch_config("merge_fwd", T, n, C, x.element_size())
     _merge_fwd_kernel[_grid(T, C, config)](x, y, h_post, h_res, out, T, n, C, **config)
     return out
 
@@ -283,13 +298,15 @@ def merge_fwd(x, y, h_post, h_res):
 def merge_bwd(x, y, h_post, h_res, g, want_dx: bool = True):
     """``(dx, dy, dh_post, dh_res)``; ``want_dx=False``: ``dx`` is ``None`` (not computed)."""
     T, n, C = x.shape
-    config = launch_config(T, n, C, x.element_size())
+    config = launch_config("merge_bwd", T, n, C, x.element_size())
     grid = _grid(T, C, config)
     dx, dy = torch.empty_like(x) if want_dx else None, torch.empty_like(y)
     dh_post = torch.empty((grid[1], T, n), dtype=torch.float32, device=x.device)  # per C block
     dh_res = torch.empty((grid[1], T, n, n), dtype=torch.float32, device=x.device)
     _merge_bwd_kernel[grid](x, y, h_post, h_res, g, x if dx is None else dx, dy, dh_post, dh_res,
                             T, n, C, WRITE_DX=want_dx, **config)  # fmt: skip
+    if grid[1] == 1:  # one C block: nothing to add
+        return dx, dy, dh_post[0], dh_res[0]
     return dx, dy, dh_post.sum(0), dh_res.sum(0)
 
 
@@ -311,7 +328,7 @@ def stream_grad_config(tokens: int, n: int, C: int, itemsize: int = 4) -> dict:
     a narrower C block to match, one warp per 32 channels, so that the tokens share each read of
     phi^T (one token per program would cost 16x more L2 traffic in phi^T than DRAM traffic in
     streams); and the projection term's form (``MMA``: at least 16 tokens, a dot's least rows)."""
-    config = launch_config(tokens, n, C, itemsize)
+    config = launch_config("merge_bwd", tokens, n, C, itemsize)  # reads what the merge's reads
     mma = TENSOR_CORES and n <= MMA_STREAMS
     dots = {**dot_options(mma), "WP": dot_width(n * n + 2 * n)}
     if interpreting():
@@ -345,8 +362,9 @@ def stream_grad(x, g_in, g_out, h_pre, h_res, dss, dproj, phi_t):
 def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
     """Every GPU configuration the launchers can pick: ``(name, kernel, signature, consts, warps)``.
 
-    The full-width C block (C >= 512) for each padded n and stream dtype; narrower C uses smaller
-    blocks of the same kernels with fewer registers. The merge takes the branch output ``y`` in its
+    Each kernel's widest C block (``GPU_BLOCKS``; C of 2048 or more for the whole-row kernels) for
+    each padded n and stream dtype; narrower C uses smaller blocks of the same kernels with fewer
+    registers per thread or as many. The merge takes the branch output ``y`` in its
     own dtype, so it is compiled for every (stream dtype, branch dtype) pair. ``pre_mix_dh`` and
     ``merge_bwd_nodx`` are the backwards without their stream gradient (the fused connection
     backward's; the latter for equal dtypes only: the compile check's time on 2 cores),
@@ -356,16 +374,14 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
     f = "*fp32"
     for np2, dt in itertools.product((1, 2, 4, 8), dtypes):
         itemsize = 4 if dt == "fp32" else 2
-        consts = launch_config(2**20, np2, 2**20, itemsize)
-        warps = consts.pop("num_warps")
-        bt, bc = consts["BT"], consts["BC"]
         s = f"*{dt}"
         pre_bwd = {"x_ptr": s, "h_ptr": f, "g_ptr": s, "dx_ptr": s, "dh_part_ptr": f}
-        kernels = {
-            f"pre_mix_fwd-{dt}": (_pre_mix_fwd_kernel, {"x_ptr": s, "h_ptr": f, "out_ptr": s}, {}),
-            f"pre_mix_bwd-{dt}": (_pre_mix_bwd_kernel, pre_bwd, {"WRITE_DX": True}),
-            f"pre_mix_dh-{dt}": (_pre_mix_bwd_kernel, pre_bwd, {"WRITE_DX": False}),
-        }
+        kernels = {  # name: (kernel, pointers, constexprs beside the launch's, launch config)
+            f"pre_mix_fwd-{dt}": (_pre_mix_fwd_kernel, {"x_ptr": s, "h_ptr": f, "out_ptr": s}, {},
+                                  "pre_mix_fwd"),
+            f"pre_mix_bwd-{dt}": (_pre_mix_bwd_kernel, pre_bwd, {"WRITE_DX": True}, "pre_mix_bwd"),
+            f"pre_mix_dh-{dt}": (_pre_mix_bwd_kernel, pre_bwd, {"WRITE_DX": False}, "pre_mix_bwd"),
+        }  # fmt: skip
         for ydt in dtypes:
             y = f"*{ydt}"
             tag = dt if ydt == dt else f"{dt}-y{ydt}"
@@ -373,6 +389,7 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
                 _merge_fwd_kernel,
                 {"x_ptr": s, "y_ptr": y, "hpost_ptr": f, "hres_ptr": f, "out_ptr": s},
                 {},
+                "merge_fwd",
             )
             merge_bwd = {
                 "x_ptr": s,
@@ -385,12 +402,15 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
                 "dhpost_part_ptr": f,
                 "dhres_part_ptr": f,
             }
-            kernels[f"merge_bwd-{tag}"] = (_merge_bwd_kernel, merge_bwd, {"WRITE_DX": True})
+            kernels[f"merge_bwd-{tag}"] = (_merge_bwd_kernel, merge_bwd, {"WRITE_DX": True},
+                                           "merge_bwd")  # fmt: skip
             if ydt == dt:  # less code than merge_bwd, whose mixed-dtype variants cover y's cast
                 kernels[f"merge_bwd_nodx-{tag}"] = (_merge_bwd_kernel, merge_bwd,
-                                                    {"WRITE_DX": False})  # fmt: skip
-        for name, (kernel, ptrs, extra) in kernels.items():
+                                                    {"WRITE_DX": False}, "merge_bwd")  # fmt: skip
+        for name, (kernel, ptrs, extra, launch) in kernels.items():
             kind, tag = name.split("-", 1)
+            consts = launch_config(launch, 2**20, np2, 2**20, itemsize)
+            warps = consts.pop("num_warps")
             tail = {
                 "T": "i32",
                 "n": "i32",
@@ -398,7 +418,7 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
                 **dict.fromkeys([*consts, *extra], "constexpr"),
             }
             yield (
-                f"{kind}-NP{np2}-BT{bt}-BC{bc}-{tag}",
+                f"{kind}-NP{np2}-BT{consts['BT']}-BC{consts['BC']}-{tag}",
                 kernel,
                 {**ptrs, **tail},
                 {**consts, **extra},

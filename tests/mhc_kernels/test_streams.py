@@ -198,10 +198,12 @@ def test_backwards_without_their_stream_gradient(backend, dtype, device):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("n", [2, 4, 8])
 def test_the_gpu_launch_configurations_give_the_interpreters_results(n, dtype, monkeypatch):
-    """The interpreter runs few, large programs; a GPU runs the shipped configurations (the stream
-    gradient: 4 or 16 tokens per program, 64-512 channels, from the H200 sweep). The same kernels
-    under those configurations, on CPU, match the interpreter's tiles to float32 rounding."""
-    from mhc_kernels.streams import stream_grad
+    """The interpreter runs few, large programs; a GPU runs the shipped configurations (from the
+    H200 sweep: pre-mix and merge forward a whole row of up to 2048 channels per token, the merge
+    backward 512-channel blocks, the stream gradient 4 or 16 tokens and 32-512 channels). The same
+    kernels under those configurations, on CPU, match the interpreter's tiles to float32 rounding,
+    the backwards' coefficient gradients summed over C blocks included."""
+    from mhc_kernels.streams import merge_backward, pre_mix_backward, stream_grad
     from mhc_kernels.streams import triton as kernels
 
     T, C, W, dt = 20, 520, n * n + 2 * n, DTYPES[dtype]
@@ -211,16 +213,23 @@ def test_the_gpu_launch_configurations_give_the_interpreters_results(n, dtype, m
     dss, dproj, phi = torch.randn(T), torch.randn(T, W), torch.randn(n * C, W) / (n * C) ** 0.5
 
     def run():
-        outs = [pre_mix(x, h_pre, "triton"), merge(x, y, h_post, h_res, "triton"),
+        outs = [pre_mix(x, h_pre, "triton"), *pre_mix_backward(x, h_pre, g_in, "triton"),
+                merge(x, y, h_post, h_res, "triton"),
+                *merge_backward(x, y, h_post, h_res, g_out, "triton"),
                 stream_grad(x, g_in, g_out, h_pre, h_res, dss, dproj, phi, "triton")]  # fmt: skip
         return [o.double() for o in outs]
+
+    def check(got, want):
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g.double(), w, rtol=4 * torch.finfo(dt).eps, atol=1e-5)
 
     interpreter = run()
     monkeypatch.setattr(kernels, "interpreting", lambda: False)
     gpu_tiles = kernels.stream_grad_config(T, n, C, x.element_size())
     assert gpu_tiles["BT"] < T and gpu_tiles["BC"] < C  # several programs each way
-    for got, want in zip(run(), interpreter, strict=True):
-        torch.testing.assert_close(got, want, rtol=4 * torch.finfo(dt).eps, atol=1e-5)
+    check(run(), interpreter)  # the merge backward: C in two blocks
+    monkeypatch.setitem(kernels.GPU_BLOCKS, "pre_mix_bwd", (256, 4))  # and the pre-mix's in three
+    check(pre_mix_backward(x, h_pre, g_in, "triton"), interpreter[1:3])
 
 
 @pytest.mark.parametrize("dots", ["fma", "tensor-cores"])
