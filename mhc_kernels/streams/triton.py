@@ -235,11 +235,11 @@ def launch_config(kernel: str, tokens: int, n: int, C: int, itemsize: int = 4) -
     ``[NP, BC]`` tile would take more than ``GPU_STREAM_ELEMS_PER_THREAD`` registers per thread.
     A warp spans 32 x 16 bytes of one stream row, and the program has as many warps as its C block
     needs (4 for 512 fp32 channels, 2 for 512 bf16/fp16 ones), up to the kernel's cap. With more
-    warps than that, Triton
-    lays the spare warps across the streams, so each sum over streams goes through shared memory
-    with barriers and the stream rows load 8 bytes per thread instead of 16 (PTX of the n = 4 bf16
-    merge: 9 barriers in the forward and 79 in the backward at 4 warps; 0 and 19 at 2 warps, as
-    fp32 at 4; checked for every shipped configuration by the compile check's test).
+    warps than that, Triton lays the spare warps across the streams, so each sum over streams goes
+    through shared memory with barriers and the stream rows load 8 bytes per thread instead of 16
+    (PTX of the n = 4 bf16 merge: 9 barriers in the forward and 79 in the backward at 4 warps; 0
+    and 19 at 2 warps, as fp32 at 4; checked for every shipped configuration by the compile
+    check's test).
     """
     np2 = next_power_of_2(n)
     block_c, max_warps = GPU_BLOCKS[kernel]
