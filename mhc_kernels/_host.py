@@ -3,7 +3,8 @@
 ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr functions whose host calls cost about
 15 us each through Triton's call wrapper (profiled on the CPU machine); an mHC layer's launchers make
 dozens of such calls per step, so they use these plain versions. The GPU's multiprocessor count,
-which sizes persistent and split grids, is looked up once per device.
+which sizes persistent and split grids, is looked up once per device. Partial sums written per
+block are added by :func:`add_parts`, which launches nothing for a single block.
 """
 
 from __future__ import annotations
@@ -46,3 +47,9 @@ def rows(t: torch.Tensor, *tail: int) -> torch.Tensor:
 def shaped(t: torch.Tensor, shape) -> torch.Tensor:
     """``t.reshape(shape)``, or ``t`` itself when it has that shape (see :func:`rows`)."""
     return t if t.shape == shape else t.reshape(shape)
+
+
+def add_parts(t: torch.Tensor) -> torch.Tensor:
+    """The partial sums ``t: (parts, ...)`` that a kernel's programs wrote per block, added over
+    ``parts``; one part as it is (a view: no launch for a grid with one block per row)."""
+    return t[0] if t.shape[0] == 1 else t.sum(0)

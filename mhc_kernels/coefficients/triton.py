@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .._autograd import differentiable, save_inputs
-from .._host import cdiv, multiprocessors, next_power_of_2, rows, shaped
+from .._host import add_parts, cdiv, multiprocessors, next_power_of_2, rows, shaped
 from .._split_dot import dot_f32, dot_options, dot_width
 from ..sinkhorn.triton import (
     interpreting,
@@ -282,7 +282,7 @@ def projection_fwd(v: torch.Tensor, phi: torch.Tensor):
     _projection_fwd_kernel[(blocks, parts)](v, phi, proj, ss, T, K, W, k_per, BT=bt, BK=bk, WP=wp,
                                             **dot_options(TENSOR_CORES),
                                             num_warps=projection_warps("fwd", wp))  # fmt: skip
-    return (proj[0], ss[0]) if parts == 1 else (proj.sum(0), ss.sum(0))
+    return add_parts(proj), add_parts(ss)
 
 
 def projection_bwd(v, phi, dproj, dss):
@@ -323,7 +323,7 @@ def projection_dphi(v, dproj, phi):
     _projection_dphi_kernel[(k_blocks, parts)](v, dproj, dphi, T, K, W, t_per, BT=bt, BK=bk, WP=wp,
                                                **dot_options(TENSOR_CORES),
                                                num_warps=projection_warps("dphi", wp))  # fmt: skip
-    return dphi[0] if parts == 1 else dphi.sum(0)
+    return add_parts(dphi)
 
 
 EPILOGUE_TILE_ELEMS = 512  # the backward's extra tiles spilled at 1024-2048 (ptxas -v)
@@ -371,7 +371,7 @@ def epilogue_bwd(proj, ss, alpha, bias, g_pre, g_post, g_res, n: int, features: 
     _epilogue_bwd_kernel[(programs,)](proj, ss, alpha, bias, g_pre, g_post, g_res, dproj, dss,
                                       dbias, dalpha, scratch, T, n, W, 1.0 / features, rms_eps,
                                       iters, eps, SINKHORN=iters > 0, **config)  # fmt: skip
-    return dproj, dss, dalpha.sum(0), dbias.sum(0)
+    return dproj, dss, add_parts(dalpha), add_parts(dbias)
 
 
 def shipped_configs(dtypes=("fp32", "bf16", "fp16")):

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .._autograd import backward_from_saved, differentiable, save_inputs
-from .._host import cdiv, next_power_of_2, rows, shaped
+from .._host import add_parts, cdiv, next_power_of_2, rows, shaped
 from .._split_dot import MIN_DOT, dot_f32, dot_options, dot_width
 from ..sinkhorn.triton import interpreting
 
@@ -247,9 +247,8 @@ def launch_config(kernel: str, tokens: int, n: int, C: int, itemsize: int = 4) -
         bc = min(next_power_of_2(C), INTERPRETER_TILE_ELEMS)
         warps, tile = 4, INTERPRETER_TILE_ELEMS
     else:
-        bc = min(next_power_of_2(C), block_c)
-        warps = min(max_warps, max(1, bc * itemsize // (32 * VECTOR_BYTES)))
-        bc = min(bc, GPU_STREAM_ELEMS_PER_THREAD * 32 * warps // np2)
+        # the register bound binds only where the warps are at their cap (n <= 8)
+        bc = min(next_power_of_2(C), block_c, GPU_STREAM_ELEMS_PER_THREAD * 32 * max_warps // np2)
         warps = min(max_warps, max(1, bc * itemsize // (32 * VECTOR_BYTES)))
         tile = GPU_TILE_ELEMS_PER_THREAD * 32 * warps
     bt = min(next_power_of_2(max(tokens, 1)), max(1, tile // (np2 * bc)))
@@ -283,7 +282,7 @@ def pre_mix_bwd(x, h, g, want_dx: bool = True):
     dh = torch.empty((grid[1], T, n), dtype=torch.float32, device=x.device)  # per C block
     _pre_mix_bwd_kernel[grid](x, h, g, x if dx is None else dx, dh, T, n, C, WRITE_DX=want_dx,
                               **config)  # fmt: skip
-    return dx, dh[0] if grid[1] == 1 else dh.sum(0)  # one C block: nothing to add
+    return dx, add_parts(dh)
 
 
 def merge_fwd(x, y, h_post, h_res):
@@ -305,9 +304,7 @@ def merge_bwd(x, y, h_post, h_res, g, want_dx: bool = True):
     dh_res = torch.empty((grid[1], T, n, n), dtype=torch.float32, device=x.device)
     _merge_bwd_kernel[grid](x, y, h_post, h_res, g, x if dx is None else dx, dy, dh_post, dh_res,
                             T, n, C, WRITE_DX=want_dx, **config)  # fmt: skip
-    if grid[1] == 1:  # one C block: nothing to add
-        return dx, dy, dh_post[0], dh_res[0]
-    return dx, dy, dh_post.sum(0), dh_res.sum(0)
+    return dx, dy, add_parts(dh_post), add_parts(dh_res)
 
 
 # tokens per program sharing each row of phi^T read, by the streams' bytes per element (GPU). The
