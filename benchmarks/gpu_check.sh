@@ -10,7 +10,7 @@
 # everything (logs, one JSON line per measured case, test report, profile) into
 # $OUT/gpu-<name>-<time>.tgz after every step. Each step is capped (fine-tuning step 120 s, tests
 # 150, Sinkhorn 120, layer + streams 150, graphs 90, profile 60, sweep 120, sweep-streams 180,
-# compile 240, large stability 540): run the steps that fit the device time with MHC_GPU_STEPS
+# sweep-projection 180, compile 240, large stability 540): run the steps that fit the device time with MHC_GPU_STEPS
 # (names below; all by default), narrow the torch.compile cases with MHC_COMPILE_CASES and the
 # large stability runs with MHC_STABILITY_CASES (each a pytest -k). On an H200 (2026-11-27) the
 # steps' pytest times were: tests 96-105 s, Sinkhorn 50, layer + streams 91, compile 202;
@@ -61,7 +61,8 @@ xdist=()
 python -c "import xdist" 2>/dev/null && xdist=(-n "$(nproc)")
 bench=(python -m pytest --benchmark-only -q -p no:cacheprovider --benchmark-columns=median,iqr)
 
-ALL_STEPS="finetune tests sinkhorn layer-streams graphs profile sweep sweep-streams compile stability-large"
+ALL_STEPS="finetune tests sinkhorn layer-streams graphs profile sweep sweep-streams sweep-projection"
+ALL_STEPS+=" compile stability-large"
 want() { [[ " ${MHC_GPU_STEPS:-$ALL_STEPS} " == *" $1 "* ]]; }
 
 # the main job's model (ST-Tahoe's shape, peft LoRA, mHC) training under bf16 autocast
@@ -78,6 +79,9 @@ want profile && step profile 60 python benchmarks/profile_layer.py --out "$work/
 want sweep && step sweep 120 python benchmarks/sweep_sinkhorn.py --out "$work/sweep.json"
 want sweep-streams && step sweep-streams 180 python benchmarks/sweep_streams.py \
   --dtypes fp32 bf16 --out "$work/sweep-streams.json"
+# the projection's tiles, warps and split (bf16 then fp32; 138 compiles, 414 timed launches)
+want sweep-projection && step sweep-projection 180 python benchmarks/sweep_projection.py \
+  --out "$work/sweep-projection.json"
 want compile && step compile 240 "${bench[@]}" benchmarks/test_sinkhorn.py benchmarks/test_streams.py \
   benchmarks/test_layer_overhead.py -k "${MHC_COMPILE_CASES:-compile}"
 stability_k=()  # MHC_STABILITY_CASES: a pytest -k, e.g. "training and mhc" for mHC's runs alone

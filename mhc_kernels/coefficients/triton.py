@@ -232,30 +232,61 @@ NUM_WARPS = 4
 MAX_COLUMNS = 128
 PROGRAMS_PER_SM = 4
 
+# How each kernel launches on a GPU for up to SWEPT_COLUMNS columns (W = n^2 + 2n padded: n <= 4),
+# by stream item size: (tokens per program BT, K columns per step BK, warps, programs per SM that
+# the split of the reduction aims at). benchmarks/sweep_projection.py times alternatives through
+# the launchers below. These are the tiles sized for float32 FMA dots, kept for the tensor-core
+# form so far: 16 tokens per program re-read phi's K x W floats (the forward and dv) or the
+# gradient's T x W (dphi) for every 16 tokens or 32 columns, several times the bytes of the
+# streams, from L2. Wider W (n >= 5) keeps them, with projection_warps.
+GPU_TILES = {
+    ("fwd", 4): (BT, BK, NUM_WARPS, PROGRAMS_PER_SM),
+    ("fwd", 2): (BT, BK, NUM_WARPS, PROGRAMS_PER_SM),
+    ("dv", 4): (BT, BK, NUM_WARPS, PROGRAMS_PER_SM),
+    ("dv", 2): (BT, BK, NUM_WARPS, PROGRAMS_PER_SM),
+    ("dphi", 4): (BT, BK, NUM_WARPS, PROGRAMS_PER_SM),
+    ("dphi", 2): (BT, BK, NUM_WARPS, PROGRAMS_PER_SM),
+}
+SWEPT_COLUMNS = 32
+
 
 def projection_warps(kernel: str, wp: int) -> int:
-    """Warps of the projection's ``kernel`` (``"fwd"``, ``"dv"``, ``"dphi"``) for ``wp`` columns:
-    8 for the forward and ``dphi`` above 64 columns (n = 8), whose ``[BT, WP]`` / ``[BK, WP]``
-    accumulators spilled at 4 warps (``dphi``: 32 bytes with vectorised loads, sm_80/sm_89; the
-    forward: 12-20 bytes on sm_90 with the tensor-core dots, float32 v); 4 otherwise."""
+    """Warps of the projection's ``kernel`` (``"fwd"``, ``"dv"``, ``"dphi"``) for ``wp`` columns
+    beyond SWEPT_COLUMNS: 8 for the forward and ``dphi`` above 64 columns (n = 8), whose
+    ``[BT, WP]`` / ``[BK, WP]`` accumulators spilled at 4 warps (``dphi``: 32 bytes with
+    vectorised loads, sm_80/sm_89; the forward: 12-20 bytes on sm_90 with the tensor-core dots,
+    float32 v); 4 otherwise."""
     return 8 if kernel != "dv" and wp > 64 else NUM_WARPS
+
+
+def gpu_tiles(kernel: str, wp: int, itemsize: int) -> tuple[int, int, int, int]:
+    """``(BT, BK, warps, programs per SM)`` of ``kernel`` on a GPU for ``wp`` padded columns and
+    streams of ``itemsize`` bytes."""
+    if wp <= SWEPT_COLUMNS:
+        return GPU_TILES[kernel, min(itemsize, 4)]
+    return BT, BK, projection_warps(kernel, wp), PROGRAMS_PER_SM
 
 
 TENSOR_CORES = True  # the projection's products on bf16 tensor cores (dot_f32); False: float32 FMAs
 
 
-def _config(W: int) -> tuple[int, int, int]:
+def projection_config(kernel: str, W: int, itemsize: int) -> tuple[int, int, int, int, int]:
+    """``(BT, BK, WP, warps, programs per SM)`` of ``kernel`` as it launches here (the
+    interpreter: wide K steps, programs per SM unused)."""
     wp = dot_width(W)
-    return *((INTERPRETER_BT, INTERPRETER_BK) if interpreting() else (BT, BK)), wp
+    if interpreting():
+        return INTERPRETER_BT, INTERPRETER_BK, wp, NUM_WARPS, PROGRAMS_PER_SM
+    bt, bk, warps, per_sm = gpu_tiles(kernel, wp, itemsize)
+    return bt, bk, wp, warps, per_sm
 
 
-def _parts(blocks: int, length: int, block: int, device: torch.device) -> int:
+def _parts(blocks: int, length: int, block: int, device: torch.device, per_sm: int) -> int:
     """Length of each of the parts a reduction over ``length`` (in multiples of ``block``) is split
-    into, so that ``blocks`` x parts programs fill the GPU (about PROGRAMS_PER_SM per SM; 2 parts
-    on CPU, which the interpreter tests exercise): a program per token block alone left most of an
+    into, so that ``blocks`` x parts programs fill the GPU (about ``per_sm`` per SM; 2 parts on
+    CPU, which the interpreter tests exercise): a program per token block alone left most of an
     H200 idle at 4,096 tokens (256 programs, each walking all of K)."""
     if device.type == "cuda":
-        wanted = PROGRAMS_PER_SM * multiprocessors(device)
+        wanted = per_sm * multiprocessors(device)
     else:
         wanted = 2 * blocks
     parts = max(1, min(cdiv(length, block), cdiv(wanted, blocks)))
@@ -273,15 +304,14 @@ def projection_fwd(v: torch.Tensor, phi: torch.Tensor):
     _check_weights(phi)
     if T == 0 or K == 0:
         return v.new_zeros((T, W), dtype=torch.float32), v.new_zeros((T,), dtype=torch.float32)
-    bt, bk, wp = _config(W)
+    bt, bk, wp, warps, per_sm = projection_config("fwd", W, v.element_size())
     blocks = cdiv(T, bt)
-    k_per = _parts(blocks, K, bk, v.device)
+    k_per = _parts(blocks, K, bk, v.device, per_sm)
     parts = cdiv(K, k_per)
     proj = torch.empty((parts, T, W), dtype=torch.float32, device=v.device)
     ss = torch.empty((parts, T), dtype=torch.float32, device=v.device)
     _projection_fwd_kernel[(blocks, parts)](v, phi, proj, ss, T, K, W, k_per, BT=bt, BK=bk, WP=wp,
-                                            **dot_options(TENSOR_CORES),
-                                            num_warps=projection_warps("fwd", wp))  # fmt: skip
+                                            **dot_options(TENSOR_CORES), num_warps=warps)  # fmt: skip
     return add_parts(proj), add_parts(ss)
 
 
@@ -297,13 +327,13 @@ def projection_dv(v, phi, dproj, dss):
     dv = torch.empty_like(v)
     if T == 0 or K == 0:
         return dv
-    bt, bk, wp = _config(W)
+    bt, bk, wp, warps, per_sm = projection_config("dv", W, v.element_size())
     token_blocks = cdiv(T, bt)
-    k_per = _parts(token_blocks, K, bk, v.device)
+    k_per = _parts(token_blocks, K, bk, v.device, per_sm)
     _projection_dv_kernel[(token_blocks, cdiv(K, k_per))](v, phi, dproj, dss, dv, T, K, W, k_per,
                                                           BT=bt, BK=bk, WP=wp,
                                                           **dot_options(TENSOR_CORES),
-                                                          num_warps=projection_warps("dv", wp))  # fmt: skip
+                                                          num_warps=warps)  # fmt: skip
     return dv
 
 
@@ -315,14 +345,14 @@ def projection_dphi(v, dproj, phi):
     W = dproj.shape[1]
     if T == 0 or K == 0:
         return torch.zeros((K, W), dtype=torch.float32, device=v.device)
-    bt, bk, wp = _config(W)
+    bt, bk, wp, warps, per_sm = projection_config("dphi", W, v.element_size())
     k_blocks = cdiv(K, bk)
-    t_per = _parts(k_blocks, T, bt, v.device)
+    t_per = _parts(k_blocks, T, bt, v.device, per_sm)
     parts = cdiv(T, t_per)
     dphi = torch.empty((parts, K, W), dtype=torch.float32, device=v.device)
     _projection_dphi_kernel[(k_blocks, parts)](v, dproj, dphi, T, K, W, t_per, BT=bt, BK=bk, WP=wp,
                                                **dot_options(TENSOR_CORES),
-                                               num_warps=projection_warps("dphi", wp))  # fmt: skip
+                                               num_warps=warps)  # fmt: skip
     return add_parts(dphi)
 
 
@@ -379,22 +409,22 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
     (the projection per stream dtype; the float32 epilogue per n with and without Sinkhorn)."""
     for n in (2, 4, 8):
         wp = dot_width(n * n + 2 * n)
-        consts = {"BT": BT, "BK": BK, "WP": wp, **dot_options(TENSOR_CORES)}
-        constexprs = dict.fromkeys(consts, "constexpr")
         for dt in dtypes:
             s, f = f"*{dt}", "*fp32"
             kernels = {
-                "proj_fwd": (_projection_fwd_kernel, {"v_ptr": s, "phi_ptr": f, "proj_ptr": f,
-                                                      "ss_ptr": f}, "k_per"),
-                "proj_dv": (_projection_dv_kernel, {"v_ptr": s, "phi_ptr": f, "dproj_ptr": f,
-                                                    "dss_ptr": f, "dv_ptr": s}, "k_per"),
-                "proj_dphi": (_projection_dphi_kernel, {"v_ptr": s, "dproj_ptr": f,
-                                                        "dphi_ptr": f}, "t_per"),
+                "fwd": (_projection_fwd_kernel, {"v_ptr": s, "phi_ptr": f, "proj_ptr": f,
+                                                 "ss_ptr": f}, "k_per"),
+                "dv": (_projection_dv_kernel, {"v_ptr": s, "phi_ptr": f, "dproj_ptr": f,
+                                               "dss_ptr": f, "dv_ptr": s}, "k_per"),
+                "dphi": (_projection_dphi_kernel, {"v_ptr": s, "dproj_ptr": f, "dphi_ptr": f},
+                         "t_per"),
             }  # fmt: skip
             for name, (kernel, ptrs, per) in kernels.items():
-                sig = {**ptrs, "T": "i32", "K": "i32", "W": "i32", per: "i32", **constexprs}
-                warps = projection_warps(name.removeprefix("proj_"), wp)
-                yield f"{name}-W{wp}-{dt}", kernel, sig, consts, warps
+                bt, bk, warps, _ = gpu_tiles(name, wp, 4 if dt == "fp32" else 2)
+                consts = {"BT": bt, "BK": bk, "WP": wp, **dot_options(TENSOR_CORES)}
+                sig = {**ptrs, "T": "i32", "K": "i32", "W": "i32", per: "i32",
+                       **dict.fromkeys(consts, "constexpr")}  # fmt: skip
+                yield f"proj_{name}-W{wp}-{dt}", kernel, sig, consts, warps
         np2 = next_power_of_2(n)
         bt = max(1, EPILOGUE_TILE_ELEMS // (np2 * np2))
         for iters in (0, 20):

@@ -403,6 +403,39 @@ def test_coefficient_projection_matches_the_reference(n, C, dtype, dots, device,
         assert (g - e).abs().max() <= bound, f"{name}: {(g - e).abs().max():.3g} > {bound:.3g}"
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="the interpreter's test (CPU tensors); on a GPU every kernel test runs these tiles",
+)
+@pytest.mark.parametrize("tiles", ["shipped", (64, 64, 4, 2), (32, 128, 8, 8)], ids=str)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_projections_gpu_tiles_give_the_interpreters_results(dtype, tiles, monkeypatch):
+    """The interpreter runs wide K steps; a GPU runs ``GPU_TILES`` (and the sweep,
+    benchmarks/sweep_projection.py, any other tiles through the same launchers). The same kernels
+    with a GPU's tiles, on CPU, over several token blocks and K parts each way, match the
+    interpreter's results to float32 rounding (dv: to its dtype's)."""
+    from mhc_kernels.coefficients import triton as kernels
+
+    T, n, C, dt = 70, 4, 40, DTYPES[dtype]
+    K, W = n * C, n * n + 2 * n
+    v, phi = torch.randn(T, K).to(dt), torch.randn(K, W) / K**0.5
+    dproj, dss = torch.randn(T, W), torch.randn(T)
+
+    def run():
+        return [*kernels.projection_fwd(v, phi), kernels.projection_dv(v, phi, dproj, dss),
+                kernels.projection_dphi(v, dproj, phi)]  # fmt: skip
+
+    interpreter = run()
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    if tiles != "shipped":
+        for kernel in ("fwd", "dv", "dphi"):
+            monkeypatch.setitem(kernels.GPU_TILES, (kernel, v.element_size()), tiles)
+    bt, bk = kernels.projection_config("dphi", W, v.element_size())[:2]
+    assert bt < T and bk < K  # several programs each way
+    for got, want in zip(run(), interpreter, strict=True):
+        torch.testing.assert_close(got, want, rtol=4 * torch.finfo(got.dtype).eps, atol=1e-5)
+
+
 @pytest.mark.parametrize("sinkhorn", [None, (20, "col_row"), (7, "row_col")],
                          ids=["logits", "sinkhorn20", "sinkhorn7-row_col"])  # fmt: skip
 @pytest.mark.parametrize("T", [37, 2100], ids=lambda t: f"T{t}")  # 2100: several programs
