@@ -1,18 +1,21 @@
 """Sweep the Triton stream kernels' launch parameters on a GPU: tokens and channels per program, warps.
 
     python benchmarks/sweep_streams.py [--tokens 16384] [--C 1488] [--n 4] [--dtypes fp32 bf16]
-                                       [--out FILE]
+                                       [--kernels merge_bwd ...] [--out FILE]
 
 For pre-mix and merge, forward and backward kernels alone, and the fused backward's stream
 gradient kernel (fp32 streams by default), times every combination of tokens per program (BT),
 channels per program (BC) and warps (``triton.testing.do_bench``, median ms), with the roofline
 ratio (unavoidable bytes at the GPU's peak DRAM bandwidth, as in test_streams.py), and prints them
 fastest first next to the shipped choice. The kernels are the shipped ones; only the launch
-parameters vary: 41 per pre-mix/merge kernel (down to 128 channels and up to 8 tokens per program,
-so that one warp can own a token's row and its sums over C need no barrier), 38 for the stream
-gradient (4-32 tokens sharing phi^T's rows) and 15 more with its projection term on tensor cores
-(``MMA``, n <= 4), about 220 compiles per dtype. The rows found so far are
-written after every kernel, so a run cut short keeps them. Needs a GPU.
+parameters vary: 47 per pre-mix/merge kernel (128-2048 channels, 1-8 tokens per program, 1-8
+warps), 44 for the stream gradient (4-32 tokens sharing phi^T's rows) and 16 more with its
+projection term on tensor cores (``MMA``, n <= 4), about 250 compiles per dtype. One warp per
+program (added after the third H200 lease; never timed before): its sums over C are warp shuffles
+without barriers (PTX of the n = 4 merge backward, sm_90: 4 barriers at 256 channels on one warp,
+against 19 as shipped, 512 channels on two; 119 with 2 tokens on two warps, which Triton lays out
+across the channels rather than one warp per token). The rows found so far are written after
+every kernel, so a run cut short keeps them. Needs a GPU.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def kernel_launcher(kernel: str, T: int, n: int, C: int, dtype: torch.dtype):
     return launch, nbytes
 
 
-BLOCKS_T, BLOCKS_C, WARPS = (1, 2, 4, 8), (128, 256, 512, 1024, 2048), (2, 4, 8)
+BLOCKS_T, BLOCKS_C, WARPS = (1, 2, 4, 8), (128, 256, 512, 1024, 2048), (1, 2, 4, 8)
 KERNELS = ("pre_mix_fwd", "pre_mix_bwd", "merge_fwd", "merge_bwd", "stream_grad")
 # the stream gradient's programs share phi^T's rows between their tokens: more tokens, narrower C
 GRAD_BLOCKS_T, GRAD_BLOCKS_C = (4, 8, 16, 32), (32, 64, 128, 256)
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--C", type=int, default=1488)
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--dtypes", nargs="+", default=["fp32"], choices=list(DTYPES))
+    parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     parser.add_argument("--out", help="also write the rows here as JSON")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = peak_bandwidth_gbs()
     T, n, C = args.tokens, args.n, args.C
     rows = []
-    for kernel, name in itertools.product(KERNELS, args.dtypes):
+    for kernel, name in itertools.product(args.kernels, args.dtypes):
         grad = kernel == "stream_grad"
         configure = st.stream_grad_config if grad else functools.partial(st.launch_config, kernel)
         config = configure(T, n, C, DTYPES[name].itemsize)

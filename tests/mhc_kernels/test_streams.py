@@ -228,7 +228,8 @@ def test_the_gpu_launch_configurations_give_the_interpreters_results(n, dtype, m
     gpu_tiles = kernels.stream_grad_config(T, n, C, x.element_size())
     assert gpu_tiles["BT"] < T and gpu_tiles["BC"] < C  # several programs each way
     check(run(), interpreter)  # the merge backward: C in two blocks
-    monkeypatch.setitem(kernels.GPU_BLOCKS, "pre_mix_bwd", (256, 4))  # and the pre-mix's in three
+    # and the pre-mix's in three
+    monkeypatch.setitem(kernels.GPU_BLOCKS, ("pre_mix_bwd", x.element_size()), (256, 4))
     check(pre_mix_backward(x, h_pre, g_in, "triton"), interpreter[1:3])
 
 
