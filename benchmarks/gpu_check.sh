@@ -9,7 +9,7 @@
 # benchmarks/results/stability-large/; with $OUT set, also packs
 # everything (logs, one JSON line per measured case, test report, profile) into
 # $OUT/gpu-<name>-<time>.tgz after every step. Each step is capped (fine-tuning step 120 s, tests
-# 150, Sinkhorn 120, layer + streams 150, graphs 90, profile 60, sweep 120, sweep-streams 180,
+# 150, Sinkhorn 120, layer + streams 150, graphs 120, profile 60, sweep 120, sweep-streams 180,
 # sweep-projection 180, compile 240, large stability 540): run the steps that fit the device time with MHC_GPU_STEPS
 # (names below; all by default), narrow the torch.compile cases with MHC_COMPILE_CASES and the
 # large stability runs with MHC_STABILITY_CASES (each a pytest -k). On an H200 (2026-11-27) the
@@ -74,7 +74,7 @@ want sinkhorn && step sinkhorn 120 "${bench[@]}" benchmarks/test_sinkhorn.py -k 
 want layer-streams && step layer-streams 150 "${bench[@]}" benchmarks/test_layer_overhead.py \
   benchmarks/test_streams.py -k "not compile and not graphed"
 # CUDA-graph capture in a process of its own: a capture that fails can leave the context unusable
-want graphs && step graphs 90 "${bench[@]}" benchmarks/test_layer_overhead.py -k graphed
+want graphs && step graphs 120 "${bench[@]}" benchmarks/test_layer_overhead.py -k graphed
 want profile && step profile 60 python benchmarks/profile_layer.py --out "$work/profile.txt"
 want sweep && step sweep 120 python benchmarks/sweep_sinkhorn.py --out "$work/sweep.json"
 # the backwards (sums over C) only: both 2026-11-27 sweeps put the forwards at 1.18-1.28x the roofline

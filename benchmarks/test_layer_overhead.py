@@ -54,7 +54,11 @@ VARIANTS = ["plain", "mhc", "mhc_recompute", "mhc_fused_backward", "mhc_all_trit
             "mhc_compiled", "mhc_all_triton_compiled", "plain_graphed", "mhc_graphed",
             # which path costs the GPU least, host aside (the bf16 block is bound by its host)
             "mhc_fused_backward_graphed", "mhc_all_triton_graphed", "mhc_all_triton_fused_graphed",
-            "plain_bf16_residual_graphed", "mhc_bf16_streams_graphed"]  # fmt: skip
+            "plain_bf16_residual_graphed", "mhc_bf16_streams_graphed",
+            # st_finetune's bf16 streams with every fused kernel: the Triton projection reads them
+            # as they are, where PyTorch's makes a float32 copy each way
+            "mhc_bf16_streams_all_triton_graphed",
+            "mhc_bf16_streams_all_triton_fused_graphed"]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"] if ON_GPU else ["fp32"])
@@ -76,12 +80,13 @@ def test_block_fwd_bwd(benchmark, record, variant, dim, heads, dtype):
     forward and backward each replayed as one CUDA graph (``torch.cuda.make_graphed_callables``,
     GPU only), which leaves the host out: the GPU's own time, what mHC costs a step that is not
     bound by its host, for the default path, the fused backward, every fused kernel (with and
-    without the fused backward) and bf16 streams against a bf16 residual."""
+    without the fused backward) and bf16 streams against a bf16 residual (also with every fused
+    kernel, with and without the fused backward: ``mhc_bf16_streams_all_triton[_fused]``)."""
     if variant.startswith("mhc_all_triton") or variant.endswith(("_compiled", "_graphed")):
         if not ON_GPU:
             pytest.skip("the fused kernels, inductor's code and CUDA graphs run only on a GPU")
     name = variant.removesuffix("_compiled").removesuffix("_graphed")
-    if name in ("mhc_bf16_streams", "plain_bf16_residual") and dtype != "bf16":
+    if name.startswith(("mhc_bf16_streams", "plain_bf16_residual")) and dtype != "bf16":
         pytest.skip("bf16 streams are measured in the bf16 autocast block")
     torch.manual_seed(0)
     options = {"mhc": {}, "mhc_recompute": {"recompute": True, "recompute_block": 2},
@@ -89,6 +94,9 @@ def test_block_fwd_bwd(benchmark, record, variant, dim, heads, dtype):
                "mhc_all_triton": {"backend": "triton"},
                "mhc_all_triton_fused": {"backend": "triton", "fused_backward": True},
                "mhc_bf16_streams": {"stream_dtype": torch.bfloat16},
+               "mhc_bf16_streams_all_triton": {"stream_dtype": torch.bfloat16, "backend": "triton"},
+               "mhc_bf16_streams_all_triton_fused": {"stream_dtype": torch.bfloat16,
+                                                     "backend": "triton", "fused_backward": True},
                "plain_bf16_residual": {"stream_dtype": torch.bfloat16}}  # fmt: skip
     block = Stack(dim, heads, mhc=not name.startswith("plain"), **options.get(name, {})).to(DEVICE)
     if variant.endswith("_compiled"):
@@ -215,6 +223,9 @@ def test_activation_memory(benchmark, record, dim, heads, dtype):
     if dtype == "bf16":  # streams in bf16 too (the branch computes under autocast)
         variants |= {"plain_bf16_residual": {"mhc": False, "stream_dtype": torch.bfloat16},
                      "mhc_bf16_streams": {"stream_dtype": torch.bfloat16},
+               "mhc_bf16_streams_all_triton": {"stream_dtype": torch.bfloat16, "backend": "triton"},
+               "mhc_bf16_streams_all_triton_fused": {"stream_dtype": torch.bfloat16,
+                                                     "backend": "triton", "fused_backward": True},
                      f"mhc_bf16_streams_recompute_block{BLOCKS[-1]}": {
                          "stream_dtype": torch.bfloat16, "recompute": True,
                          "recompute_block": BLOCKS[-1]}}  # fmt: skip
