@@ -61,7 +61,7 @@ xdist=()
 python -c "import xdist" 2>/dev/null && xdist=(-n "$(nproc)")
 bench=(python -m pytest --benchmark-only -q -p no:cacheprovider --benchmark-columns=median,iqr)
 
-ALL_STEPS="finetune tests sinkhorn layer-streams graphs profile sweep sweep-streams sweep-projection"
+ALL_STEPS="finetune tests sinkhorn layer-streams graphs profile sweep sweep-projection sweep-streams"
 ALL_STEPS+=" compile stability-large"
 want() { [[ " ${MHC_GPU_STEPS:-$ALL_STEPS} " == *" $1 "* ]]; }
 
@@ -77,12 +77,12 @@ want layer-streams && step layer-streams 150 "${bench[@]}" benchmarks/test_layer
 want graphs && step graphs 120 "${bench[@]}" benchmarks/test_layer_overhead.py -k graphed
 want profile && step profile 60 python benchmarks/profile_layer.py --out "$work/profile.txt"
 want sweep && step sweep 120 python benchmarks/sweep_sinkhorn.py --out "$work/sweep.json"
-# the backwards (sums over C) only: both 2026-11-27 sweeps put the forwards at 1.18-1.28x the roofline
-want sweep-streams && step sweep-streams 180 python benchmarks/sweep_streams.py \
-  --dtypes bf16 fp32 --kernels merge_bwd pre_mix_bwd stream_grad --out "$work/sweep-streams.json"
 # the projection's tiles, warps and split (bf16 then fp32; 138 compiles, 414 timed launches)
 want sweep-projection && step sweep-projection 180 python benchmarks/sweep_projection.py \
   --out "$work/sweep-projection.json"
+# the backwards (sums over C) only: both 2026-11-27 sweeps put the forwards at 1.18-1.28x the roofline
+want sweep-streams && step sweep-streams 180 python benchmarks/sweep_streams.py \
+  --dtypes bf16 fp32 --kernels merge_bwd pre_mix_bwd stream_grad --out "$work/sweep-streams.json"
 want compile && step compile 240 "${bench[@]}" benchmarks/test_sinkhorn.py benchmarks/test_streams.py \
   benchmarks/test_layer_overhead.py -k "${MHC_COMPILE_CASES:-compile}"
 stability_k=()  # MHC_STABILITY_CASES: a pytest -k, e.g. "training and mhc" for mHC's runs alone
