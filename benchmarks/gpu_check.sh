@@ -77,7 +77,7 @@ want layer-streams && step layer-streams 150 "${bench[@]}" benchmarks/test_layer
 want graphs && step graphs 120 "${bench[@]}" benchmarks/test_layer_overhead.py -k graphed
 want profile && step profile 60 python benchmarks/profile_layer.py --out "$work/profile.txt"
 want sweep && step sweep 120 python benchmarks/sweep_sinkhorn.py --out "$work/sweep.json"
-# the projection's tiles, warps and split (bf16 then fp32; 138 compiles, 414 timed launches)
+# the projection's tiles, warps, split and form (bf16 then fp32; 161 compiles, 483 timed launches)
 want sweep-projection && step sweep-projection 180 python benchmarks/sweep_projection.py \
   --out "$work/sweep-projection.json"
 # the backwards (sums over C) only: both 2026-11-27 sweeps put the forwards at 1.18-1.28x the roofline

@@ -11,7 +11,8 @@ columns, were sized for float32 FMA dots and kept for the tensor-core form: ever
 phi's K x W floats (the forward, dv), every 32 columns the gradient's T x W (dphi).
 
 This times every combination of tokens per program (BT), K columns per step (BK), warps and the
-programs per SM that the split of each reduction aims at, through the shipped launchers
+programs per SM that the split of each reduction aims at (for the float32 forward also with
+float32 FMAs instead of tensor cores), through the shipped launchers
 (``GPU_TILES`` set to each in turn, so the partial sums and their addition are timed too), checks
 every result against float64, and prints the fastest next to the shipped choice, with the roofline
 ratio (unavoidable bytes: the streams read once, dv also written once, at the GPU's peak DRAM
@@ -45,6 +46,9 @@ KERNELS = ("fwd", "dphi", "dv")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BLOCKS_T, BLOCKS_K, WARPS, PER_SM = (16, 32, 64, 128), (32, 64, 128), (4, 8), (2, 4, 8)
 MAX_ELEMS_PER_THREAD = 64  # a [BT, BK] tile of more per thread spilled (ptxas -v, sm_90)
+# float32 FMAs instead of tensor cores: for the float32 forward only, the one kernel where that
+# form was faster (third lease, 16,384 tokens: 0.41 against 0.48 ms; 2.6x slower fwd+bwd)
+FMA_TOO = {("fwd", "fp32")}
 
 
 def case(kernel: str, T: int, n: int, C: int, dtype: torch.dtype, device: str):
@@ -115,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         shipped = ct.GPU_TILES[key]
         call, want, tolerance, nbytes = case(kernel, T, n, C, dtype, device)
         found = []
-        for tiles in itertools.product(BLOCKS_T, BLOCKS_K, WARPS, PER_SM):
-            bt, bk, warps, per_sm = tiles
-            if bt * bk // (32 * warps) > MAX_ELEMS_PER_THREAD:
+        forms = (True, False) if (kernel, name) in FMA_TOO else (True,)
+        for tiles in itertools.starmap(ct.Tiles, itertools.product(BLOCKS_T, BLOCKS_K, WARPS,
+                                                                    PER_SM, forms)):  # fmt: skip
+            if tiles.BT * tiles.BK // (32 * tiles.warps) > MAX_ELEMS_PER_THREAD:
                 continue
             ct.GPU_TILES[key] = tiles
             try:
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 ct.GPU_TILES[key] = shipped
             found.append({"kernel": kernel, "dtype": name, "tokens": T, "n": n, "C": C,
-                          "BT": bt, "BK": bk, "warps": warps, "programs_per_sm": per_sm, "ms": ms,
+                          **tiles._asdict(), "ms": ms,
                           "roofline_ratio": ms / (nbytes / (peak * 1e9) * 1e3) if peak else None,
                           "relative_error": error, "accurate": error <= tolerance,
                           "shipped": tiles == shipped})  # fmt: skip

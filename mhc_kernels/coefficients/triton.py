@@ -25,6 +25,8 @@ per program and then over programs.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -232,20 +234,34 @@ NUM_WARPS = 4
 MAX_COLUMNS = 128
 PROGRAMS_PER_SM = 4
 
-# How each kernel launches on a GPU for up to SWEPT_COLUMNS columns (W = n^2 + 2n padded: n <= 4),
-# by stream item size: (tokens per program BT, K columns per step BK, warps, programs per SM that
-# the split of the reduction aims at). benchmarks/sweep_projection.py times alternatives through
-# the launchers below. These are the tiles sized for float32 FMA dots, kept for the tensor-core
-# form so far: 16 tokens per program re-read phi's K x W floats (the forward and dv) or the
-# gradient's T x W (dphi) for every 16 tokens or 32 columns, several times the bytes of the
-# streams, from L2. Wider W (n >= 5) keeps them, with projection_warps.
+TENSOR_CORES = True  # the projection's products on bf16 tensor cores (dot_f32); False: float32 FMAs
+
+
+class Tiles(NamedTuple):
+    """How a projection kernel launches on a GPU: tokens per program ``BT``, K columns per step
+    ``BK``, warps, the programs per SM that the split of its reduction aims at, and whether its
+    products run on bf16 tensor cores (``mma``; else float32 FMAs)."""
+
+    BT: int
+    BK: int
+    warps: int
+    per_sm: int
+    mma: bool
+
+
+# Each kernel's launch for up to SWEPT_COLUMNS columns (W = n^2 + 2n padded: n <= 4), by stream
+# item size. benchmarks/sweep_projection.py times alternatives through the launchers below. These
+# are the tiles sized for float32 FMA dots, kept for the tensor-core form so far: 16 tokens per
+# program re-read phi's K x W floats (the forward and dv) or the gradient's T x W (dphi) for every
+# 16 tokens or 32 columns, several times the bytes of the streams, from L2. Wider W (n >= 5) keeps
+# them, with projection_warps.
 GPU_TILES = {
-    ("fwd", 4): (BT, BK, NUM_WARPS, PROGRAMS_PER_SM),
-    ("fwd", 2): (BT, BK, NUM_WARPS, PROGRAMS_PER_SM),
-    ("dv", 4): (BT, BK, NUM_WARPS, PROGRAMS_PER_SM),
-    ("dv", 2): (BT, BK, NUM_WARPS, PROGRAMS_PER_SM),
-    ("dphi", 4): (BT, BK, NUM_WARPS, PROGRAMS_PER_SM),
-    ("dphi", 2): (BT, BK, NUM_WARPS, PROGRAMS_PER_SM),
+    ("fwd", 4): Tiles(BT, BK, NUM_WARPS, PROGRAMS_PER_SM, True),
+    ("fwd", 2): Tiles(BT, BK, NUM_WARPS, PROGRAMS_PER_SM, True),
+    ("dv", 4): Tiles(BT, BK, NUM_WARPS, PROGRAMS_PER_SM, True),
+    ("dv", 2): Tiles(BT, BK, NUM_WARPS, PROGRAMS_PER_SM, True),
+    ("dphi", 4): Tiles(BT, BK, NUM_WARPS, PROGRAMS_PER_SM, True),
+    ("dphi", 2): Tiles(BT, BK, NUM_WARPS, PROGRAMS_PER_SM, True),
 }
 SWEPT_COLUMNS = 32
 
@@ -259,25 +275,23 @@ def projection_warps(kernel: str, wp: int) -> int:
     return 8 if kernel != "dv" and wp > 64 else NUM_WARPS
 
 
-def gpu_tiles(kernel: str, wp: int, itemsize: int) -> tuple[int, int, int, int]:
-    """``(BT, BK, warps, programs per SM)`` of ``kernel`` on a GPU for ``wp`` padded columns and
-    streams of ``itemsize`` bytes."""
+def gpu_tiles(kernel: str, wp: int, itemsize: int) -> Tiles:
+    """How ``kernel`` launches on a GPU for ``wp`` padded columns and streams of ``itemsize``
+    bytes; on tensor cores only where ``TENSOR_CORES`` allows them."""
     if wp <= SWEPT_COLUMNS:
-        return GPU_TILES[kernel, min(itemsize, 4)]
-    return BT, BK, projection_warps(kernel, wp), PROGRAMS_PER_SM
+        tiles = GPU_TILES[kernel, min(itemsize, 4)]
+    else:
+        tiles = Tiles(BT, BK, projection_warps(kernel, wp), PROGRAMS_PER_SM, True)
+    return tiles._replace(mma=tiles.mma and TENSOR_CORES)
 
 
-TENSOR_CORES = True  # the projection's products on bf16 tensor cores (dot_f32); False: float32 FMAs
-
-
-def projection_config(kernel: str, W: int, itemsize: int) -> tuple[int, int, int, int, int]:
-    """``(BT, BK, WP, warps, programs per SM)`` of ``kernel`` as it launches here (the
-    interpreter: wide K steps, programs per SM unused)."""
+def projection_config(kernel: str, W: int, itemsize: int) -> tuple[int, Tiles]:
+    """``(WP, tiles)``: ``W`` padded to a dot's width, and how ``kernel`` launches here (the
+    interpreter: wide K steps, the form ``TENSOR_CORES`` says, programs per SM unused)."""
     wp = dot_width(W)
     if interpreting():
-        return INTERPRETER_BT, INTERPRETER_BK, wp, NUM_WARPS, PROGRAMS_PER_SM
-    bt, bk, warps, per_sm = gpu_tiles(kernel, wp, itemsize)
-    return bt, bk, wp, warps, per_sm
+        return wp, Tiles(INTERPRETER_BT, INTERPRETER_BK, NUM_WARPS, PROGRAMS_PER_SM, TENSOR_CORES)
+    return wp, gpu_tiles(kernel, wp, itemsize)
 
 
 def _parts(blocks: int, length: int, block: int, device: torch.device, per_sm: int) -> int:
@@ -304,14 +318,15 @@ def projection_fwd(v: torch.Tensor, phi: torch.Tensor):
     _check_weights(phi)
     if T == 0 or K == 0:
         return v.new_zeros((T, W), dtype=torch.float32), v.new_zeros((T,), dtype=torch.float32)
-    bt, bk, wp, warps, per_sm = projection_config("fwd", W, v.element_size())
-    blocks = cdiv(T, bt)
-    k_per = _parts(blocks, K, bk, v.device, per_sm)
+    wp, tiles = projection_config("fwd", W, v.element_size())
+    blocks = cdiv(T, tiles.BT)
+    k_per = _parts(blocks, K, tiles.BK, v.device, tiles.per_sm)
     parts = cdiv(K, k_per)
     proj = torch.empty((parts, T, W), dtype=torch.float32, device=v.device)
     ss = torch.empty((parts, T), dtype=torch.float32, device=v.device)
-    _projection_fwd_kernel[(blocks, parts)](v, phi, proj, ss, T, K, W, k_per, BT=bt, BK=bk, WP=wp,
-                                            **dot_options(TENSOR_CORES), num_warps=warps)  # fmt: skip
+    _projection_fwd_kernel[(blocks, parts)](v, phi, proj, ss, T, K, W, k_per, BT=tiles.BT,
+                                            BK=tiles.BK, WP=wp, **dot_options(tiles.mma),
+                                            num_warps=tiles.warps)  # fmt: skip
     return add_parts(proj), add_parts(ss)
 
 
@@ -327,13 +342,13 @@ def projection_dv(v, phi, dproj, dss):
     dv = torch.empty_like(v)
     if T == 0 or K == 0:
         return dv
-    bt, bk, wp, warps, per_sm = projection_config("dv", W, v.element_size())
-    token_blocks = cdiv(T, bt)
-    k_per = _parts(token_blocks, K, bk, v.device, per_sm)
+    wp, tiles = projection_config("dv", W, v.element_size())
+    token_blocks = cdiv(T, tiles.BT)
+    k_per = _parts(token_blocks, K, tiles.BK, v.device, tiles.per_sm)
     _projection_dv_kernel[(token_blocks, cdiv(K, k_per))](v, phi, dproj, dss, dv, T, K, W, k_per,
-                                                          BT=bt, BK=bk, WP=wp,
-                                                          **dot_options(TENSOR_CORES),
-                                                          num_warps=warps)  # fmt: skip
+                                                          BT=tiles.BT, BK=tiles.BK, WP=wp,
+                                                          **dot_options(tiles.mma),
+                                                          num_warps=tiles.warps)  # fmt: skip
     return dv
 
 
@@ -345,14 +360,14 @@ def projection_dphi(v, dproj, phi):
     W = dproj.shape[1]
     if T == 0 or K == 0:
         return torch.zeros((K, W), dtype=torch.float32, device=v.device)
-    bt, bk, wp, warps, per_sm = projection_config("dphi", W, v.element_size())
-    k_blocks = cdiv(K, bk)
-    t_per = _parts(k_blocks, T, bt, v.device, per_sm)
+    wp, tiles = projection_config("dphi", W, v.element_size())
+    k_blocks = cdiv(K, tiles.BK)
+    t_per = _parts(k_blocks, T, tiles.BT, v.device, tiles.per_sm)
     parts = cdiv(T, t_per)
     dphi = torch.empty((parts, K, W), dtype=torch.float32, device=v.device)
-    _projection_dphi_kernel[(k_blocks, parts)](v, dproj, dphi, T, K, W, t_per, BT=bt, BK=bk, WP=wp,
-                                               **dot_options(TENSOR_CORES),
-                                               num_warps=warps)  # fmt: skip
+    _projection_dphi_kernel[(k_blocks, parts)](v, dproj, dphi, T, K, W, t_per, BT=tiles.BT,
+                                               BK=tiles.BK, WP=wp, **dot_options(tiles.mma),
+                                               num_warps=tiles.warps)  # fmt: skip
     return add_parts(dphi)
 
 
@@ -420,11 +435,11 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
                          "t_per"),
             }  # fmt: skip
             for name, (kernel, ptrs, per) in kernels.items():
-                bt, bk, warps, _ = gpu_tiles(name, wp, 4 if dt == "fp32" else 2)
-                consts = {"BT": bt, "BK": bk, "WP": wp, **dot_options(TENSOR_CORES)}
+                tiles = gpu_tiles(name, wp, 4 if dt == "fp32" else 2)
+                consts = {"BT": tiles.BT, "BK": tiles.BK, "WP": wp, **dot_options(tiles.mma)}
                 sig = {**ptrs, "T": "i32", "K": "i32", "W": "i32", per: "i32",
                        **dict.fromkeys(consts, "constexpr")}  # fmt: skip
-                yield f"proj_{name}-W{wp}-{dt}", kernel, sig, consts, warps
+                yield f"proj_{name}-W{wp}-{dt}", kernel, sig, consts, tiles.warps
         np2 = next_power_of_2(n)
         bt = max(1, EPILOGUE_TILE_ELEMS // (np2 * np2))
         for iters in (0, 20):

@@ -408,13 +408,14 @@ def test_coefficient_projection_matches_the_reference(n, C, dtype, dots, device,
     torch.cuda.is_available(),
     reason="the interpreter's test (CPU tensors); on a GPU every kernel test runs these tiles",
 )
-@pytest.mark.parametrize("tiles", ["shipped", (64, 64, 4, 2), (32, 128, 8, 8)], ids=str)
+@pytest.mark.parametrize("tiles", ["shipped", (64, 64, 4, 2, True), (32, 128, 8, 8, True),
+                                   (64, 32, 4, 4, False)], ids=str)  # fmt: skip
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_the_projections_gpu_tiles_give_the_interpreters_results(dtype, tiles, monkeypatch):
     """The interpreter runs wide K steps; a GPU runs ``GPU_TILES`` (and the sweep,
-    benchmarks/sweep_projection.py, any other tiles through the same launchers). The same kernels
-    with a GPU's tiles, on CPU, over several token blocks and K parts each way, match the
-    interpreter's results to float32 rounding (dv: to its dtype's)."""
+    benchmarks/sweep_projection.py, any other tiles and either form of the products through the
+    same launchers). The same kernels with a GPU's tiles, on CPU, over several token blocks and K
+    parts each way, match the interpreter's results to float32 rounding (dv: to its dtype's)."""
     from mhc_kernels.coefficients import triton as kernels
 
     T, n, C, dt = 70, 4, 40, DTYPES[dtype]
@@ -429,10 +430,10 @@ def test_the_projections_gpu_tiles_give_the_interpreters_results(dtype, tiles, m
     interpreter = run()
     monkeypatch.setattr(kernels, "interpreting", lambda: False)
     if tiles != "shipped":
-        for kernel in ("fwd", "dv", "dphi"):
-            monkeypatch.setitem(kernels.GPU_TILES, (kernel, v.element_size()), tiles)
-    bt, bk = kernels.projection_config("dphi", W, v.element_size())[:2]
-    assert bt < T and bk < K  # several programs each way
+        for key in (("fwd", dt.itemsize), ("dv", dt.itemsize), ("dphi", dt.itemsize)):
+            monkeypatch.setitem(kernels.GPU_TILES, key, kernels.Tiles(*tiles))
+    launched = kernels.projection_config("dphi", W, v.element_size())[1]
+    assert launched.BT < T and launched.BK < K  # several programs each way
     for got, want in zip(run(), interpreter, strict=True):
         torch.testing.assert_close(got, want, rtol=4 * torch.finfo(got.dtype).eps, atol=1e-5)
 
