@@ -94,7 +94,8 @@ class ModelConfig:
         hidden_dim, n_layers, n_heads, intermediate_size, n_encoder_layers, n_decoder_layers,
             backbone: dimensions of a new model (ignored with a checkpoint).
         demo_pretrained: build the demo's small pretrained checkpoint at ``checkpoint`` when it is
-            missing (used by configs/demo.yaml).
+            missing and its folder is named ``st_pretrained`` (configs/demo.yaml; any other
+            missing checkpoint is an error, never a stand-in).
     """
 
     checkpoint: str = ""
@@ -208,7 +209,8 @@ class RunConfig:
         output_dir: where run folders go.
         overwrite: replace a run folder that already holds results.
         resume: continue the run in its folder from its last checkpoint.
-        demo_data: generate the synthetic wound-healing study at ``data.paths[0]`` when missing.
+        demo_data: generate the synthetic wound-healing study at ``data.paths[0]`` when it is
+            missing and named ``wound_healing.h5ad`` (any other missing file is an error).
     """
 
     name: str = "run"

@@ -290,14 +290,31 @@ def _demo_without_genes(path: str | Path) -> bool:
         return False
 
 
+STUDY_NAME, CHECKPOINT_NAME = "wound_healing.h5ad", "st_pretrained"  # configs/demo.yaml's
+
+
 def ensure_demo_files(data_path: str | Path | None, checkpoint: str | Path | None) -> None:
     """Create whichever of the demo study and the demo checkpoint is missing (and write again a
     demo study from an earlier version, which lacks the genes: same embeddings). A file of the
-    user's at ``data_path`` is never touched."""
+    user's at ``data_path`` is never touched, and the demo files are made only under their own
+    names (``STUDY_NAME``, ``CHECKPOINT_NAME``): a missing path of any other name is the user's
+    (mistyped, or not yet copied), and training a synthetic stand-in there would pass for theirs."""
     if data_path and not Path(data_path).exists():
+        _refuse_unless_named(data_path, STUDY_NAME, "data.paths", "demo_data=false")
         make_wound_study(data_path)
     elif data_path and _demo_without_genes(data_path):
         log.info("the demo study at %s predates its genes: writing it again", data_path)
         make_wound_study(data_path)
     if checkpoint and not Path(checkpoint).exists():
+        _refuse_unless_named(checkpoint, CHECKPOINT_NAME, "model.checkpoint",
+                             "model.demo_pretrained=false")  # fmt: skip
         make_pretrained(checkpoint)
+
+
+def _refuse_unless_named(path: str | Path, name: str, key: str, off: str) -> None:
+    if Path(path).name != name:
+        raise FileNotFoundError(
+            f"{key}: {path} does not exist. The demo makes its synthetic files only under their "
+            f"own names ({name}, as configs/demo.yaml has it), never at a path of yours: check "
+            f"the path, or run on your own files with {off} (configs/st_lora_mhc.yaml)"
+        )
