@@ -371,7 +371,6 @@ def format_summary(s: dict) -> str:
     p = s["parameters"]
     variant = "+".join(k.upper() if k == "mhc" else k.capitalize() for k, v in s["variant"].items()
                        if v) or "heads only"  # fmt: skip
-    better = s["heldout_energy_finetuned"] < s["heldout_energy_pretrained"]
     lines = [
         "",
         f"== {s['name']} ({variant}) finished: {s['steps']} steps, {s['epochs']} epochs, "
@@ -383,7 +382,7 @@ def format_summary(s: dict) -> str:
         f"held-out energy distance of {s['heldout_energy_set_len']}-cell sets as in training "
         "(test split, mean over groups; `evaluate` scores whole groups): pretrained "
         f"{s['heldout_energy_pretrained']:.4f} -> fine-tuned {s['heldout_energy_finetuned']:.4f} "
-        f"({'better' if better else 'NOT better'})",
+        f"({heldout_change(s)})",
         *_decoder_line(s.get("gene_decoder")),
         f"peak memory: {s['peak_memory_mb']:.0f} MB; processes: {s['world_size']}"
         + ("" if s["ranks_agree"] else " (WARNING: ranks disagree)"),
@@ -391,6 +390,21 @@ def format_summary(s: dict) -> str:
         "loss.png, grad_norm.png, summary.json)",
     ]
     return "\n".join(lines)
+
+
+def heldout_change(s: dict) -> str:
+    """The held-out energy's change as a biologist can weigh it: relative to the pretrained model,
+    and in how many of the test groups it fell (a mean can move on one group's change alone)."""
+    before, after = (
+        s["heldout_energy_groups"]["pretrained"],
+        s["heldout_energy_groups"]["finetuned"],
+    )
+    shared = sorted(before.keys() & after.keys())
+    if not shared:
+        return "no test groups"
+    lower = sum(after[g] < before[g] for g in shared)
+    change = s["heldout_energy_finetuned"] / s["heldout_energy_pretrained"] - 1
+    return f"{change:+.1%}; lower in {lower} of {len(shared)} groups"
 
 
 def _decoder_line(info: dict | None) -> list[str]:

@@ -14,7 +14,7 @@ import torch
 from st_finetune.config import load_config
 from st_finetune.model import load_finetuned
 from st_finetune.model.adapt import is_lora_param, is_mhc_param
-from st_finetune.train import main, run, training_precision
+from st_finetune.train import heldout_change, main, run, training_precision
 
 from .conftest import overrides
 
@@ -44,6 +44,16 @@ def test_run_writes_a_complete_run_folder(inputs, tmp_path):
                if is_lora_param(n) or is_mhc_param(n) or n.startswith("pert_encoder.")}  # fmt: skip
     assert set(state) == trained
     assert sum(t.numel() for t in state.values()) == summary["parameters"]["trainable"]
+
+
+def test_the_summary_weighs_the_held_out_change_by_group():
+    """A mean can fall on one group alone: the summary says by how much, and in how many groups."""
+    before, after = {"a": 1.0, "b": 1.0, "c": 1.0}, {"a": 0.4, "b": 1.1, "c": 1.2}
+    summary = {"heldout_energy_pretrained": 1.0, "heldout_energy_finetuned": 0.9,
+               "heldout_energy_groups": {"pretrained": before, "finetuned": after}}  # fmt: skip
+    assert heldout_change(summary) == "-10.0%; lower in 1 of 3 groups"
+    empty = {**summary, "heldout_energy_groups": {"pretrained": {}, "finetuned": {}}}
+    assert heldout_change(empty) == "no test groups"
 
 
 def test_precision_auto_is_mixed_on_gpus_with_or_without_bf16(monkeypatch):
