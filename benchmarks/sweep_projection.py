@@ -20,8 +20,9 @@ bandwidth). Kernels in the order that matters most (the forward and dphi are wha
 backward runs; bf16 streams are st_finetune's under bf16 mixed precision); the rows found so far
 are written after every kernel, so a run cut short keeps them.
 
-Without a GPU it runs under ``TRITON_INTERPRET=1`` (set here) at whatever size it is given: a check
-of the script and of every configuration's results; its times mean nothing.
+Without a GPU it runs under ``TRITON_INTERPRET=1`` (benchmarks/conftest.py sets it) at whatever
+size it is given: a check of the script and of every configuration's results; its times mean
+nothing.
 """
 
 from __future__ import annotations
@@ -29,18 +30,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import sys
 import time
 
 import torch
+from conftest import peak_bandwidth_gbs, write_rows  # beside this script (sets TRITON_INTERPRET)
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
-
-from conftest import peak_bandwidth_gbs, write_rows  # noqa: E402  (beside this script: on sys.path)
-
-from mhc_kernels.coefficients import triton as ct  # noqa: E402
+from mhc_kernels.coefficients import triton as ct
 
 KERNELS = ("fwd", "dphi", "dv")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
