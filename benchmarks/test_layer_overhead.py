@@ -223,9 +223,6 @@ def test_activation_memory(benchmark, record, dim, heads, dtype):
     if dtype == "bf16":  # streams in bf16 too (the branch computes under autocast)
         variants |= {"plain_bf16_residual": {"mhc": False, "stream_dtype": torch.bfloat16},
                      "mhc_bf16_streams": {"stream_dtype": torch.bfloat16},
-               "mhc_bf16_streams_all_triton": {"stream_dtype": torch.bfloat16, "backend": "triton"},
-               "mhc_bf16_streams_all_triton_fused": {"stream_dtype": torch.bfloat16,
-                                                     "backend": "triton", "fused_backward": True},
                      f"mhc_bf16_streams_recompute_block{BLOCKS[-1]}": {
                          "stream_dtype": torch.bfloat16, "recompute": True,
                          "recompute_block": BLOCKS[-1]}}  # fmt: skip
