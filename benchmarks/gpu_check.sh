@@ -9,9 +9,9 @@
 # benchmarks/results/stability-large/; with $OUT set, also packs
 # everything (logs, one JSON line per measured case, test report, profile) into
 # $OUT/gpu-<name>-<time>.tgz after every step. Each step is capped (fine-tuning step 120 s, tests
-# 150, Sinkhorn 120, layer + streams 150, graphs 120, profile 60, sweep 120, sweep-streams 180,
-# sweep-projection 180, compile 240, large stability 540): run the steps that fit the device time with MHC_GPU_STEPS
-# (names below; all by default), narrow the torch.compile cases with MHC_COMPILE_CASES and the
+# 150, Sinkhorn 120, layer + streams 150, graphs 120, profile 60, sweep 120, sweep-projection 180,
+# sweep-streams 180, compile 240, large stability 540): run the steps that fit the device time
+# with MHC_GPU_STEPS (names below; all by default), narrow the torch.compile cases with MHC_COMPILE_CASES and the
 # large stability runs with MHC_STABILITY_CASES (each a pytest -k). On an H200 (2026-11-27) the
 # steps' pytest times were: tests 96-105 s, Sinkhorn 50, layer + streams 91, compile 202;
 # finetune, layer-streams, graphs, profile and sweep-streams (fp32 and bf16) took 309 s in one call;

@@ -258,20 +258,12 @@ def gene_shifts(data, predictions: dict, decoder: GeneDecoder, variants: list[st
     perturbed minus the control cells), that shift over :func:`control_scale` (``effect``), and
     each variant's decoded shift (:func:`each_group_shifts`)."""
     chosen = {v: predictions[v] for v in variants if v in predictions}
-    frames = [
-        pd.DataFrame(
-            {
-                "cell_type": g.cell_type,
-                "timepoint": g.timepoint,
-                "pert": g.pert,
-                "gene": np.array(decoder.gene_names)[outputs],
-                "observed": observed,
-                "effect": observed / scale,
-                **decoded,
-            }
-        )  # fmt: skip
-        for g, outputs, observed, scale, decoded in each_group_shifts(data, chosen, decoder, split)
-    ]
+    names = np.array(decoder.gene_names)
+    frames = [pd.DataFrame({"cell_type": g.cell_type, "timepoint": g.timepoint, "pert": g.pert,
+                            "gene": names[outputs], "observed": observed,
+                            "effect": observed / scale, **decoded})
+              for g, outputs, observed, scale, decoded
+              in each_group_shifts(data, chosen, decoder, split)]  # fmt: skip
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 

@@ -395,11 +395,9 @@ def format_summary(s: dict) -> str:
 def heldout_change(s: dict) -> str:
     """The held-out energy's change as a biologist can weigh it: relative to the pretrained model,
     and in how many of the test groups it fell (a mean can move on one group's change alone)."""
-    before, after = (
-        s["heldout_energy_groups"]["pretrained"],
-        s["heldout_energy_groups"]["finetuned"],
-    )
-    shared = sorted(before.keys() & after.keys())
+    groups = s["heldout_energy_groups"]
+    before, after = groups["pretrained"], groups["finetuned"]
+    shared = before.keys() & after.keys()
     if not shared:
         return "no test groups"
     lower = sum(after[g] < before[g] for g in shared)

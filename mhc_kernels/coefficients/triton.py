@@ -25,6 +25,7 @@ per program and then over programs.
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -249,20 +250,15 @@ class Tiles(NamedTuple):
     mma: bool
 
 
-# Each kernel's launch for up to SWEPT_COLUMNS columns (W = n^2 + 2n padded: n <= 4), by stream
-# item size. benchmarks/sweep_projection.py times alternatives through the launchers below. These
-# are the tiles sized for float32 FMA dots, kept for the tensor-core form so far: 16 tokens per
+# Each kernel's launch for up to SWEPT_COLUMNS columns (W = n^2 + 2n padded: n <= 4), keyed by
+# (kernel, stream item size: 4 float32, 2 bf16/fp16), so that the two can launch differently.
+# benchmarks/sweep_projection.py times alternatives through the launchers below. All are still
+# the tiles sized for float32 FMA dots, kept for the tensor-core form so far: 16 tokens per
 # program re-read phi's K x W floats (the forward and dv) or the gradient's T x W (dphi) for every
 # 16 tokens or 32 columns, several times the bytes of the streams, from L2. Wider W (n >= 5) keeps
 # them, with projection_warps.
-GPU_TILES = {
-    ("fwd", 4): Tiles(BT, BK, NUM_WARPS, PROGRAMS_PER_SM, True),
-    ("fwd", 2): Tiles(BT, BK, NUM_WARPS, PROGRAMS_PER_SM, True),
-    ("dv", 4): Tiles(BT, BK, NUM_WARPS, PROGRAMS_PER_SM, True),
-    ("dv", 2): Tiles(BT, BK, NUM_WARPS, PROGRAMS_PER_SM, True),
-    ("dphi", 4): Tiles(BT, BK, NUM_WARPS, PROGRAMS_PER_SM, True),
-    ("dphi", 2): Tiles(BT, BK, NUM_WARPS, PROGRAMS_PER_SM, True),
-}
+GPU_TILES = dict.fromkeys(itertools.product(("fwd", "dv", "dphi"), (4, 2)),
+                          Tiles(BT, BK, NUM_WARPS, PROGRAMS_PER_SM, True))  # fmt: skip
 SWEPT_COLUMNS = 32
 
 
@@ -282,7 +278,7 @@ def gpu_tiles(kernel: str, wp: int, itemsize: int) -> Tiles:
         tiles = GPU_TILES[kernel, min(itemsize, 4)]
     else:
         tiles = Tiles(BT, BK, projection_warps(kernel, wp), PROGRAMS_PER_SM, True)
-    return tiles._replace(mma=tiles.mma and TENSOR_CORES)
+    return tiles if TENSOR_CORES or not tiles.mma else tiles._replace(mma=False)
 
 
 def projection_config(kernel: str, W: int, itemsize: int) -> tuple[int, Tiles]:

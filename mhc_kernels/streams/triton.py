@@ -211,19 +211,17 @@ def _stream_grad_kernel(x_ptr, gin_ptr, gout_ptr, hpre_ptr, hres_ptr, dss_ptr, d
 
 # -------------------------------------------------------------------------------------- launchers
 
-# channels per program and warps, at most, per kernel and stream item size (4: float32, 2: bf16 and
-# fp16) on a GPU. The H200 sweep (n = 4, C = 1488, 16,384 tokens, fp32 and bf16, each kernel alone;
-# benchmarks/README.md): the forwards and the pre-mix backward were fastest with a whole token row
-# per program (2048 channels: 1.18-1.28x the roofline, against 1.22-1.37x in the 512-channel blocks
-# they had), the pre-mix backward on at most 4 warps (bf16 1.23x; on 8, 1.42x), the merge backward
-# in 512-channel blocks on 2 warps (fp32 1.22x; on 4, 1.30x; bf16 1.48x, the best of its 41
-# configurations, none of them on one warp)
-GPU_BLOCKS = {
-    ("pre_mix_fwd", 4): (2048, 8), ("pre_mix_fwd", 2): (2048, 8),
-    ("merge_fwd", 4): (2048, 8), ("merge_fwd", 2): (2048, 8),
-    ("pre_mix_bwd", 4): (2048, 4), ("pre_mix_bwd", 2): (2048, 4),
-    ("merge_bwd", 4): (512, 2), ("merge_bwd", 2): (512, 2),
-}  # fmt: skip
+# channels per program and warps, at most, per kernel on a GPU, keyed by (kernel, stream item size:
+# 4 float32, 2 bf16/fp16) so that the two can launch differently (so far they do not). The H200
+# sweep (n = 4, C = 1488, 16,384 tokens, fp32 and bf16, each kernel alone; benchmarks/README.md):
+# the forwards and the pre-mix backward were fastest with a whole token row per program (2048
+# channels: 1.18-1.28x the roofline, against 1.22-1.37x in the 512-channel blocks they had), the
+# pre-mix backward on at most 4 warps (bf16 1.23x; on 8, 1.42x), the merge backward in 512-channel
+# blocks on 2 warps (fp32 1.22x; on 4, 1.30x; bf16 1.48x, the best of its 41 configurations, none
+# of them on one warp)
+GPU_BLOCKS = {(kernel, itemsize): blocks for itemsize in (4, 2) for kernel, blocks in {
+    "pre_mix_fwd": (2048, 8), "merge_fwd": (2048, 8), "pre_mix_bwd": (2048, 4),
+    "merge_bwd": (512, 2)}.items()}  # fmt: skip
 GPU_STREAM_ELEMS_PER_THREAD = 64  # [NP, BC] elements per thread at most (the sweep's limit)
 GPU_TILE_ELEMS_PER_THREAD = 16  # [BT, NP, BC] tile elements per thread when BT > 1 (more spilled)
 VECTOR_BYTES = 16  # one 128-bit load or store per thread per stream row
