@@ -25,7 +25,6 @@ per program and then over programs.
 
 from __future__ import annotations
 
-import itertools
 from typing import NamedTuple
 
 import torch
@@ -251,14 +250,26 @@ class Tiles(NamedTuple):
 
 
 # Each kernel's launch for up to SWEPT_COLUMNS columns (W = n^2 + 2n padded: n <= 4), keyed by
-# (kernel, stream item size: 4 float32, 2 bf16/fp16), so that the two can launch differently.
-# benchmarks/sweep_projection.py times alternatives through the launchers below. All are still
-# the tiles sized for float32 FMA dots, kept for the tensor-core form so far: 16 tokens per
-# program re-read phi's K x W floats (the forward and dv) or the gradient's T x W (dphi) for every
-# 16 tokens or 32 columns, several times the bytes of the streams, from L2. Wider W (n >= 5) keeps
-# them, with projection_warps.
-GPU_TILES = dict.fromkeys(itertools.product(("fwd", "dv", "dphi"), (4, 2)),
-                          Tiles(BT, BK, NUM_WARPS, PROGRAMS_PER_SM, True))  # fmt: skip
+# (kernel, stream item size: 4 float32, 2 bf16/fp16): the fastest accurate launches of
+# benchmarks/sweep_projection.py on an H200 at n = 4, C = 1488 and the layer's 4,096 tokens
+# (benchmarks/results/sweep-projection-NVIDIA_H200-20261127T153320Z.json; ms against the 16 x 32
+# tiles shipped before, which dated from the float32-FMA form):
+# - the float32 forward on FMAs, 64 tokens x 64 columns on 8 warps, so that phi's K x W floats
+#   are re-read every 64 tokens rather than 16 (0.083 against 0.135 ms; the fastest, 128 x 32 on
+#   4 warps at 0.076 ms, spilled 12 bytes on sm_89); the bf16 forward's old tiles were already its
+#   fastest (0.090 ms; 8 per SM 0.089);
+# - dphi 128 K columns per program, re-reading the T x W gradient every 128 columns rather than 32
+#   (bf16 0.064 against 0.117 ms; float32 0.109 against 0.155);
+# - dv 32 x 64 tiles (bf16 0.061 against 0.102 ms; float32 0.073 against 0.095).
+# Wider W (n >= 5) keeps the 16 x 32 tiles, with projection_warps.
+GPU_TILES = {
+    ("fwd", 4): Tiles(64, 64, 8, 4, False),
+    ("fwd", 2): Tiles(16, 32, 4, 4, True),
+    ("dphi", 4): Tiles(16, 128, 4, 4, True),
+    ("dphi", 2): Tiles(16, 128, 4, 4, True),
+    ("dv", 4): Tiles(32, 64, 4, 8, True),
+    ("dv", 2): Tiles(32, 64, 4, 4, True),
+}
 SWEPT_COLUMNS = 32
 
 
