@@ -5,7 +5,7 @@
 Prints (and writes) the top operators by device time and by host time for (1) Sinkhorn-Knopp
 fwd+bwd on 1,024 and 2^20 4x4 matrices and (2) the mHC-wrapped Llama block of
 ``test_layer_overhead.py`` (C = 1488, 16 sets of 256 cells, bf16 autocast) next to the plain block,
-on a GPU also with every fused kernel (the opt-in projection too).
+on a GPU also with every fused kernel (the projection too, whatever the width).
 Used by gpu_check.sh; on CPU it runs too (host times only).
 """
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         profiled("plain block C=1488 fwd+bwd", block_case("plain")),
         profiled("mHC block C=1488 fwd+bwd", block_case("mhc")),
     ]
-    if ON_GPU:  # the opt-in fused projection too (the interpreter would run it here)
+    if ON_GPU:  # the fused projection at any width (the interpreter would run it here)
         tables.append(profiled("mHC block C=1488 fwd+bwd, every fused kernel",
                                block_case("mhc", backend="triton")))  # fmt: skip
         tables.append(profiled("mHC block C=1488 fwd+bwd, every fused kernel, fused backward",

@@ -67,7 +67,7 @@ VARIANTS = ["plain", "mhc", "mhc_recompute", "mhc_fused_backward", "mhc_all_trit
 def test_block_fwd_bwd(benchmark, record, variant, dim, heads, dtype):
     """``mhc``: the default backends; ``mhc_recompute``: both connections recomputed, the second
     one's stream rebuilt (``recompute_block=2``); ``mhc_all_triton``: every fused kernel, the
-    opt-in projection included (GPU only); ``mhc_fused_backward``: the default backends with the
+    projection at any width included (GPU only; ``auto`` takes it too for n*C >= 4096); ``mhc_fused_backward``: the default backends with the
     connection's stream gradient in one pass (``fused_backward``),
     ``mhc_all_triton_fused`` every fused kernel with it (GPU only); ``mhc_bf16_streams``: the
     default backends with the streams kept in bf16 under bf16 autocast (half the streams' bytes:
@@ -135,7 +135,8 @@ def connection_traffic(n: int, C: int) -> int:
 def test_connection_fwd_bwd(benchmark, record, fused, backend, dtype):
     """One connection alone (identity branch), C = 1488, n = 4, fwd+bwd with every gradient:
     what mHC itself costs, the branch's time left out. ``fused_backward`` against autograd adding
-    the three stream gradients; ``triton`` adds the opt-in projection kernels. The roofline ratio
+    the three stream gradients; ``triton``: every kernel by name (since the fourth H200 lease
+    ``auto`` takes the same at this width, the Triton projection included). The roofline ratio
     is against :func:`connection_traffic` (the fused design's passes)."""
     dim, tokens = 1488, (16 if ON_GPU else 4) * CELLS
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]

@@ -77,9 +77,10 @@ class MHCConfig:
         rms_eps: added to the mean square before the square root of the RMS.
         coeff_dtype: dtype of the coefficient path (float32 or float64), whatever the streams' dtype.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` for every kernel of the layer. ``auto``:
-            on CUDA the fused Triton Sinkhorn, stream and coefficient-epilogue kernels with the
-            projection in PyTorch (cuBLAS); ``triton`` adds the fused projection; elsewhere
-            PyTorch.
+            on CUDA the fused Triton Sinkhorn, stream and coefficient-epilogue kernels, and the
+            fused projection where it was measured faster (n*C >= 4096, n <= 4:
+            :func:`mhc_kernels.coefficients.triton_by_default`; else cuBLAS); ``triton`` every
+            fused kernel; elsewhere PyTorch.
         identity_gap: diagonal logit gap of H_res under ``init="identity"``; ``None`` picks
             ``log(9 (n - 1))`` (diagonal 0.9).
         recompute: keep one stream input per ``recompute_block`` connections for backward and

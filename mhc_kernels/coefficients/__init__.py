@@ -8,23 +8,36 @@ from .._host import MAX_FUSED_STREAMS
 from ..sinkhorn import resolve_backend, sinkhorn_knopp
 from .reference import epilogue_reference, projection_backward_reference, projection_reference
 
+AUTO_MIN_FEATURES = 4096  # K = n*C from which ``auto`` takes the kernels (measured: 2048, 5952)
+AUTO_MAX_COLUMNS = 24  # W = n^2 + 2n for n <= 4: the columns GPU_TILES were swept for
+
+
+def triton_by_default(v: torch.Tensor, phi: torch.Tensor) -> bool:
+    """Whether ``backend="auto"`` runs the Triton projection (on CUDA): streams of at least
+    ``AUTO_MIN_FEATURES`` features in float32/bf16/fp16, float32 ``phi`` of at most
+    ``AUTO_MAX_COLUMNS`` columns (n <= 4; wider W runs unswept tiles)."""
+    K, W = phi.shape
+    return (K >= AUTO_MIN_FEATURES and W <= AUTO_MAX_COLUMNS and phi.dtype == torch.float32
+            and v.dtype in (torch.float32, torch.bfloat16, torch.float16))  # fmt: skip
+
 
 def projection(v: torch.Tensor, phi: torch.Tensor, backend: str = "auto"):
     """``v: (..., K)``, ``phi: (K, W)`` -> ``(v @ phi: (..., W), sum(v^2): (...))``.
 
     Triton reads the streams once for both (float32 ``phi`` only). Same ``backend`` rules as
-    :func:`mhc_kernels.sinkhorn_knopp`, except that ``auto`` stays on PyTorch: on an H200
-    (benchmarks/README.md) the kernels' tensor-core form, forward+backward, matched cuBLAS with
-    float32 streams and was 2.0x faster with bf16 ones at 16,384 tokens, but 0.8x at a layer's
-    4,096 tokens (the float32-FMA form lost everywhere but the forward), so the kernels run only
-    when asked for (``backend="triton"`` or ``MHC_BACKEND=triton``).
+    :func:`mhc_kernels.sinkhorn_knopp`, except that ``auto`` takes the kernels only where they were
+    measured faster (:func:`triton_by_default`): on an H200 with the launches swept there, at n = 4
+    and C = 1488 (K = 5,952), the mHC block replayed as CUDA graphs ran 3-4% faster with them
+    (bf16 autocast, float32 streams), 9-10% with bf16 streams and 0.3% in float32; eager 15% and
+    1% (benchmarks/README.md). At C = 512 (K = 2,048) the graphs were even but the eager block
+    5-17% slower (more launches for the host): narrower streams stay on cuBLAS.
 
     Example:
         >>> proj, sumsq = projection(torch.ones(3, 8), torch.ones(8, 24))
         >>> proj.shape, sumsq.tolist()
         (torch.Size([3, 24]), [8.0, 8.0, 8.0])
     """
-    if resolve_backend(backend, v.device, auto_triton=False) == "triton":
+    if resolve_backend(backend, v.device, auto_triton=triton_by_default(v, phi)) == "triton":
         from .triton import projection_triton
 
         return projection_triton(v, phi)
@@ -42,7 +55,7 @@ def projection_backward(v: torch.Tensor, phi: torch.Tensor, dproj: torch.Tensor,
     K, W = phi.shape
     if want_dv and dsumsq is None:
         raise ValueError("the gradient of v needs dsumsq")
-    if resolve_backend(backend, v.device, auto_triton=False) != "triton":
+    if resolve_backend(backend, v.device, auto_triton=triton_by_default(v, phi)) != "triton":
         return projection_backward_reference(v, phi, dproj, dsumsq, want_dv, want_dphi)
     from .triton import projection_dphi, projection_dv
 

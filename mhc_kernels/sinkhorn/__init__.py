@@ -42,8 +42,9 @@ def triton_can_run(device: torch.device) -> tuple[bool, str]:
 def resolve_backend(backend: str, device: torch.device, *, auto_triton: bool = True) -> str:
     """Turn ``"auto"`` (or the ``MHC_BACKEND`` environment variable) into a concrete backend.
 
-    ``auto_triton=False`` is for kernels that run only when asked for: then ``"auto"`` with no
-    ``MHC_BACKEND`` is ``"torch"`` even on a GPU.
+    ``auto_triton=False`` is for kernels that run only when asked for, or only where they were
+    measured faster (the projection's and the epilogue's callers decide per call): then ``"auto"``
+    with no ``MHC_BACKEND`` is ``"torch"`` even on a GPU.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -73,7 +73,7 @@ class MHCSettings:
         init: ``"identity"`` (reproduces the pretrained model at step 0) or ``"paper"``.
         alpha_init: initial gates.
         backend: the mHC kernels' backend (``"auto"``, ``"torch"``, ``"triton"``: every fused
-            Triton kernel, the opt-in projection included).
+            Triton kernel, the projection included for any width).
         recompute: activation memory traded for compute: 0 keeps every activation; ``k >= 1``
             keeps one stream input per ``k`` consecutive connections and rebuilds the others in
             backward by re-running the merges (:mod:`mhc_kernels.recompute`; 3 or 4 suit

@@ -512,6 +512,38 @@ def test_auto_takes_the_fused_epilogue_on_a_gpu_where_it_fits(n, dtype, fused, m
     assert bool(calls) == fused
 
 
+@pytest.mark.parametrize(("n", "C", "dtype", "fused"), [
+    (4, 1488, torch.float32, True), (4, 1488, torch.bfloat16, True), (2, 2048, torch.float32, True),
+    (4, 512, torch.float32, False), (5, 1488, torch.float32, False), (4, 1488, torch.float64, False)])  # fmt: skip
+def test_auto_takes_the_triton_projection_for_wide_streams(n, C, dtype, fused, monkeypatch):
+    """On CUDA ``auto`` runs the Triton projection, forward and backward, for n*C >= 4096 features
+    and n <= 4 (measured faster there on an H200, benchmarks/README.md), cuBLAS otherwise; CPU
+    stays on PyTorch."""
+    import mhc_kernels.coefficients as coefficients
+    import mhc_kernels.coefficients.triton as fused_kernels
+
+    monkeypatch.delenv("MHC_BACKEND", raising=False)
+    calls = []
+    monkeypatch.setattr(fused_kernels, "projection_triton", lambda *a: calls.append("fwd") or a)
+    monkeypatch.setattr(fused_kernels, "projection_dv", lambda *a: calls.append("dv") or a[0])
+    monkeypatch.setattr(fused_kernels, "projection_dphi", lambda *a: calls.append("dphi") or a[2])
+    real = coefficients.resolve_backend
+    as_on_a_gpu = lambda backend, device, **kw: real(backend, torch.device("cuda"), **kw)  # noqa: E731
+    monkeypatch.setattr("mhc_kernels.sinkhorn.triton_available", lambda: True)
+    K, W = n * C, n * n + 2 * n
+    v, phi = torch.zeros(2, K, dtype=dtype), torch.zeros(K, W, dtype=torch.float32)
+    if dtype == torch.float64:
+        phi = phi.double()
+    dproj, dss = torch.zeros(2, W), torch.zeros(2)
+    coefficients.projection(v, phi)
+    coefficients.projection_backward(v, phi, dproj, dss)
+    assert not calls  # CPU tensors: PyTorch
+    monkeypatch.setattr(coefficients, "resolve_backend", as_on_a_gpu)
+    coefficients.projection(v, phi)
+    coefficients.projection_backward(v, phi, dproj, dss)
+    assert calls == (["fwd", "dv", "dphi"] if fused else [])
+
+
 def test_explicit_triton_refuses_float64_weights_for_the_fused_backward(device):
     """``backend="triton"`` never falls back silently: float64 phi (coeff_dtype=float64) is an
     error for the stream gradient and phi's gradient; ``torch`` computes them."""
