@@ -9,7 +9,7 @@
 # benchmarks/results/stability-large/; with $OUT set, also packs
 # everything (logs, one JSON line per measured case, test report, profile) into
 # $OUT/gpu-<name>-<time>.tgz after every step. Each step is capped (fine-tuning step 120 s, tests
-# 150, Sinkhorn 120, layer + streams 150, graphs 120, profile 60, sweep 120, sweep-projection 180,
+# 150, Sinkhorn 120, layer + streams 150, graphs 120, profile 60, sweep 120, sweep-projection 240,
 # sweep-streams 180, compile 240, large stability 540): run the steps that fit the device time
 # with MHC_GPU_STEPS (names below; all by default), narrow the torch.compile cases with MHC_COMPILE_CASES and the
 # large stability runs with MHC_STABILITY_CASES (each a pytest -k). On an H200 (2026-11-27) the
@@ -77,8 +77,8 @@ want layer-streams && step layer-streams 150 "${bench[@]}" benchmarks/test_layer
 want graphs && step graphs 120 "${bench[@]}" benchmarks/test_layer_overhead.py -k graphed
 want profile && step profile 60 python benchmarks/profile_layer.py --out "$work/profile.txt"
 want sweep && step sweep 120 python benchmarks/sweep_sinkhorn.py --out "$work/sweep.json"
-# the projection's tiles, warps, split and form (bf16 then fp32; 161 compiles, 483 timed launches)
-want sweep-projection && step sweep-projection 180 python benchmarks/sweep_projection.py \
+# the projection's tiles, warps, split, form and stages (bf16 then fp32; 257 compiles, 579 launches)
+want sweep-projection && step sweep-projection 240 python benchmarks/sweep_projection.py \
   --out "$work/sweep-projection.json"
 # the backwards (sums over C) only: both 2026-11-27 sweeps put the forwards at 1.18-1.28x the roofline
 want sweep-streams && step sweep-streams 180 python benchmarks/sweep_streams.py \

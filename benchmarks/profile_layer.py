@@ -5,7 +5,8 @@
 Prints (and writes) the top operators by device time and by host time for (1) Sinkhorn-Knopp
 fwd+bwd on 1,024 and 2^20 4x4 matrices and (2) the mHC-wrapped Llama block of
 ``test_layer_overhead.py`` (C = 1488, 16 sets of 256 cells, bf16 autocast) next to the plain block,
-on a GPU also with every fused kernel (the projection too, whatever the width).
+on a GPU also with every fused kernel (the projection too, whatever the width), and with bf16
+streams (the fused backward) next to a bf16 residual: st_finetune's configuration.
 Used by gpu_check.sh; on CPU it runs too (host times only).
 """
 
@@ -53,7 +54,7 @@ def sinkhorn_case(batch: int):
 
 def block_case(variant: str, **options):
     torch.manual_seed(0)
-    block = Stack(1488, 12, mhc=variant != "plain", **options).to(DEVICE)
+    block = Stack(1488, 12, mhc=not variant.startswith("plain"), **options).to(DEVICE)
     x = torch.randn(16 if ON_GPU else 1, 256, 1488, device=DEVICE)
 
     def run():
@@ -79,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
                                block_case("mhc", backend="triton")))  # fmt: skip
         tables.append(profiled("mHC block C=1488 fwd+bwd, every fused kernel, fused backward",
                                block_case("mhc", backend="triton", fused_backward=True)))  # fmt: skip
+        # st_finetune's configuration under bf16 mixed precision: bf16 streams, a bf16 residual
+        bf16 = {"stream_dtype": torch.bfloat16}
+        tables.append(profiled("plain block C=1488 fwd+bwd, bf16 residual",
+                               block_case("plain", **bf16)))  # fmt: skip
+        tables.append(profiled("mHC block C=1488 fwd+bwd, bf16 streams, fused backward",
+                               block_case("mhc", fused_backward=True, **bf16)))  # fmt: skip
     text = "\n\n".join(tables)
     print(text)
     if args.out:

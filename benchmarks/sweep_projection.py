@@ -1,14 +1,16 @@
-"""Sweep the Triton coefficient projection's launch parameters on a GPU: tiles, warps and split.
+"""Sweep the Triton coefficient projection's launch parameters on a GPU: tiles, warps, split, stages.
 
     python benchmarks/sweep_projection.py [--tokens 4096] [--C 1488] [--n 4]
                                           [--dtypes bf16 fp32] [--kernels fwd dphi dv] [--out FILE]
 
 The projection's kernels (forward ``v @ phi`` with ``sum(v^2)``, ``dphi = v^T @ dproj`` and
 ``dv = dproj @ phi^T + 2 v dss``) ran 6-9x their memory roofline on an H200 at the layer's 4,096
-tokens (third lease of 2026-11-27), and with every fused kernel and the fused backward they were
-44% of the GPU time that mHC added to the block (the profile). Their tiles, 16 tokens x 32 K
-columns, were sized for float32 FMA dots and kept for the tensor-core form: every 16 tokens re-read
-phi's K x W floats (the forward, dv), every 32 columns the gradient's T x W (dphi).
+tokens (third lease of 2026-11-27) in 16 x 32 tiles sized for float32 FMA dots. This sweep's
+first run (fourth lease, 161 compiles and 483 launches in 113 s) found launches 1.3-1.8x faster,
+shipped since (``GPU_TILES``), still 1.8-6.3x the roofline. It had not varied how many of a
+loop's loads are in flight (Triton's ``num_stages``, 3 by default), which a K loop of ~90 steps
+with a small dot per step may depend on: the fastest ``RESTAGED`` launches of each kernel are
+now also timed with each of ``STAGES`` (96 more compiles).
 
 This times every combination of tokens per program (BT), K columns per step (BK), warps and the
 programs per SM that the split of each reduction aims at (for the float32 forward also with
@@ -41,6 +43,9 @@ from mhc_kernels.coefficients import triton as ct
 KERNELS = ("fwd", "dphi", "dv")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BLOCKS_T, BLOCKS_K, WARPS, PER_SM = (16, 32, 64, 128), (32, 64, 128), (4, 8), (2, 4, 8)
+# then each kernel's fastest launches again with fewer or more of the loop's loads in flight than
+# Triton's default of 3 (num_stages; never varied before the fourth H200 lease)
+STAGES, RESTAGED = (1, 2, 4, 5), 4
 MAX_ELEMS_PER_THREAD = 64  # a [BT, BK] tile of more per thread spilled (ptxas -v, sm_90)
 # float32 FMAs instead of tensor cores: for the float32 forward only, the one kernel where that
 # form was faster (third lease, 16,384 tokens: 0.41 against 0.48 ms; 2.6x slower fwd+bwd)
@@ -77,6 +82,11 @@ def relative_error(got, want) -> float:
     return max(((g.double() - w).abs().max() / w.abs().max()).item() for g, w in pairs)
 
 
+def tiles_of(row: dict) -> dict:
+    """The launch parameters of a result row."""
+    return {field: row[field] for field in ct.Tiles._fields}
+
+
 def timer(on_gpu: bool):
     if on_gpu:
         from triton.testing import do_bench
@@ -89,6 +99,40 @@ def timer(on_gpu: bool):
         return (time.perf_counter() - start) * 1e3
 
     return once
+
+
+def sweep(kernel: str, name: str, T: int, n: int, C: int, device: str, bench, peak) -> list[dict]:
+    """Every launch of ``kernel`` for ``name`` streams, accurate and fastest first: the grid, then
+    the fastest ``RESTAGED`` with each of ``STAGES``."""
+    key = (kernel, DTYPES[name].itemsize)
+    shipped = ct.GPU_TILES[key]
+    call, want, tolerance, nbytes = case(kernel, T, n, C, DTYPES[name], device)
+    head = {"kernel": kernel, "dtype": name, "tokens": T, "n": n, "C": C}
+
+    def measure(tiles: ct.Tiles) -> dict | None:
+        """The row of one launch (``None``: it failed to compile or launch)."""
+        ct.GPU_TILES[key] = tiles
+        try:
+            error = relative_error(call(), want)
+            ms = bench(call)
+        except Exception as failure:
+            print(f"skip {head} {tiles}: {type(failure).__name__}", file=sys.stderr)
+            return None
+        finally:
+            ct.GPU_TILES[key] = shipped
+        return {**head, **tiles._asdict(), "ms": ms,
+                "roofline_ratio": ms / (nbytes / (peak * 1e9) * 1e3) if peak else None,
+                "relative_error": error, "accurate": error <= tolerance,
+                "shipped": tiles == shipped}  # fmt: skip
+
+    forms = (True, False) if (kernel, name) in FMA_TOO else (True,)
+    grid = itertools.product(BLOCKS_T, BLOCKS_K, WARPS, PER_SM, forms)
+    tried = [ct.Tiles(*t) for t in grid if t[0] * t[1] // (32 * t[2]) <= MAX_ELEMS_PER_THREAD]
+    found = [r for r in map(measure, tried) if r]
+    fastest = sorted((r for r in found if r["accurate"]), key=lambda r: r["ms"])[:RESTAGED]
+    restaged = [ct.Tiles(**{**tiles_of(r), "stages": st}) for r in fastest for st in STAGES]
+    found += [r for r in map(measure, restaged) if r]
+    return sorted(found, key=lambda r: (not r["accurate"], r["ms"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,31 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = timer(on_gpu)
     rows = []
     for name, kernel in itertools.product(args.dtypes, args.kernels):
-        dtype = DTYPES[name]
-        key = (kernel, dtype.itemsize)
-        shipped = ct.GPU_TILES[key]
-        call, want, tolerance, nbytes = case(kernel, T, n, C, dtype, device)
-        found = []
-        forms = (True, False) if (kernel, name) in FMA_TOO else (True,)
-        for tiles in itertools.starmap(ct.Tiles, itertools.product(BLOCKS_T, BLOCKS_K, WARPS,
-                                                                    PER_SM, forms)):  # fmt: skip
-            if tiles.BT * tiles.BK // (32 * tiles.warps) > MAX_ELEMS_PER_THREAD:
-                continue
-            ct.GPU_TILES[key] = tiles
-            try:
-                error = relative_error(call(), want)
-                ms = bench(call)
-            except Exception as failure:  # a configuration that fails to compile or launch
-                print(f"skip {kernel} {name} {tiles}: {type(failure).__name__}", file=sys.stderr)
-                continue
-            finally:
-                ct.GPU_TILES[key] = shipped
-            found.append({"kernel": kernel, "dtype": name, "tokens": T, "n": n, "C": C,
-                          **tiles._asdict(), "ms": ms,
-                          "roofline_ratio": ms / (nbytes / (peak * 1e9) * 1e3) if peak else None,
-                          "relative_error": error, "accurate": error <= tolerance,
-                          "shipped": tiles == shipped})  # fmt: skip
-        found.sort(key=lambda r: (not r["accurate"], r["ms"]))
+        found = sweep(kernel, name, T, n, C, device, bench, peak)
         for r in found[:5] + [r for r in found[5:] if r["shipped"] or not r["accurate"]]:
             print(json.dumps(r), flush=True)
         rows += found

@@ -92,7 +92,7 @@ def compile_one(index: int, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    name, kernel, signature, constexprs, num_warps = _configs()[index]
+    name, kernel, signature, constexprs, launch = _configs()[index]
     start = time.perf_counter()
     compiled = triton.compile(
         ASTSource(
@@ -102,7 +102,7 @@ def compile_one(index: int, arch: int) -> dict:
             attrs=launch_attrs(kernel, signature),
         ),
         target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": num_warps},
+        options=launch,
     )
     seconds = time.perf_counter() - start
     ptx = compiled.asm["ptx"]

@@ -241,13 +241,19 @@ TENSOR_CORES = True  # the projection's products on bf16 tensor cores (dot_f32);
 class Tiles(NamedTuple):
     """How a projection kernel launches on a GPU: tokens per program ``BT``, K columns per step
     ``BK``, warps, the programs per SM that the split of its reduction aims at, and whether its
-    products run on bf16 tensor cores (``mma``; else float32 FMAs)."""
+    products run on bf16 tensor cores (``mma``; else float32 FMAs); ``stages``: how many of the
+    reduction loop's loads are in flight (Triton's ``num_stages``; 3, its default, so far)."""
 
     BT: int
     BK: int
     warps: int
     per_sm: int
     mma: bool
+    stages: int = 3
+
+    def launch(self) -> dict:
+        """The Triton launch options."""
+        return {"num_warps": self.warps, "num_stages": self.stages}
 
 
 # Each kernel's launch for up to SWEPT_COLUMNS columns (W = n^2 + 2n padded: n <= 4), keyed by
@@ -334,7 +340,7 @@ def projection_fwd(v: torch.Tensor, phi: torch.Tensor):
     ss = torch.empty((parts, T), dtype=torch.float32, device=v.device)
     _projection_fwd_kernel[(blocks, parts)](v, phi, proj, ss, T, K, W, k_per, BT=tiles.BT,
                                             BK=tiles.BK, WP=wp, **dot_options(tiles.mma),
-                                            num_warps=tiles.warps)  # fmt: skip
+                                            **tiles.launch())  # fmt: skip
     return add_parts(proj), add_parts(ss)
 
 
@@ -356,7 +362,7 @@ def projection_dv(v, phi, dproj, dss):
     _projection_dv_kernel[(token_blocks, cdiv(K, k_per))](v, phi, dproj, dss, dv, T, K, W, k_per,
                                                           BT=tiles.BT, BK=tiles.BK, WP=wp,
                                                           **dot_options(tiles.mma),
-                                                          num_warps=tiles.warps)  # fmt: skip
+                                                          **tiles.launch())  # fmt: skip
     return dv
 
 
@@ -375,7 +381,7 @@ def projection_dphi(v, dproj, phi):
     dphi = torch.empty((parts, K, W), dtype=torch.float32, device=v.device)
     _projection_dphi_kernel[(k_blocks, parts)](v, dproj, dphi, T, K, W, t_per, BT=tiles.BT,
                                                BK=tiles.BK, WP=wp, **dot_options(tiles.mma),
-                                               num_warps=tiles.warps)  # fmt: skip
+                                               **tiles.launch())  # fmt: skip
     return add_parts(dphi)
 
 
@@ -428,7 +434,7 @@ def epilogue_bwd(proj, ss, alpha, bias, g_pre, g_post, g_res, n: int, features: 
 
 
 def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
-    """GPU configurations: ``(name, kernel, signature, constexprs, num_warps)`` for n = 2, 4, 8
+    """GPU configurations: ``(name, kernel, signature, constexprs, launch options)`` for n = 2, 4, 8
     (the projection per stream dtype; the float32 epilogue per n with and without Sinkhorn)."""
     for n in (2, 4, 8):
         wp = dot_width(n * n + 2 * n)
@@ -447,7 +453,7 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
                 consts = {"BT": tiles.BT, "BK": tiles.BK, "WP": wp, **dot_options(tiles.mma)}
                 sig = {**ptrs, "T": "i32", "K": "i32", "W": "i32", per: "i32",
                        **dict.fromkeys(consts, "constexpr")}  # fmt: skip
-                yield f"proj_{name}-W{wp}-{dt}", kernel, sig, consts, tiles.warps
+                yield f"proj_{name}-W{wp}-{dt}", kernel, sig, consts, tiles.launch()
         np2 = next_power_of_2(n)
         bt = max(1, EPILOGUE_TILE_ELEMS // (np2 * np2))
         for iters in (0, 20):
@@ -466,7 +472,7 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
             for name, kernel, ptrs in (("fwd", _epilogue_fwd_kernel, fwd),
                                        ("bwd", _epilogue_bwd_kernel, bwd)):  # fmt: skip
                 yield (f"epilogue_{name}-{what}-NP{np2}-BT{bt}", kernel, {**ptrs, **tail}, consts,
-                       num_warps(np2))  # fmt: skip
+                       {"num_warps": num_warps(np2)})  # fmt: skip
 
 
 @torch.library.custom_op("mhc_kernels::projection", mutates_args=())

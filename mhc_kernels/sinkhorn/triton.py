@@ -218,7 +218,7 @@ def sinkhorn_bwd(
 def shipped_configs(dtypes=("fp32", "bf16", "fp16"), orders=tuple(ORDER_DIMS)):
     """Every GPU kernel configuration the launchers can pick, for ahead-of-time compile checks.
 
-    Yields ``(name, kernel, signature, constexprs, num_warps)``.
+    Yields ``(name, kernel, signature, constexprs, launch options)``.
     """
     for np2 in (1, 2, 4, 8, 16):
         block = max(1, _gpu_tile(np2) // (np2 * np2))
@@ -234,8 +234,9 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16"), orders=tuple(ORDER_DIMS)):
                 bwd = {"x_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "dx_ptr": f"*{dtype}",
                        "scratch_ptr": "*fp32", **ints, **x_strides, **g_strides, **tail}  # fmt: skip
                 tag = f"NP{np2}-B{block}-{dtype}-{order}"
-                yield f"fwd-{tag}", _sinkhorn_fwd_kernel, fwd, consts, num_warps(np2)
-                yield f"bwd-{tag}", _sinkhorn_bwd_kernel, bwd, consts, num_warps(np2)
+                launch = {"num_warps": num_warps(np2)}
+                yield f"fwd-{tag}", _sinkhorn_fwd_kernel, fwd, consts, launch
+                yield f"bwd-{tag}", _sinkhorn_bwd_kernel, bwd, consts, launch
 
 
 # ------------------------------------------------------------------- autograd (as custom ops)

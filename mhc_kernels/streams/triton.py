@@ -360,7 +360,8 @@ def stream_grad(x, g_in, g_out, h_pre, h_res, dss, dproj, phi_t):
 
 
 def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
-    """Every GPU configuration the launchers can pick: ``(name, kernel, signature, consts, warps)``.
+    """Every GPU configuration the launchers can pick: ``(name, kernel, signature, consts, launch
+    options)``.
 
     Each kernel's widest C block (``GPU_BLOCKS``; C of 2048 or more for the whole-row kernels) for
     each padded n and stream dtype; narrower C uses smaller blocks of the same kernels with fewer
@@ -422,7 +423,7 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
                 kernel,
                 {**ptrs, **tail},
                 {**consts, **extra},
-                warps,
+                {"num_warps": warps},
             )
         grad_consts = stream_grad_config(2**20, np2, 2**20, itemsize)
         grad_warps = grad_consts.pop("num_warps")
@@ -432,7 +433,7 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
         tail = {"T": "i32", "n": "i32", "C": "i32", "W": "i32",
                 **dict.fromkeys(consts_g, "constexpr")}  # fmt: skip
         yield (f"stream_grad-NP{np2}-BT{grad_consts['BT']}-BC{grad_consts['BC']}-{dt}",
-               _stream_grad_kernel, {**ptrs, **tail}, consts_g, grad_warps)  # fmt: skip
+               _stream_grad_kernel, {**ptrs, **tail}, consts_g, {"num_warps": grad_warps})  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ autograd (ops)
