@@ -5,8 +5,10 @@ K = n*C. Products run on bf16 tensor cores with every float32 operand split into
 (:mod:`mhc_kernels._split_dot`: bf16 streams as they are and phi in three parts, three dots;
 float32 operands, six), which is float32's accuracy: results match the reference to fp32
 rounding, as with float32 FMAs (``TENSOR_CORES = False``, the kernels' first form, 5-22x the
-roofline on an H200: the FMAs, not the memory, bound them; the tensor-core form is 1.8-2.5x faster
-forward+backward at 16,384 tokens, still 5.9-8.9x the roofline).
+roofline on an H200 in 16 x 32 tiles: the FMAs, not the memory, bound them; the tensor-core form
+is 1.8-2.5x faster forward+backward at 16,384 tokens). Each kernel's form and tiles per stream
+dtype are ``GPU_TILES``: swept on an H200, the float32 forward is fastest on FMAs in 64 x 64 tiles
+(4.1x the roofline at 4,096 tokens), the others on tensor cores (1.8-6.3x).
 
 Every kernel's grid fills the GPU at a few thousand tokens (``_parts``): the forward splits K into
 parts per token block (partial sums ``[parts, T, W + 1]``, added by the launcher), ``dv = dproj @
