@@ -11,13 +11,14 @@ dtype are ``GPU_TILES``: swept on an H200, the float32 forward is fastest on FMA
 (4.1x the roofline at 4,096 tokens), the others on tensor cores (1.8-6.3x).
 
 Every kernel's grid fills the GPU at a few thousand tokens (``_parts``): the forward splits K into
-parts per token block (partial sums ``[parts, T, W + 1]``, added by the launcher), ``dv = dproj @
-phi^T + 2 v dsumsq`` runs per (token block, K part), and ``dphi = v^T @ dproj`` per (K block, token
-part) with partial sums; no atomics, deterministic. The first kernels ran one program per token
-block (256 programs at 4,096 tokens, each walking all of K): on an H200 their backward was
-1.5-2.5x slower than cuBLAS. With the split and the swept tiles (``GPU_TILES``) the layer runs
-faster with them at n = 4, C = 1488, so ``projection(..., backend="auto")`` takes them for such
-streams (:func:`mhc_kernels.coefficients.triton_by_default`). Forward traffic: v once, writes ``parts x T x (W + 1)`` floats; backward: v twice.
+parts per token block (partial sums ``[parts, T, W]`` and ``[parts, T]``, added by the launcher),
+``dv = dproj @ phi^T + 2 v dsumsq`` runs per (token block, K part), and ``dphi = v^T @ dproj`` per
+(K block, token part) with partial sums; no atomics, deterministic. The first kernels ran one
+program per token block (256 programs at 4,096 tokens, each walking all of K): on an H200 their
+backward was 1.5-2.5x slower than cuBLAS. With the split and the swept tiles (``GPU_TILES``) the
+layer runs faster with them at n = 4, C = 1488, so ``projection(..., backend="auto")`` takes them
+for such streams (:func:`mhc_kernels.coefficients.triton_by_default`). Forward traffic: v once,
+writes ``parts x T x (W + 1)`` floats; backward: v twice.
 
 The epilogue kernels turn ``(proj, sumsq)`` into the gates and H_res (scale, bias, sigmoid and
 Sinkhorn-Knopp, or the H_res logits for unconstrained hyper-connections) in one kernel each way:
