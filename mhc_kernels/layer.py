@@ -97,8 +97,9 @@ class MHCConfig:
             backward (benchmarks/README.md). Same gradients up to summation order; works with
             either backend and with ``recompute``; eager only (under torch.compile the layer runs
             as without it), and gradients of gradients are refused. Off by default: on an H200
-            the layer with it was no faster (one connection 0.7-1.1x, the block slower; the
-            step is bound by the host's dispatch, benchmarks/README.md).
+            it cut the bf16 block's GPU time by 6-9% (replayed as CUDA graphs), but the eager
+            layer with it was no faster (one connection 0.7-1.1x; the step is bound by the
+            host's dispatch, benchmarks/README.md).
     """
 
     n_streams: int = 4
