@@ -11,13 +11,13 @@
 # $OUT/gpu-<name>-<time>.tgz after every step. Each step is capped (fine-tuning step 120 s, tests
 # 150, Sinkhorn 120, layer + streams 150, graphs 120, profile 60, sweep 120, sweep-projection 240,
 # sweep-streams 180, compile 240, large stability 540): run the steps that fit the device time
-# with MHC_GPU_STEPS (names below; all by default), narrow the torch.compile cases with MHC_COMPILE_CASES and the
-# large stability runs with MHC_STABILITY_CASES (each a pytest -k). On an H200 (2026-11-27) the
-# steps' pytest times were: tests 96-111 s, Sinkhorn 50, layer + streams 71-91, graphs 12-29,
-# compile 202; finetune, layer-streams, graphs, profile and sweep-streams (fp32 and bf16) took
-# 309 s in one call; sweep-projection (without stages) 113 s, sweep-streams (backwards) over 180;
-# large stability: plain 60 s, HC 180 s, mHC more (run it in a call of its own); a machine start
-# costs 40-120 s more.
+# with MHC_GPU_STEPS (names below; all by default), narrow the torch.compile cases with
+# MHC_COMPILE_CASES and the large stability runs with MHC_STABILITY_CASES (each a pytest -k).
+# On an H200 (2026-11-27) the steps' pytest times were: tests 96-111 s, Sinkhorn 50, layer +
+# streams 71-91, graphs 12-29, compile 202; finetune, layer-streams, graphs, profile and
+# sweep-streams (fp32 and bf16) took 309 s in one call; sweep-projection (without stages) 113 s,
+# sweep-streams (backwards) over 180; large stability: plain 60 s, HC 180 s, mHC more (run it in
+# a call of its own); a machine start costs 40-120 s more.
 # Usage: [MHC_BENCH_COMMIT=<sha>] [MHC_GPU_STEPS="tests sinkhorn"] bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."

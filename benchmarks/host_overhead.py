@@ -9,8 +9,9 @@ what remains is the Python, autograd and launcher work around the kernels (tiny 
 tokens, n = 4, C = 8), and ``backend="auto"`` picks what it picks on a GPU (the Sinkhorn, stream
 and, since the H200 run of 2026-11-27, fused coefficient-epilogue kernels; the projection in
 PyTorch at this width: from n*C >= 4096, as in ST-Tahoe's blocks, ``auto`` also takes the Triton
-projection, the ``backend="triton"`` path below). Paths: the PyTorch reference (real ops), ``auto`` through the ``torch.library`` custom
-ops (what torch.compile calls; the GPU runs of 2026-11-26 ran this way in eager mode too), ``auto``
+projection, the ``backend="triton"`` path below). Paths: the PyTorch reference (real ops),
+``auto`` through the ``torch.library`` custom ops (what torch.compile calls; the GPU runs of
+2026-11-26 ran this way in eager mode too), ``auto``
 through the eager autograd Functions alone and with the fused backward or recomputation, and every
 fused kernel (``backend="triton"``: the projection too) alone and with the fused backward. The
 paths take turns, 100 steps each per round (this machine's run-to-run spread is about 30%); median

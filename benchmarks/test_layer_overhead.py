@@ -67,8 +67,9 @@ VARIANTS = ["plain", "mhc", "mhc_recompute", "mhc_fused_backward", "mhc_all_trit
 def test_block_fwd_bwd(benchmark, record, variant, dim, heads, dtype):
     """``mhc``: the default backends; ``mhc_recompute``: both connections recomputed, the second
     one's stream rebuilt (``recompute_block=2``); ``mhc_all_triton``: every fused kernel, the
-    projection at any width included (GPU only; ``auto`` takes it too for n*C >= 4096); ``mhc_fused_backward``: the default backends with the
-    connection's stream gradient in one pass (``fused_backward``),
+    projection at any width included (GPU only; ``auto`` takes it too for n*C >= 4096);
+    ``mhc_fused_backward``: the default backends with the connection's stream gradient in one
+    pass (``fused_backward``),
     ``mhc_all_triton_fused`` every fused kernel with it (GPU only); ``mhc_bf16_streams``: the
     default backends with the streams kept in bf16 under bf16 autocast (half the streams' bytes:
     benchmarks/README.md, what the layer-overhead target allows), against ``plain_bf16_residual``:

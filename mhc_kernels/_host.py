@@ -14,6 +14,9 @@ import functools
 import torch
 
 MAX_FUSED_STREAMS = 8  # the most streams n the fused kernels are built and compile-checked for
+# the projection's columns (W = n^2 + 2n, padded: n <= 4) whose launches were swept on a GPU
+# (coefficients.triton.GPU_TILES), and for which ``auto`` takes the Triton projection
+SWEPT_COLUMNS = 32
 
 
 def cdiv(a: int, b: int) -> int:

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from .._host import MAX_FUSED_STREAMS
+from .._host import MAX_FUSED_STREAMS, SWEPT_COLUMNS
 from ..sinkhorn import resolve_backend, sinkhorn_knopp
 from .reference import epilogue_reference, projection_backward_reference, projection_reference
 
 AUTO_MIN_FEATURES = 4096  # K = n*C from which ``auto`` takes the kernels (measured: 2048, 5952)
-AUTO_MAX_COLUMNS = 24  # W = n^2 + 2n for n <= 4: the columns GPU_TILES were swept for
 
 
 def triton_by_default(v: torch.Tensor, phi: torch.Tensor) -> bool:
     """Whether ``backend="auto"`` runs the Triton projection (on CUDA): streams of at least
     ``AUTO_MIN_FEATURES`` features in float32/bf16/fp16, float32 ``phi`` of at most
-    ``AUTO_MAX_COLUMNS`` columns (n <= 4; wider W runs unswept tiles)."""
+    ``SWEPT_COLUMNS`` columns (n <= 4; wider W runs unswept tiles)."""
     K, W = phi.shape
-    return (K >= AUTO_MIN_FEATURES and W <= AUTO_MAX_COLUMNS and phi.dtype == torch.float32
+    return (K >= AUTO_MIN_FEATURES and W <= SWEPT_COLUMNS and phi.dtype == torch.float32
             and v.dtype in (torch.float32, torch.bfloat16, torch.float16))  # fmt: skip
 
 

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .._autograd import differentiable, save_inputs
-from .._host import add_parts, cdiv, multiprocessors, next_power_of_2, rows, shaped
+from .._host import SWEPT_COLUMNS, add_parts, cdiv, multiprocessors, next_power_of_2, rows, shaped
 from .._split_dot import dot_f32, dot_options, dot_width
 from ..sinkhorn.triton import (
     interpreting,
@@ -280,7 +280,6 @@ GPU_TILES = {
     ("dv", 4): Tiles(32, 64, 4, 8, True),
     ("dv", 2): Tiles(32, 64, 4, 4, True),
 }
-SWEPT_COLUMNS = 32
 
 
 def projection_warps(kernel: str, wp: int) -> int:
