@@ -10,7 +10,9 @@ ratio (unavoidable bytes at the GPU's peak DRAM bandwidth, as in test_streams.py
 fastest first next to the shipped choice. The kernels are the shipped ones; only the launch
 parameters vary: 47 per pre-mix/merge kernel (128-2048 channels, 1-8 tokens per program, 1-8
 warps), 44 for the stream gradient (4-32 tokens sharing phi^T's rows) and 16 more with its
-projection term on tensor cores (``MMA``, n <= 4), about 250 compiles per dtype. One warp per
+projection term on tensor cores (``MMA``, n <= 4), about 250 compiles per dtype; the merge
+backward also in its loads-first form (``LOADS_FIRST``, n <= 4: every load before the first store;
+33 launches more, at most 32 floats per thread in each of its three stream tiles). One warp per
 program (added after the third H200 lease; never timed before): its sums over C are warp shuffles
 without barriers (PTX of the n = 4 merge backward, sm_90: 4 barriers at 256 channels on one warp,
 against 19 as shipped, 512 channels on two; 119 with 2 tokens on two warps, which Triton lays out
@@ -77,8 +79,14 @@ def kernel_launcher(kernel: str, T: int, n: int, C: int, dtype: torch.dtype):
         sizes = (T, n, C, n * n + 2 * n)
         extra = {"HAS_GOUT": True, "WP": dot_width(n * n + 2 * n)}
 
-    def launch(bt: int, bc: int, warps: int, mma: bool = False):
-        options = {**extra, **dot_options(mma)} if kernel == "stream_grad" else extra
+    def launch(bt: int, bc: int, warps: int, form: bool = False):
+        """``form``: the stream gradient's tensor-core product (``MMA``), the merge backward's
+        loads first (``LOADS_FIRST``); no other kernel has a second form."""
+        options = extra
+        if kernel == "stream_grad":
+            options = {**extra, **dot_options(form)}
+        elif kernel == "merge_bwd":
+            options = {**extra, "LOADS_FIRST": form}
         fn[(cdiv(T, bt), cdiv(C, bc))](*args, *sizes, BT=bt, NP=next_power_of_2(n), BC=bc,
                                        CV=8 if C % 8 == 0 else 1, num_warps=warps,
                                        **options)  # fmt: skip
@@ -111,26 +119,33 @@ def main(argv: list[str] | None = None) -> int:
         grad = kernel == "stream_grad"
         configure = st.stream_grad_config if grad else functools.partial(st.launch_config, kernel)
         config = configure(T, n, C, DTYPES[name].itemsize)
-        shipped = (config["BT"], config["BC"], config["num_warps"], config.get("MMA", False))
+        shipped_form = config.get("MMA", False) if grad else st.merge_loads_first(n)
+        shipped = (config["BT"], config["BC"], config["num_warps"], shipped_form)
         launch, nbytes = kernel_launcher(kernel, T, n, C, DTYPES[name])
         blocks = (GRAD_BLOCKS_T, GRAD_BLOCKS_C) if grad else (BLOCKS_T, BLOCKS_C)
-        # the stream gradient's projection term also on tensor cores (n <= 4, 16 tokens at least)
-        forms = (False, True) if grad and n <= st.MMA_STREAMS else (False,)
+        # the stream gradient's projection term also on tensor cores (n <= 4, 16 tokens at least);
+        # the merge backward also with every load before its first store (n <= 4)
+        two_forms = n <= (st.MMA_STREAMS if grad else st.LOADS_FIRST_STREAMS)
+        forms = (False, True) if two_forms and kernel in ("stream_grad", "merge_bwd") else (False,)
         found = []
-        for bt, bc, warps, mma in itertools.product(*blocks, WARPS, forms):
-            if bt * next_power_of_2(n) * bc // (32 * warps) > 64 or (mma and bt < MIN_DOT):
+        for bt, bc, warps, form in itertools.product(*blocks, WARPS, forms):
+            per_thread = bt * next_power_of_2(n) * bc // (32 * warps)
+            if per_thread > 64 or (grad and form and bt < MIN_DOT):
                 continue  # > 64 floats per thread, or fewer rows than a dot takes
+            if kernel == "merge_bwd" and form and per_thread > 32:
+                continue  # loads first holds g, x and dx: 3 such tiles
             try:
-                call = functools.partial(launch, bt, bc, warps, mma)
+                call = functools.partial(launch, bt, bc, warps, form)
                 ms = do_bench(call, warmup=5, rep=20, return_mode="median")
             except Exception as error:  # a configuration that fails to compile or launch
-                print(f"skip {kernel} BT={bt} BC={bc} warps={warps} MMA={mma}: "
+                print(f"skip {kernel} BT={bt} BC={bc} warps={warps} form={form}: "
                       f"{type(error).__name__}", file=sys.stderr)  # fmt: skip
                 continue
             found.append({"kernel": kernel, "dtype": name, "tokens": T, "n": n, "C": C,
-                          "BT": bt, "BC": bc, "warps": warps, "mma": mma, "ms": ms,
+                          "BT": bt, "BC": bc, "warps": warps, "mma": grad and form,
+                          "loads_first": kernel == "merge_bwd" and form, "ms": ms,
                           "roofline_ratio": ms / (nbytes / (peak * 1e9) * 1e3) if peak else None,
-                          "shipped": (bt, bc, warps, mma) == shipped})  # fmt: skip
+                          "shipped": (bt, bc, warps, form) == shipped})  # fmt: skip
         found.sort(key=lambda r: r["ms"])
         for r in found[:5] + [r for r in found[5:] if r["shipped"]]:
             print(json.dumps(r), flush=True)

@@ -128,13 +128,31 @@ def _merge_fwd_kernel(x_ptr, y_ptr, hpost_ptr, hres_ptr, out_ptr, T, n, C,
 def _merge_bwd_kernel(x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_ptr, dhpost_part_ptr,
                       dhres_part_ptr, T, n, C,
                       BT: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr,
-                      CV: tl.constexpr, WRITE_DX: tl.constexpr):  # fmt: skip
+                      CV: tl.constexpr, WRITE_DX: tl.constexpr,
+                      LOADS_FIRST: tl.constexpr):  # fmt: skip
     # dx[t, j] = sum_i h_res[t, i, j] g[t, i] (unless WRITE_DX is off);  dy[t] = sum_i h_post g
     # dh_res[t, i, j] = sum_c g[t, i, c] x[t, j, c];  dh_post[t, i] = sum_c g[t, i, c] y[t, c]
+    # in one of two forms: stream by stream, or every load before the first store (LOADS_FIRST)
     C = _multiple(C, CV)
     tok, t64, c2, m2 = _token_channel_tile(T, C, BT, BC)
     i2, mi, t3, i3, c3, m3 = _stream_tile(tok, t64, c2, T, n, C, NP)
     cpart = tl.program_id(1).to(tl.int64) * T
+    if LOADS_FIRST:
+        _merge_bwd_loads_first(x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_ptr,
+                               dhpost_part_ptr, dhres_part_ptr, t64, c2, m2, t3, i3, c3, m3, cpart,
+                               T, n, C, NP, WRITE_DX)  # fmt: skip
+    else:
+        _merge_bwd_by_stream(x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_ptr,
+                             dhpost_part_ptr, dhres_part_ptr, tok, t64, c2, m2, i2, mi, t3, i3, c3,
+                             m3, cpart, T, n, C, NP, WRITE_DX)  # fmt: skip
+
+
+@triton.jit
+def _merge_bwd_by_stream(x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_ptr, dhpost_part_ptr,
+                         dhres_part_ptr, tok, t64, c2, m2, i2, mi, t3, i3, c3, m3, cpart, T, n, C,
+                         NP: tl.constexpr, WRITE_DX: tl.constexpr):  # fmt: skip
+    """The merge backward stream by stream: g whole, then per stream j the h_res column, dx[t, j]
+    stored, x[t, j] loaded and summed against g. The form timed on the H200."""
     g = tl.load(g_ptr + t3 * n * C + i3 * C + c3, mask=m3, other=0.0).to(tl.float32)  # [BT,NP,BC]
     hpost = tl.load(hpost_ptr + t64[:, None] * n + i2, mask=mi, other=0.0)
     y = tl.load(y_ptr + t64[:, None] * C + c2, mask=m2, other=0.0).to(tl.float32)
@@ -154,6 +172,43 @@ def _merge_bwd_kernel(x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_ptr, 
         xj = tl.load(x_ptr + offs, mask=m2j, other=0.0).to(tl.float32)
         dcol = tl.sum(g * xj[:, None, :], axis=2)  # [BT, NP]: dh_res[t, :, j]
         tl.store(dhres_part_ptr + (cpart + t64[:, None]) * n * n + i2 * n + j, dcol, mask=mij)
+
+
+@triton.jit
+def _merge_bwd_loads_first(x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_ptr,
+                           dhpost_part_ptr, dhres_part_ptr, t64, c2, m2, t3, i3, c3, m3, cpart,
+                           T, n, C, NP: tl.constexpr, WRITE_DX: tl.constexpr):  # fmt: skip
+    """The merge backward with every global load issued before its first store. Stream by
+    stream (``_merge_bwd_by_stream``), each x[t, j] load follows the store of dx[t, j - 1]: the
+    compiler cannot tell that they do not alias, so it keeps their order, and each program waits
+    out a memory latency per stream and per h_res column (SASS of the n = 4 bf16 kernel, sm_90:
+    STG, LDG, then the sum that needs it, four times). Here g and x are [BT, NP, BC] tiles loaded
+    together, stream j of x is picked in registers (NP is in-thread: the selects fold away) and
+    the per-stream values keep the tile's layout ([BT, NP, 1]), at the cost of holding x whole.
+    The rows y and dy stay [BT, BC] as in the other form: laid out as [BT, 1, BC] tiles, a y of
+    another dtype than the streams' took 27 barriers and spilled on sm_80 (23 and none so)."""
+    offs = t3 * n * C + i3 * C + c3
+    stream_mask = (t3 < T) & (i3 < n)  # [BT, NP, 1]
+    g = tl.load(g_ptr + offs, mask=m3, other=0.0).to(tl.float32)  # [BT, NP(i), BC]
+    x = tl.load(x_ptr + offs, mask=m3, other=0.0).to(tl.float32)  # [BT, NP(j), BC]
+    y = tl.load(y_ptr + t64[:, None] * C + c2, mask=m2, other=0.0).to(tl.float32)[:, None, :]
+    hpost = tl.load(hpost_ptr + t3 * n + i3, mask=stream_mask, other=0.0)  # [BT, NP, 1]
+    if WRITE_DX:
+        dx = tl.zeros_like(g)
+        for j in tl.static_range(NP):
+            mask_j = (t3 < T * (n > j)) & (i3 < n)  # no tokens in a padded stream
+            hcol = tl.load(hres_ptr + t3 * n * n + i3 * n + j, mask=mask_j, other=0.0)  # [BT,NP,1]
+            dx = tl.where(i3 == j, tl.sum(hcol * g, axis=1, keep_dims=True), dx)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m3)
+    dy = tl.sum(hpost * g, axis=1)  # [BT, BC]
+    tl.store(dy_ptr + t64[:, None] * C + c2, dy.to(dy_ptr.dtype.element_ty), mask=m2)
+    tl.store(dhpost_part_ptr + (cpart + t3) * n + i3, tl.sum(g * y, axis=2, keep_dims=True),
+             mask=stream_mask)  # fmt: skip
+    for j in tl.static_range(NP):
+        xj = tl.sum(tl.where(i3 == j, x, 0.0), axis=1, keep_dims=True)  # [BT, 1, BC]: stream j
+        tl.store(dhres_part_ptr + (cpart + t3) * n * n + i3 * n + j,
+                 tl.sum(g * xj, axis=2, keep_dims=True),
+                 mask=(t3 < T * (n > j)) & (i3 < n))  # fmt: skip
 
 
 @triton.jit
@@ -222,6 +277,13 @@ def _stream_grad_kernel(x_ptr, gin_ptr, gout_ptr, hpre_ptr, hres_ptr, dss_ptr, d
 GPU_BLOCKS = {(kernel, itemsize): blocks for itemsize in (4, 2) for kernel, blocks in {
     "pre_mix_fwd": (2048, 8), "merge_fwd": (2048, 8), "pre_mix_bwd": (2048, 4),
     "merge_bwd": (512, 2)}.items()}  # fmt: skip
+# the merge backward's form: stream by stream (as timed on the H200: bf16 1.46-1.50x the roofline,
+# each program waiting out a load per stream) or, for n <= LOADS_FIRST_STREAMS, every load before
+# its first store (``_merge_bwd_loads_first``; not yet timed: the stream sweep times both). Holding
+# x whole costs registers (sm_90, n = 4: bf16 64 -> 102, fp32 70 -> 121, no spills on sm_80/89/90);
+# at n = 8, 195-247 against 128-135
+MERGE_LOADS_FIRST = False
+LOADS_FIRST_STREAMS = 4
 GPU_STREAM_ELEMS_PER_THREAD = 64  # [NP, BC] elements per thread at most (the sweep's limit)
 GPU_TILE_ELEMS_PER_THREAD = 16  # [BT, NP, BC] tile elements per thread when BT > 1 (more spilled)
 VECTOR_BYTES = 16  # one 128-bit load or store per thread per stream row
@@ -256,6 +318,11 @@ def launch_config(kernel: str, tokens: int, n: int, C: int, itemsize: int = 4) -
         tile = GPU_TILE_ELEMS_PER_THREAD * 32 * warps
     bt = min(next_power_of_2(max(tokens, 1)), max(1, tile // (np2 * bc)))
     return {"BT": bt, "NP": np2, "BC": bc, "CV": 8 if C % 8 == 0 else 1, "num_warps": warps}
+
+
+def merge_loads_first(n: int) -> bool:
+    """Whether the merge backward of ``n`` streams takes its loads-first form."""
+    return MERGE_LOADS_FIRST and n <= LOADS_FIRST_STREAMS
 
 
 def _grid(T: int, C: int, config: dict) -> tuple[int, int]:
@@ -306,7 +373,8 @@ def merge_bwd(x, y, h_post, h_res, g, want_dx: bool = True):
     dh_post = torch.empty((grid[1], T, n), dtype=torch.float32, device=x.device)  # per C block
     dh_res = torch.empty((grid[1], T, n, n), dtype=torch.float32, device=x.device)
     _merge_bwd_kernel[grid](x, y, h_post, h_res, g, x if dx is None else dx, dy, dh_post, dh_res,
-                            T, n, C, WRITE_DX=want_dx, **config)  # fmt: skip
+                            T, n, C, WRITE_DX=want_dx, LOADS_FIRST=merge_loads_first(n),
+                            **config)  # fmt: skip
     return dx, dy, add_parts(dh_post), add_parts(dh_res)
 
 
@@ -403,11 +471,13 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
                 "dhpost_part_ptr": f,
                 "dhres_part_ptr": f,
             }
-            kernels[f"merge_bwd-{tag}"] = (_merge_bwd_kernel, merge_bwd, {"WRITE_DX": True},
-                                           "merge_bwd")  # fmt: skip
+            form = {"LOADS_FIRST": merge_loads_first(np2)}
+            kernels[f"merge_bwd-{tag}"] = (_merge_bwd_kernel, merge_bwd,
+                                           {"WRITE_DX": True, **form}, "merge_bwd")  # fmt: skip
             if ydt == dt:  # less code than merge_bwd, whose mixed-dtype variants cover y's cast
                 kernels[f"merge_bwd_nodx-{tag}"] = (_merge_bwd_kernel, merge_bwd,
-                                                    {"WRITE_DX": False}, "merge_bwd")  # fmt: skip
+                                                    {"WRITE_DX": False, **form},
+                                                    "merge_bwd")  # fmt: skip
         for name, (kernel, ptrs, extra, launch) in kernels.items():
             kind, tag = name.split("-", 1)
             consts = launch_config(launch, 2**20, np2, 2**20, itemsize)

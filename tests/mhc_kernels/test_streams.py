@@ -191,6 +191,29 @@ def test_backwards_without_their_stream_gradient(backend, dtype, device):
             )
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("n", [1, 3, 4, 8], ids=lambda n: f"n{n}")
+def test_merge_backward_loads_first_matches_the_reference(n, dtype, device, monkeypatch):
+    """The merge backward's second form (every load before its first store; the sweep times it
+    against the shipped stream-by-stream form): the reference's gradients within its bound, and
+    without dx the other gradients bit for bit. n = 8 too, which the form does not ship for."""
+    from mhc_kernels.streams import merge_backward
+    from mhc_kernels.streams import triton as kernels
+
+    monkeypatch.setattr(kernels, "MERGE_LOADS_FIRST", True)
+    monkeypatch.setattr(kernels, "LOADS_FIRST_STREAMS", 8)
+    T, C, dt = 37, 130, DTYPES[dtype]  # C: not a multiple of 8 (scalar loads, masked tail)
+    x, y = torch.randn(T, n, C, device=device).to(dt), torch.randn(T, C, device=device).to(dt)
+    h_post, h_res = 2 * torch.rand(T, n, device=device), torch.rand(T, n, n, device=device)
+    assert_close_to_reference(merge, [x, y, h_post, h_res], (T, n, C), device, dt)
+    g = torch.randn(T, n, C, device=device).to(dt)
+    full = merge_backward(x, y, h_post, h_res, g, "triton")
+    lean = merge_backward(x, y, h_post, h_res, g, "triton", False)
+    assert lean[0] is None
+    for got, want in zip(lean[1:], full[1:], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.skipif(
     torch.cuda.is_available(),
     reason="the interpreter's test (CPU tensors); on a GPU every kernel test runs these configurations",
@@ -231,6 +254,10 @@ def test_the_gpu_launch_configurations_give_the_interpreters_results(n, dtype, m
     # and the pre-mix's in three
     monkeypatch.setitem(kernels.GPU_BLOCKS, ("pre_mix_bwd", x.element_size()), (256, 4))
     check(pre_mix_backward(x, h_pre, g_in, "triton"), interpreter[1:3])
+    # the merge backward's loads-first form (the sweep's other form), C in two blocks
+    monkeypatch.setattr(kernels, "MERGE_LOADS_FIRST", True)
+    monkeypatch.setattr(kernels, "LOADS_FIRST_STREAMS", 8)
+    check(merge_backward(x, y, h_post, h_res, g_out, "triton"), interpreter[4:8])
 
 
 @pytest.mark.parametrize("dots", ["fma", "tensor-cores"])
