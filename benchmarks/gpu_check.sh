@@ -10,9 +10,10 @@
 # everything (logs, one JSON line per measured case, test report, profile) into
 # $OUT/gpu-<name>-<time>.tgz after every step. Each step is capped (fine-tuning step 120 s, tests
 # 150, Sinkhorn 120, layer + streams 150, graphs 120, profile 60, sweep 120, sweep-projection 240,
-# sweep-merge 150, sweep-streams 180, compile 240, large stability 540): run the steps that fit
-# the device time with MHC_GPU_STEPS (names below; all by default), narrow the torch.compile cases
-# with MHC_COMPILE_CASES and the large stability runs with MHC_STABILITY_CASES (each a pytest -k).
+# sweep-merge 150, sweep-grad 150, sweep-streams 180, compile 240, large stability 540): run the
+# steps that fit the device time with MHC_GPU_STEPS (names below; all by default), narrow the
+# torch.compile cases with MHC_COMPILE_CASES and the large stability runs with
+# MHC_STABILITY_CASES (each a pytest -k).
 # On an H200 (2026-11-27) the steps' pytest times were: tests 96-111 s, Sinkhorn 50, layer +
 # streams 71-91, graphs 12-29, compile 202; finetune, layer-streams, graphs, profile and
 # sweep-streams (fp32 and bf16) took 309 s in one call; sweep-projection (without stages) 113 s,
@@ -63,7 +64,7 @@ python -c "import xdist" 2>/dev/null && xdist=(-n "$(nproc)")
 bench=(python -m pytest --benchmark-only -q -p no:cacheprovider --benchmark-columns=median,iqr)
 
 ALL_STEPS="finetune tests sinkhorn layer-streams graphs profile sweep sweep-projection sweep-merge"
-ALL_STEPS+=" sweep-streams"
+ALL_STEPS+=" sweep-grad sweep-streams"
 ALL_STEPS+=" compile stability-large"
 want() { [[ " ${MHC_GPU_STEPS:-$ALL_STEPS} " == *" $1 "* ]]; }
 
@@ -85,6 +86,9 @@ want sweep-projection && step sweep-projection 240 python benchmarks/sweep_proje
 # the merge backward alone, both forms (stream by stream, loads first): 80 launches per dtype
 want sweep-merge && step sweep-merge 150 python benchmarks/sweep_streams.py \
   --dtypes bf16 fp32 --kernels merge_bwd --out "$work/sweep-merge.json"
+# the stream gradient alone, its 8 fastest launches again at 2, 4, 8 updates per step: 68 per dtype
+want sweep-grad && step sweep-grad 150 python benchmarks/sweep_streams.py \
+  --dtypes bf16 fp32 --kernels stream_grad --out "$work/sweep-grad.json"
 # the backwards (sums over C) only: both 2026-11-27 sweeps put the forwards at 1.18-1.28x the roofline
 want sweep-streams && step sweep-streams 180 python benchmarks/sweep_streams.py \
   --dtypes bf16 fp32 --kernels merge_bwd pre_mix_bwd stream_grad --out "$work/sweep-streams.json"

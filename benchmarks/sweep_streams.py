@@ -8,11 +8,13 @@ gradient kernel (fp32 streams by default), times every combination of tokens per
 channels per program (BC) and warps (``triton.testing.do_bench``, median ms), with the roofline
 ratio (unavoidable bytes at the GPU's peak DRAM bandwidth, as in test_streams.py), and prints them
 fastest first next to the shipped choice. The kernels are the shipped ones; only the launch
-parameters vary: 47 per pre-mix/merge kernel (128-2048 channels, 1-8 tokens per program, 1-8
-warps), 44 for the stream gradient (4-32 tokens sharing phi^T's rows) and 16 more with its
-projection term on tensor cores (``MMA``, n <= 4), about 250 compiles per dtype; the merge
-backward also in its loads-first form (``LOADS_FIRST``, n <= 4: every load before the first store;
-33 launches more, at most 32 floats per thread in each of its three stream tiles). One warp per
+parameters and the kernels' second forms vary: 47 launches per pre-mix/merge kernel (128-2048
+channels, 1-8 tokens per program, 1-8 warps), the merge backward also in its loads-first form
+(``LOADS_FIRST``, n <= 4: every load before the first store; 33 launches more, at most 32 floats
+per thread in each of its three stream tiles), 44 for the stream gradient (4-32 tokens sharing
+phi^T's rows) and its 8 fastest again with 2, 4 and 8 rank-1 updates per step of its loop over W
+(``UNROLL``; 1 so far: each step waits on its loads). Its projection term on tensor cores (``MMA``)
+is no longer swept: both H200 sweeps had it 1.07-1.22x slower than the FMAs. One warp per
 program (added after the third H200 lease; never timed before): its sums over C are warp shuffles
 without barriers (PTX of the n = 4 merge backward, sm_90: 4 barriers at 256 channels on one warp,
 against 19 as shipped, 512 channels on two; 119 with 2 tokens on two warps, which Triton lays out
@@ -33,7 +35,7 @@ from conftest import peak_bandwidth_gbs, write_rows  # beside this script: on sy
 from triton.testing import do_bench
 
 from mhc_kernels._host import cdiv, next_power_of_2
-from mhc_kernels._split_dot import MIN_DOT, dot_options, dot_width
+from mhc_kernels._split_dot import dot_options, dot_width
 from mhc_kernels.streams import triton as st
 
 
@@ -79,14 +81,14 @@ def kernel_launcher(kernel: str, T: int, n: int, C: int, dtype: torch.dtype):
         sizes = (T, n, C, n * n + 2 * n)
         extra = {"HAS_GOUT": True, "WP": dot_width(n * n + 2 * n)}
 
-    def launch(bt: int, bc: int, warps: int, form: bool = False):
-        """``form``: the stream gradient's tensor-core product (``MMA``), the merge backward's
-        loads first (``LOADS_FIRST``); no other kernel has a second form."""
+    def launch(bt: int, bc: int, warps: int, loads_first: bool = False, unroll: int = 1):
+        """``loads_first``: the merge backward's form (``LOADS_FIRST``); ``unroll``: the stream
+        gradient's rank-1 updates per loop step (``UNROLL``, its FMA form)."""
         options = extra
         if kernel == "stream_grad":
-            options = {**extra, **dot_options(form)}
+            options = {**extra, **dot_options(False), "UNROLL": unroll}
         elif kernel == "merge_bwd":
-            options = {**extra, "LOADS_FIRST": form}
+            options = {**extra, "LOADS_FIRST": loads_first}
         fn[(cdiv(T, bt), cdiv(C, bc))](*args, *sizes, BT=bt, NP=next_power_of_2(n), BC=bc,
                                        CV=8 if C % 8 == 0 else 1, num_warps=warps,
                                        **options)  # fmt: skip
@@ -98,7 +100,48 @@ BLOCKS_T, BLOCKS_C, WARPS = (1, 2, 4, 8), (128, 256, 512, 1024, 2048), (1, 2, 4,
 KERNELS = ("pre_mix_fwd", "pre_mix_bwd", "merge_fwd", "merge_bwd", "stream_grad")
 # the stream gradient's programs share phi^T's rows between their tokens: more tokens, narrower C
 GRAD_BLOCKS_T, GRAD_BLOCKS_C = (4, 8, 16, 32), (32, 64, 128, 256)
+# its RETIMED fastest FMA launches are timed again with UNROLLS rank-1 updates per loop step
+RETIMED, UNROLLS = 8, (2, 4, 8)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def sweep_kernel(kernel: str, name: str, T: int, n: int, C: int, peak: float | None) -> list[dict]:
+    """Every launch of ``kernel`` for streams of dtype ``name``, timed, fastest first."""
+    grad = kernel == "stream_grad"
+    configure = st.stream_grad_config if grad else functools.partial(st.launch_config, kernel)
+    config = configure(T, n, C, DTYPES[name].itemsize)
+    shipped = (config["BT"], config["BC"], config["num_warps"], st.merge_loads_first(n),
+               config.get("UNROLL", 1))  # fmt: skip
+    launch, nbytes = kernel_launcher(kernel, T, n, C, DTYPES[name])
+
+    def timed(bt: int, bc: int, warps: int, loads_first: bool, unroll: int = 1) -> dict | None:
+        form = (loads_first and kernel == "merge_bwd", unroll)
+        try:
+            ms = do_bench(functools.partial(launch, bt, bc, warps, *form), warmup=5, rep=20,
+                          return_mode="median")  # fmt: skip
+        except Exception as error:  # a configuration that fails to compile or launch
+            print(f"skip {kernel} BT={bt} BC={bc} warps={warps} form={form}: "
+                  f"{type(error).__name__}", file=sys.stderr)  # fmt: skip
+            return None
+        return {"kernel": kernel, "dtype": name, "tokens": T, "n": n, "C": C, "BT": bt, "BC": bc,
+                "warps": warps, "loads_first": form[0], "unroll": unroll, "ms": ms,
+                "roofline_ratio": ms / (nbytes / (peak * 1e9) * 1e3) if peak else None,
+                "shipped": (bt, bc, warps, *form) == shipped}  # fmt: skip
+
+    blocks = (GRAD_BLOCKS_T, GRAD_BLOCKS_C) if grad else (BLOCKS_T, BLOCKS_C)
+    # the merge backward also with every load before its first store (n <= 4)
+    forms = (False, True) if kernel == "merge_bwd" and n <= st.LOADS_FIRST_STREAMS else (False,)
+    found = []
+    for bt, bc, warps, loads_first in itertools.product(*blocks, WARPS, forms):
+        per_thread = bt * next_power_of_2(n) * bc // (32 * warps)
+        if per_thread > 64 or (loads_first and per_thread > 32):
+            continue  # > 64 floats per thread; loads first holds g, x and dx, 3 such tiles
+        found.append(timed(bt, bc, warps, loads_first))
+    if grad:  # the fastest launches again, several rank-1 updates per loop step
+        fastest = sorted((r for r in found if r), key=lambda r: r["ms"])[:RETIMED]
+        for r, unroll in itertools.product(fastest, UNROLLS):
+            found.append(timed(r["BT"], r["BC"], r["warps"], False, unroll))
+    return sorted((r for r in found if r), key=lambda r: r["ms"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,40 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         parser.error("the sweep needs a GPU")
     peak = peak_bandwidth_gbs()
-    T, n, C = args.tokens, args.n, args.C
     rows = []
     for kernel, name in itertools.product(args.kernels, args.dtypes):
-        grad = kernel == "stream_grad"
-        configure = st.stream_grad_config if grad else functools.partial(st.launch_config, kernel)
-        config = configure(T, n, C, DTYPES[name].itemsize)
-        shipped_form = config.get("MMA", False) if grad else st.merge_loads_first(n)
-        shipped = (config["BT"], config["BC"], config["num_warps"], shipped_form)
-        launch, nbytes = kernel_launcher(kernel, T, n, C, DTYPES[name])
-        blocks = (GRAD_BLOCKS_T, GRAD_BLOCKS_C) if grad else (BLOCKS_T, BLOCKS_C)
-        # the stream gradient's projection term also on tensor cores (n <= 4, 16 tokens at least);
-        # the merge backward also with every load before its first store (n <= 4)
-        two_forms = n <= (st.MMA_STREAMS if grad else st.LOADS_FIRST_STREAMS)
-        forms = (False, True) if two_forms and kernel in ("stream_grad", "merge_bwd") else (False,)
-        found = []
-        for bt, bc, warps, form in itertools.product(*blocks, WARPS, forms):
-            per_thread = bt * next_power_of_2(n) * bc // (32 * warps)
-            if per_thread > 64 or (grad and form and bt < MIN_DOT):
-                continue  # > 64 floats per thread, or fewer rows than a dot takes
-            if kernel == "merge_bwd" and form and per_thread > 32:
-                continue  # loads first holds g, x and dx: 3 such tiles
-            try:
-                call = functools.partial(launch, bt, bc, warps, form)
-                ms = do_bench(call, warmup=5, rep=20, return_mode="median")
-            except Exception as error:  # a configuration that fails to compile or launch
-                print(f"skip {kernel} BT={bt} BC={bc} warps={warps} form={form}: "
-                      f"{type(error).__name__}", file=sys.stderr)  # fmt: skip
-                continue
-            found.append({"kernel": kernel, "dtype": name, "tokens": T, "n": n, "C": C,
-                          "BT": bt, "BC": bc, "warps": warps, "mma": grad and form,
-                          "loads_first": kernel == "merge_bwd" and form, "ms": ms,
-                          "roofline_ratio": ms / (nbytes / (peak * 1e9) * 1e3) if peak else None,
-                          "shipped": (bt, bc, warps, form) == shipped})  # fmt: skip
-        found.sort(key=lambda r: r["ms"])
+        found = sweep_kernel(kernel, name, args.tokens, args.n, args.C, peak)
         for r in found[:5] + [r for r in found[5:] if r["shipped"]]:
             print(json.dumps(r), flush=True)
         rows += found

@@ -216,7 +216,8 @@ def _stream_grad_kernel(x_ptr, gin_ptr, gout_ptr, hpre_ptr, hres_ptr, dss_ptr, d
                         phit_ptr, dx_ptr, T, n, C, W,
                         HAS_GOUT: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr,
                         BC: tl.constexpr, CV: tl.constexpr, MMA: tl.constexpr,
-                        WP: tl.constexpr, PARTS_FP32: tl.constexpr):  # fmt: skip
+                        WP: tl.constexpr, PARTS_FP32: tl.constexpr,
+                        UNROLL: tl.constexpr):  # fmt: skip
     # the connection's whole stream gradient, dx[t, i, c] =
     #   h_pre[t, i] g_in[t, c]                    (pre-mix)
     # + sum_j h_res[t, j, i] g_out[t, j, c]       (merge; without it when HAS_GOUT is off)
@@ -225,7 +226,8 @@ def _stream_grad_kernel(x_ptr, gin_ptr, gout_ptr, hpre_ptr, hres_ptr, dss_ptr, d
     # shape ([BT, 1, 1] per token, [BT, NP, 1] per stream, [BT, 1, BC] per row) so that values
     # need not change layout. The projection's term: MMA, one [BT, WP] x [WP, NP BC] product on
     # bf16 tensor cores (split operands, float32's accuracy: mhc_kernels._split_dot); otherwise
-    # W rank-1 updates, BT tokens sharing each row of phi^T
+    # W rank-1 updates, BT tokens sharing each row of phi^T, UNROLL of them per loop step (their
+    # loads issued together: a step's FMAs wait on its loads, which Triton does not pipeline)
     C = _multiple(C, CV)
     tok, t64, c2, m2 = _token_channel_tile(T, C, BT, BC)
     i2, mi, t3, i3, c3, m3 = _stream_tile(tok, t64, c2, T, n, C, NP)
@@ -256,11 +258,13 @@ def _stream_grad_kernel(x_ptr, gin_ptr, gout_ptr, hpre_ptr, hres_ptr, dss_ptr, d
         acc += tl.reshape(term, (BT, NP, BC))
     else:
         phi_row = i3 * C + c3  # [1, NP, BC]
-        phi_mask = (i3 < n) & (c3 < C)
-        for w in range(W):
-            dp = tl.load(dproj_ptr + t3 * W + w, mask=tm, other=0.0)  # [BT, 1, 1]
-            ph = tl.load(phit_ptr + w * n * C + phi_row, mask=phi_mask, other=0.0)
-            acc += dp * ph
+        for w0 in range(0, W, UNROLL):
+            for u in tl.static_range(UNROLL):
+                w = w0 + u
+                Tw, nw = T * (W > w), n * (W > w)  # no tokens, no streams past the last row
+                dp = tl.load(dproj_ptr + t3 * W + w, mask=t3 < Tw, other=0.0)  # [BT, 1, 1]
+                ph = tl.load(phit_ptr + w * n * C + phi_row, mask=(i3 < nw) & (c3 < C), other=0.0)
+                acc += dp * ph
     tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=m3)
 
 
@@ -388,6 +392,13 @@ STREAM_GRAD_TOKENS = {4: 4, 2: 16}
 # than the FMAs at the same launch (and 0.63 ms at best in the sweep), with twice the registers
 TENSOR_CORES = False
 MMA_STREAMS = 4
+# rank-1 updates per step of the FMA form's loop over W (``UNROLL``), by the streams' bytes per
+# element: 1 as timed on the H200; the sweep also tries 2, 4 and 8 (not yet timed). The loop's
+# loads are not pipelined, so each step waits out an L2 latency (SASS, n = 4 bf16, sm_90: 16 loads
+# of dproj and one of phi^T, then the 64 FMAs that need them, 24 times; float32's 4 tokens per
+# program: LLVM unrolled 4 steps itself). At 2 and 4 every shipped launch compiles without spills
+# for sm_80/89/90 (n = 4 bf16: 168 and 235 registers against 152)
+STREAM_GRAD_UNROLL = {4: 1, 2: 1}
 
 
 def stream_grad_config(tokens: int, n: int, C: int, itemsize: int = 4) -> dict:
@@ -398,7 +409,8 @@ def stream_grad_config(tokens: int, n: int, C: int, itemsize: int = 4) -> dict:
     streams); and the projection term's form (``MMA``: at least 16 tokens, a dot's least rows)."""
     config = launch_config("merge_bwd", tokens, n, C, itemsize)  # reads what the merge's reads
     mma = TENSOR_CORES and n <= MMA_STREAMS
-    dots = {**dot_options(mma), "WP": dot_width(n * n + 2 * n)}
+    dots = {**dot_options(mma), "WP": dot_width(n * n + 2 * n),
+            "UNROLL": 1 if mma else STREAM_GRAD_UNROLL[itemsize]}  # fmt: skip
     if interpreting():
         return {**config, **dots, "BT": max(config["BT"], MIN_DOT) if mma else config["BT"]}
     np2 = config["NP"]

@@ -254,26 +254,35 @@ def test_the_gpu_launch_configurations_give_the_interpreters_results(n, dtype, m
     # and the pre-mix's in three
     monkeypatch.setitem(kernels.GPU_BLOCKS, ("pre_mix_bwd", x.element_size()), (256, 4))
     check(pre_mix_backward(x, h_pre, g_in, "triton"), interpreter[1:3])
-    # the merge backward's loads-first form (the sweep's other form), C in two blocks
+    # the sweep's other forms: the merge backward's loads first, C in two blocks, and the stream
+    # gradient's rank-1 updates 4 per loop step (W = 8, 24; n = 8's 80 took 10 s more here, and
+    # test_stream_grad_matches_the_reference runs it)
     monkeypatch.setattr(kernels, "MERGE_LOADS_FIRST", True)
     monkeypatch.setattr(kernels, "LOADS_FIRST_STREAMS", 8)
     check(merge_backward(x, y, h_post, h_res, g_out, "triton"), interpreter[4:8])
+    if n <= 4:
+        monkeypatch.setattr(kernels, "STREAM_GRAD_UNROLL", {4: 4, 2: 4})
+        check([stream_grad(x, g_in, g_out, h_pre, h_res, dss, dproj, phi, "triton")],
+              interpreter[8:])  # fmt: skip
 
 
-@pytest.mark.parametrize("dots", ["fma", "tensor-cores"])
+@pytest.mark.parametrize("dots", ["fma", "fma-4-per-step", "tensor-cores"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("merge_grad", [True, False], ids=["merge", "no-merge"])
 @pytest.mark.parametrize("n,C", [(1, 24), (3, 130), (4, 72), (8, 16)], ids=lambda v: str(v))
 def test_stream_grad_matches_the_reference(n, C, merge_grad, dtype, dots, device, monkeypatch):
     """The connection's one-pass stream gradient against the float64 formula, and the formula
     against autograd's sum of the pre-mix's, merge's and projection's stream gradients. The
-    kernel's projection term both ways: W rank-1 updates (shipped) and one tensor-core product
-    of split operands (n <= 4; n = 8 keeps the updates)."""
+    kernel's projection term each way: W rank-1 updates one per loop step (shipped) or 4 (the
+    sweep's other form; W = 3, 15, 24, 80: fewer than 4, and not a multiple of 4) and one
+    tensor-core product of split operands (n <= 4; n = 8 keeps the updates)."""
     from mhc_kernels.coefficients import projection
     from mhc_kernels.streams import stream_grad
     from mhc_kernels.streams import triton as kernels
 
     monkeypatch.setattr(kernels, "TENSOR_CORES", dots == "tensor-cores")
+    per_step = 4 if dots == "fma-4-per-step" else 1
+    monkeypatch.setattr(kernels, "STREAM_GRAD_UNROLL", {4: per_step, 2: per_step})
 
     T, W, dt = 37, n * n + 2 * n, DTYPES[dtype]
     x = torch.randn(T, n, C, device=device).to(dt)
