@@ -70,11 +70,19 @@ def _configs():
 
 
 def _ptx_shape(ptx: str) -> dict[str, int]:
-    """Barriers (``bar.sync``: sums across warps or layout changes through shared memory) and
-    global loads by width (``b32``: 4 bytes, ``v2``: 8, ``v4``: 16 bytes per thread)."""
+    """Barriers (``bar.sync``: sums across warps or layout changes through shared memory), global
+    loads by width (``b32``: 4 bytes, ``v2``: 8, ``v4``: 16 bytes per thread) and the global loads
+    written after the first global store (``loads_after_store``): the compiler cannot tell that
+    they do not alias the store, so each waits for its program to get there, a memory latency
+    that other loads could have overlapped (as in the stream-by-stream merge backward). The count
+    is textual: exact for straight-line kernels, while a loop that stores (Sinkhorn's persistent
+    programs) counts its loads whatever ptxas makes of it."""
     widths = re.findall(r"\bld\.global(?:\.[A-Za-z_0-9:]+?)*?(?:\.(v[24]))?\.[bfsu]\d+\b", ptx)
+    first_store = ptx.find("st.global")
+    after = ptx[first_store:].count("ld.global") if first_store >= 0 else 0
     return {"barriers": ptx.count("bar.sync"),
-            **{f"loads_{w or 'b32'}": widths.count(w) for w in ("", "v2", "v4")}}  # fmt: skip
+            **{f"loads_{w or 'b32'}": widths.count(w) for w in ("", "v2", "v4")},
+            "loads_after_store": after}  # fmt: skip
 
 
 ALIGNED_INTS = ("K", "k_per", "t_per")

@@ -122,7 +122,8 @@ def test_every_shipped_configuration_compiles_for_gpu_targets_without_spills():
     assert max(r["compile_s"] for r in rows) < 30
     # the stream kernels (one dtype) keep sums over streams in a thread's registers: no barriers
     # in the forwards, the 16-bit backwards synchronise no more than the fp32 ones (their sums
-    # over channels), and stream rows load 16 bytes per thread
+    # over channels), and stream rows load 16 bytes per thread; the forwards and the stream
+    # gradient issue every load before their stores
     streams = {}  # (kind, padded n, arch, dtype) -> row, names "kind-NPk-BTb-BCc-dtype"
     for r in rows:
         kind, np2, *_, dtype = r["kernel"].split("-")
@@ -133,6 +134,8 @@ def test_every_shipped_configuration_compiles_for_gpu_targets_without_spills():
     assert all(r["loads_v2"] == 0 and r["loads_v4"] > 0 for r in streams.values())
     for (kind, np2, arch, _), r in streams.items():
         if kind.endswith("_fwd"):
-            assert r["barriers"] == 0, r
+            assert r["barriers"] == 0 and r["loads_after_store"] == 0, r
         else:
             assert r["barriers"] <= streams[(kind, np2, arch, "fp32")]["barriers"], r
+    grads = [r for r in rows if r["kernel"].startswith("stream_grad")]
+    assert len(grads) == 4 * 3 * 3 and all(r["loads_after_store"] == 0 for r in grads)
