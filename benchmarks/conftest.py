@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import subprocess
+import time
 
 import pytest
 import torch
@@ -144,6 +145,23 @@ def timed(benchmark, fn, inputs, upstream, passes: str, nbytes: int, cpu_rounds:
     synced()
     benchmark.pedantic(synced, rounds=20 if ON_GPU else cpu_rounds, warmup_rounds=1)
     return run, throughput_facts(run, nbytes, benchmark.stats.stats.median)
+
+
+def sweep_timer(rep: int):
+    """A sweep's timer, ``call -> ms``: on a GPU the median of ``triton.testing.do_bench``
+    (``rep`` ms of runs); without one, a single run under the interpreter, a check of the sweep
+    script and of the launches' results whose times mean nothing."""
+    if ON_GPU:
+        from triton.testing import do_bench
+
+        return lambda call: do_bench(call, warmup=5, rep=rep, return_mode="median")
+
+    def once(call):
+        start = time.perf_counter()
+        call()
+        return (time.perf_counter() - start) * 1e3
+
+    return once
 
 
 def write_rows(path: str | None, rows: list[dict]) -> None:

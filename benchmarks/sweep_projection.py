@@ -33,11 +33,11 @@ import argparse
 import itertools
 import json
 import sys
-import time
 
 import torch
-from conftest import peak_bandwidth_gbs, write_rows  # beside this script (sets TRITON_INTERPRET)
+from conftest import peak_bandwidth_gbs, sweep_timer, write_rows  # beside this script; sets
 
+# TRITON_INTERPRET without a GPU
 from mhc_kernels.coefficients import triton as ct
 
 KERNELS = ("fwd", "dphi", "dv")
@@ -85,20 +85,6 @@ def relative_error(got, want) -> float:
 def tiles_of(row: dict) -> dict:
     """The launch parameters of a result row."""
     return {field: row[field] for field in ct.Tiles._fields}
-
-
-def timer(on_gpu: bool):
-    if on_gpu:
-        from triton.testing import do_bench
-
-        return lambda call: do_bench(call, warmup=5, rep=10, return_mode="median")
-
-    def once(call):
-        start = time.perf_counter()
-        call()
-        return (time.perf_counter() - start) * 1e3
-
-    return once
 
 
 def sweep(kernel: str, name: str, T: int, n: int, C: int, device: str, bench, peak) -> list[dict]:
@@ -151,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     device, peak = ("cuda", peak_bandwidth_gbs()) if on_gpu else ("cpu", None)
     if not on_gpu:
         ct.interpreting = lambda: False  # the GPU's tiles (the interpreter's bf16-dot fix stays)
-    bench = timer(on_gpu)
+    bench = sweep_timer(rep=10)
     rows = []
     for name, kernel in itertools.product(args.dtypes, args.kernels):
         found = sweep(kernel, name, T, n, C, device, bench, peak)

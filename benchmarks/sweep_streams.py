@@ -19,7 +19,11 @@ program (added after the third H200 lease; never timed before): its sums over C 
 without barriers (PTX of the n = 4 merge backward, sm_90: 4 barriers at 256 channels on one warp,
 against 19 as shipped, 512 channels on two; 119 with 2 tokens on two warps, which Triton lays out
 across the channels rather than one warp per token). The rows found so far are written after
-every kernel, so a run cut short keeps them. Needs a GPU.
+every kernel, so a run cut short keeps them.
+
+Without a GPU it runs under ``TRITON_INTERPRET=1`` (benchmarks/conftest.py sets it) at whatever
+size it is given (``--tokens 8 --C 136``: a few minutes per kernel and dtype): a check of the
+script before device time is spent on it; its times mean nothing.
 """
 
 from __future__ import annotations
@@ -31,34 +35,33 @@ import json
 import sys
 
 import torch
-from conftest import peak_bandwidth_gbs, write_rows  # beside this script: on sys.path
-from triton.testing import do_bench
+from conftest import peak_bandwidth_gbs, sweep_timer, write_rows  # beside this script: on sys.path
 
 from mhc_kernels._host import cdiv, next_power_of_2
 from mhc_kernels._split_dot import dot_options, dot_width
 from mhc_kernels.streams import triton as st
 
 
-def kernel_launcher(kernel: str, T: int, n: int, C: int, dtype: torch.dtype):
-    """``(launch(BT, BC, warps), unavoidable bytes)`` for one kernel, its tensors made once."""
-    x = torch.randn(T, n, C, device="cuda").to(dtype)
-    y, g2 = torch.randn(T, C, device="cuda").to(dtype), torch.randn(T, C, device="cuda").to(dtype)
-    h, h_res = torch.rand(T, n, device="cuda"), torch.rand(T, n, n, device="cuda")
+def kernel_launcher(kernel: str, T: int, n: int, C: int, dtype: torch.dtype, device: str):
+    """``(launch(BT, BC, warps, ...), unavoidable bytes)`` for one kernel, its tensors made once."""
+    x = torch.randn(T, n, C, device=device).to(dtype)
+    y, g2 = torch.randn(T, C, device=device).to(dtype), torch.randn(T, C, device=device).to(dtype)
+    h, h_res = torch.rand(T, n, device=device), torch.rand(T, n, n, device=device)
     parts = cdiv(C, min(BLOCKS_C))  # per-C-block partial sums: room for the most blocks
     e = x.element_size()
     if kernel == "pre_mix_fwd":
-        args = (x, h, torch.empty(T, C, device="cuda", dtype=dtype))
+        args = (x, h, torch.empty(T, C, device=device, dtype=dtype))
         nbytes = (n * C + C) * T * e
     elif kernel == "pre_mix_bwd":
-        args = (x, h, g2, torch.empty_like(x), torch.empty(parts, T, n, device="cuda"))
+        args = (x, h, g2, torch.empty_like(x), torch.empty(parts, T, n, device=device))
         nbytes = (2 * n * C + C) * T * e
     elif kernel == "merge_fwd":
         args = (x, y, h, h_res, torch.empty_like(x))
         nbytes = (2 * n * C + C) * T * e
     elif kernel == "stream_grad":  # with the merge's term, as in a connection's backward
         W = n * n + 2 * n
-        args = (x, g2, torch.randn_like(x), h, h_res, torch.rand(T, device="cuda"),
-                torch.randn(T, W, device="cuda"), torch.randn(W, n * C, device="cuda"),
+        args = (x, g2, torch.randn_like(x), h, h_res, torch.rand(T, device=device),
+                torch.randn(T, W, device=device), torch.randn(W, n * C, device=device),
                 torch.empty_like(x))  # fmt: skip
         nbytes = (3 * n * C + C) * T * e
     else:
@@ -70,8 +73,8 @@ def kernel_launcher(kernel: str, T: int, n: int, C: int, dtype: torch.dtype):
             torch.randn_like(x),
             torch.empty_like(x),
             torch.empty_like(y),
-            torch.empty(parts, T, n, device="cuda"),
-            torch.empty(parts, T, n, n, device="cuda"),
+            torch.empty(parts, T, n, device=device),
+            torch.empty(parts, T, n, n, device=device),
         )
         nbytes = (3 * n * C + 2 * C) * T * e
     fn = getattr(st, f"_{kernel}_kernel")
@@ -105,21 +108,24 @@ RETIMED, UNROLLS = 8, (2, 4, 8)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def sweep_kernel(kernel: str, name: str, T: int, n: int, C: int, peak: float | None) -> list[dict]:
-    """Every launch of ``kernel`` for streams of dtype ``name``, timed, fastest first."""
+def sweep_kernel(kernel: str, name: str, T: int, n: int, C: int, device: str, bench,
+                 peak: float | None) -> list[dict]:  # fmt: skip
+    """Every launch of ``kernel`` for streams of dtype ``name``, timed by ``bench``, fastest
+    first."""
     grad = kernel == "stream_grad"
     configure = st.stream_grad_config if grad else functools.partial(st.launch_config, kernel)
     config = configure(T, n, C, DTYPES[name].itemsize)
     shipped = (config["BT"], config["BC"], config["num_warps"], st.merge_loads_first(n),
                config.get("UNROLL", 1))  # fmt: skip
-    launch, nbytes = kernel_launcher(kernel, T, n, C, DTYPES[name])
+    launch, nbytes = kernel_launcher(kernel, T, n, C, DTYPES[name], device)
 
     def timed(bt: int, bc: int, warps: int, loads_first: bool, unroll: int = 1) -> dict | None:
         form = (loads_first and kernel == "merge_bwd", unroll)
         try:
-            ms = do_bench(functools.partial(launch, bt, bc, warps, *form), warmup=5, rep=20,
-                          return_mode="median")  # fmt: skip
+            ms = bench(functools.partial(launch, bt, bc, warps, *form))
         except Exception as error:  # a configuration that fails to compile or launch
+            if device == "cpu":
+                raise  # the interpreter has no resources to run out of: the script is wrong
             print(f"skip {kernel} BT={bt} BC={bc} warps={warps} form={form}: "
                   f"{type(error).__name__}", file=sys.stderr)  # fmt: skip
             return None
@@ -153,12 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     parser.add_argument("--out", help="also write the rows here as JSON")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        parser.error("the sweep needs a GPU")
-    peak = peak_bandwidth_gbs()
+    on_gpu = torch.cuda.is_available()
+    device, peak, bench = "cuda" if on_gpu else "cpu", peak_bandwidth_gbs(), sweep_timer(rep=20)
+    if not on_gpu:
+        st.interpreting = lambda: False  # the GPU's launches are the shipped ones
     rows = []
     for kernel, name in itertools.product(args.kernels, args.dtypes):
-        found = sweep_kernel(kernel, name, args.tokens, args.n, args.C, peak)
+        found = sweep_kernel(kernel, name, args.tokens, args.n, args.C, device, bench, peak)
         for r in found[:5] + [r for r in found[5:] if r["shipped"]]:
             print(json.dumps(r), flush=True)
         rows += found
