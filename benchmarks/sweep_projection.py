@@ -35,9 +35,10 @@ import json
 import sys
 
 import torch
-from conftest import peak_bandwidth_gbs, sweep_timer, write_rows  # beside this script; sets
 
-# TRITON_INTERPRET without a GPU
+# beside this script; it sets TRITON_INTERPRET without a GPU
+from conftest import ON_GPU, peak_bandwidth_gbs, sweep_timer, write_rows
+
 from mhc_kernels.coefficients import triton as ct
 
 KERNELS = ("fwd", "dphi", "dv")
@@ -133,9 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     T, n, C = args.tokens, args.n, args.C
     if ct.dot_width(n * n + 2 * n) > ct.SWEPT_COLUMNS:
         parser.error(f"GPU_TILES serve n <= 4 (W padded to <= {ct.SWEPT_COLUMNS} columns)")
-    on_gpu = torch.cuda.is_available()
-    device, peak = ("cuda", peak_bandwidth_gbs()) if on_gpu else ("cpu", None)
-    if not on_gpu:
+    device, peak = "cuda" if ON_GPU else "cpu", peak_bandwidth_gbs()
+    if not ON_GPU:
         ct.interpreting = lambda: False  # the GPU's tiles (the interpreter's bf16-dot fix stays)
     bench = sweep_timer(rep=10)
     rows = []

@@ -35,7 +35,7 @@ import json
 import sys
 
 import torch
-from conftest import peak_bandwidth_gbs, sweep_timer, write_rows  # beside this script: on sys.path
+from conftest import ON_GPU, peak_bandwidth_gbs, sweep_timer, write_rows  # beside this script
 
 from mhc_kernels._host import cdiv, next_power_of_2
 from mhc_kernels._split_dot import dot_options, dot_width
@@ -115,24 +115,30 @@ def sweep_kernel(kernel: str, name: str, T: int, n: int, C: int, device: str, be
     grad = kernel == "stream_grad"
     configure = st.stream_grad_config if grad else functools.partial(st.launch_config, kernel)
     config = configure(T, n, C, DTYPES[name].itemsize)
-    shipped = (config["BT"], config["BC"], config["num_warps"], st.merge_loads_first(n),
-               config.get("UNROLL", 1))  # fmt: skip
+    shipped_form = kernel == "merge_bwd" and st.merge_loads_first(n)
+    shipped = (
+        config["BT"],
+        config["BC"],
+        config["num_warps"],
+        shipped_form,
+        config.get("UNROLL", 1),
+    )
     launch, nbytes = kernel_launcher(kernel, T, n, C, DTYPES[name], device)
 
     def timed(bt: int, bc: int, warps: int, loads_first: bool, unroll: int = 1) -> dict | None:
-        form = (loads_first and kernel == "merge_bwd", unroll)
         try:
-            ms = bench(functools.partial(launch, bt, bc, warps, *form))
+            ms = bench(functools.partial(launch, bt, bc, warps, loads_first, unroll))
         except Exception as error:  # a configuration that fails to compile or launch
             if device == "cpu":
                 raise  # the interpreter has no resources to run out of: the script is wrong
-            print(f"skip {kernel} BT={bt} BC={bc} warps={warps} form={form}: "
+            print(f"skip {kernel} BT={bt} BC={bc} warps={warps} loads_first={loads_first} "
+                  f"unroll={unroll}: "
                   f"{type(error).__name__}", file=sys.stderr)  # fmt: skip
             return None
         return {"kernel": kernel, "dtype": name, "tokens": T, "n": n, "C": C, "BT": bt, "BC": bc,
-                "warps": warps, "loads_first": form[0], "unroll": unroll, "ms": ms,
+                "warps": warps, "loads_first": loads_first, "unroll": unroll, "ms": ms,
                 "roofline_ratio": ms / (nbytes / (peak * 1e9) * 1e3) if peak else None,
-                "shipped": (bt, bc, warps, *form) == shipped}  # fmt: skip
+                "shipped": (bt, bc, warps, loads_first, unroll) == shipped}  # fmt: skip
 
     blocks = (GRAD_BLOCKS_T, GRAD_BLOCKS_C) if grad else (BLOCKS_T, BLOCKS_C)
     # the merge backward also with every load before its first store (n <= 4)
@@ -159,9 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     parser.add_argument("--out", help="also write the rows here as JSON")
     args = parser.parse_args(argv)
-    on_gpu = torch.cuda.is_available()
-    device, peak, bench = "cuda" if on_gpu else "cpu", peak_bandwidth_gbs(), sweep_timer(rep=20)
-    if not on_gpu:
+    device, peak, bench = "cuda" if ON_GPU else "cpu", peak_bandwidth_gbs(), sweep_timer(rep=20)
+    if not ON_GPU:
         st.interpreting = lambda: False  # the GPU's launches are the shipped ones
     rows = []
     for kernel, name in itertools.product(args.kernels, args.dtypes):
