@@ -10,10 +10,10 @@
 # everything (logs, one JSON line per measured case, test report, profile) into
 # $OUT/gpu-<name>-<time>.tgz after every step. Each step is capped (fine-tuning step 120 s, tests
 # 150, Sinkhorn 120, layer + streams 150, graphs 120, profile 60, sweep 120, sweep-projection 240,
-# sweep-merge 150, sweep-grad 150, sweep-streams 180, compile 240, large stability 540): run the
-# steps that fit the device time with MHC_GPU_STEPS (names below; all by default), narrow the
-# torch.compile cases with MHC_COMPILE_CASES and the large stability runs with
-# MHC_STABILITY_CASES (each a pytest -k).
+# sweep-parts 150, sweep-merge 150, sweep-grad 150, sweep-streams 180, compile 240, large
+# stability 540): run the steps that fit the device time with MHC_GPU_STEPS (names below; all by
+# default), narrow the torch.compile cases with MHC_COMPILE_CASES and the large stability runs
+# with MHC_STABILITY_CASES (each a pytest -k).
 # On an H200 (2026-11-27) the steps' pytest times were: tests 96-111 s, Sinkhorn 50, layer +
 # streams 71-91, graphs 12-29, compile 202; finetune, layer-streams, graphs, profile and
 # sweep-streams (fp32 and bf16) took 309 s in one call; sweep-projection (without stages) 113 s,
@@ -63,8 +63,8 @@ xdist=()
 python -c "import xdist" 2>/dev/null && xdist=(-n "$(nproc)")
 bench=(python -m pytest --benchmark-only -q -p no:cacheprovider --benchmark-columns=median,iqr)
 
-ALL_STEPS="finetune tests sinkhorn layer-streams graphs profile sweep sweep-projection sweep-merge"
-ALL_STEPS+=" sweep-grad sweep-streams"
+ALL_STEPS="finetune tests sinkhorn layer-streams graphs profile sweep sweep-projection sweep-parts"
+ALL_STEPS+=" sweep-merge sweep-grad sweep-streams"
 ALL_STEPS+=" compile stability-large"
 want() { [[ " ${MHC_GPU_STEPS:-$ALL_STEPS} " == *" $1 "* ]]; }
 
@@ -83,6 +83,10 @@ want sweep && step sweep 120 python benchmarks/sweep_sinkhorn.py --out "$work/sw
 # the projection's tiles, warps, split, form and stages (bf16 then fp32; 257 compiles, 579 launches)
 want sweep-projection && step sweep-projection 240 python benchmarks/sweep_projection.py \
   --out "$work/sweep-projection.json"
+# the projection's forward and dv with phi's bf16 parts split once per call: 69 launches per kernel
+# and dtype, the shipped launch and 16 restaged ones (bf16 then fp32)
+want sweep-parts && step sweep-parts 150 python benchmarks/sweep_projection.py --phi-parts \
+  --kernels fwd dv --out "$work/sweep-parts.json"
 # the merge backward alone, both forms (stream by stream, loads first): 80 launches per dtype
 want sweep-merge && step sweep-merge 150 python benchmarks/sweep_streams.py \
   --dtypes bf16 fp32 --kernels merge_bwd --out "$work/sweep-merge.json"

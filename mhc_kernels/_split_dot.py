@@ -52,24 +52,33 @@ def mma(a, b, acc, PARTS_FP32: tl.constexpr):
 
 
 @triton.jit
-def dot_f32(a, b, acc, MMA: tl.constexpr, PARTS_FP32: tl.constexpr):
-    """``acc + a @ b`` as accurate as float32 FMAs. ``MMA``: on bf16 tensor cores, every float32
-    operand split into three bf16 parts (``bf16_parts``; bf16 operands are used as they are):
-    products of bf16 parts are exact in float32, and of the nine products of two split operands
-    the three dropped (mid lo, lo mid, lo lo) are below 2^-24 of the product, so six dots (three
-    for a bf16 ``a``) accumulate in float32 what float32 FMAs would, at tensor-core speed.
-    Without ``MMA``: float32 FMAs (``input_precision="ieee"``)."""
-    if not MMA:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    b_hi, b_mid, b_lo = bf16_parts(b)
-    if a.dtype == tl.bfloat16:  # the small terms first
+def dot_by_parts(a, b_hi, b_mid, b_lo, acc, PARTS_FP32: tl.constexpr):
+    """``acc + a @ b`` for ``b`` given as its three bf16 parts (``bf16_parts``, split once by the
+    caller): a bf16 ``a`` as it is, three dots; a float32 ``a`` split into its parts, six (the three
+    products below 2^-24 of the product left out). The small terms first, each part dropped after
+    its last use."""
+    if a.dtype == tl.bfloat16:
         acc = mma(a, b_lo, acc, PARTS_FP32)
         acc = mma(a, b_mid, acc, PARTS_FP32)
         return mma(a, b_hi, acc, PARTS_FP32)
-    a_hi, a_mid, a_lo = bf16_parts(a)  # small terms first, each part dropped after its last use
+    a_hi, a_mid, a_lo = bf16_parts(a)
     acc = mma(a_lo, b_hi, acc, PARTS_FP32)
     acc = mma(a_hi, b_lo, acc, PARTS_FP32)
     acc = mma(a_mid, b_mid, acc, PARTS_FP32)
     acc = mma(a_mid, b_hi, acc, PARTS_FP32)
     acc = mma(a_hi, b_mid, acc, PARTS_FP32)
     return mma(a_hi, b_hi, acc, PARTS_FP32)
+
+
+@triton.jit
+def dot_f32(a, b, acc, MMA: tl.constexpr, PARTS_FP32: tl.constexpr):
+    """``acc + a @ b`` as accurate as float32 FMAs. ``MMA``: on bf16 tensor cores, every float32
+    operand split into three bf16 parts (``bf16_parts``; bf16 operands are used as they are):
+    products of bf16 parts are exact in float32, and of the nine products of two split operands
+    the three dropped (mid lo, lo mid, lo lo) are below 2^-24 of the product, so six dots (three
+    for a bf16 ``a``) accumulate in float32 what float32 FMAs would, at tensor-core speed
+    (``dot_by_parts``). Without ``MMA``: float32 FMAs (``input_precision="ieee"``)."""
+    if not MMA:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    b_hi, b_mid, b_lo = bf16_parts(b)
+    return dot_by_parts(a, b_hi, b_mid, b_lo, acc, PARTS_FP32)

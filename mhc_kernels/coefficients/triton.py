@@ -18,7 +18,10 @@ program per token block (256 programs at 4,096 tokens, each walking all of K): o
 backward was 1.5-2.5x slower than cuBLAS. With the split and the swept tiles (``GPU_TILES``) the
 layer runs faster with them at n = 4, C = 1488, so ``projection(..., backend="auto")`` takes them
 for such streams (:func:`mhc_kernels.coefficients.triton_by_default`). Forward traffic: v once,
-writes ``parts x T x (W + 1)`` floats; backward: v twice.
+writes ``parts x T x (W + 1)`` floats; backward: v twice. The forward and ``dv`` on tensor cores
+can also read phi split once per call into its bf16 parts (``Tiles.phi_parts``, :func:`phi_parts`:
+one more launch, and about a third fewer instructions in their loops); no launch does yet, as it
+is untimed.
 
 The epilogue kernels turn ``(proj, sumsq)`` into the gates and H_res (scale, bias, sigmoid and
 Sinkhorn-Knopp, or the H_res logits for unconstrained hyper-connections) in one kernel each way:
@@ -37,7 +40,7 @@ import triton.language as tl
 
 from .._autograd import differentiable, save_inputs
 from .._host import SWEPT_COLUMNS, add_parts, cdiv, multiprocessors, next_power_of_2, rows, shaped
-from .._split_dot import dot_f32, dot_options, dot_width
+from .._split_dot import bf16_parts, dot_by_parts, dot_f32, dot_options, dot_width
 from ..sinkhorn.triton import (
     interpreting,
     launch_config,
@@ -50,26 +53,40 @@ from ..sinkhorn.triton import (
 
 
 @triton.jit
-def _projection_fwd_kernel(v_ptr, phi_ptr, proj_ptr, ss_ptr, T, K, W, k_per,
+def _projection_fwd_kernel(v_ptr, phi_ptr, proj_ptr, ss_ptr, T, K, k_per, W: tl.constexpr,
                            BT: tl.constexpr, BK: tl.constexpr, WP: tl.constexpr,
-                           MMA: tl.constexpr, PARTS_FP32: tl.constexpr):  # fmt: skip
+                           MMA: tl.constexpr, PARTS_FP32: tl.constexpr,
+                           PHI_PARTS: tl.constexpr = False):  # fmt: skip
     # grid (token blocks, K parts): this part's sums over k in [part * k_per, ... + k_per), written
-    # to its own slice of proj_ptr ([parts, T, W]) and ss_ptr ([parts, T])
+    # to its own slice of proj_ptr ([parts, T, W]) and ss_ptr ([parts, T]). W is a constexpr in
+    # the three kernels: as an argument it left phi's rows (W floats apart) without a known
+    # alignment, so they were loaded a float at a time, each with its own 64-bit address and mask
+    # (sm_90 SASS: 223 instructions per step of the bf16 forward, 164 with W a constexpr).
+    # PHI_PARTS: phi_ptr holds phi's bf16 parts ([3, K, WP], phi_parts) for the tensor-core dots,
+    # which then need no split in the loop
     tok = tl.program_id(0) * BT + tl.arange(0, BT)
     part = tl.program_id(1)
     t2 = tok.to(tl.int64)[:, None]  # [BT, 1]
+    kk = tl.arange(0, BK)
     w2 = tl.arange(0, WP)[None, :]  # [1, WP]
     k_start = part * k_per
     k_end = tl.minimum(k_start + k_per, K)
+    plane = K.to(tl.int64) * WP  # between phi's parts
     acc = tl.zeros((BT, WP), dtype=tl.float32)
     ss = tl.zeros((BT,), dtype=tl.float32)
     for k0 in range(k_start, k_end, BK):
-        k_row = k0 + tl.arange(0, BK)
-        v = tl.load(v_ptr + t2 * K + k_row[None, :], mask=(t2 < T) & (k_row[None, :] < k_end),
-                    other=0.0)  # [BT, BK], in the streams' dtype  # fmt: skip
-        phi = tl.load(phi_ptr + k_row[:, None].to(tl.int64) * W + w2,
-                      mask=(k_row[:, None] < k_end) & (w2 < W), other=0.0)  # [BK, WP]  # fmt: skip
-        acc = dot_f32(v, phi, acc, MMA, PARTS_FP32)
+        k_row = k0 + kk
+        k_in = k_row < k_end
+        v = tl.load(v_ptr + t2 * K + k_row[None, :], mask=(t2 < T) & k_in[None, :], other=0.0)
+        phi_tile = phi_ptr + k_row[:, None].to(tl.int64) * (WP if PHI_PARTS else W) + w2
+        if PHI_PARTS:  # [BK, WP] each, zero beyond W
+            hi = tl.load(phi_tile, mask=k_in[:, None], other=0.0)
+            mid = tl.load(phi_tile + plane, mask=k_in[:, None], other=0.0)
+            lo = tl.load(phi_tile + 2 * plane, mask=k_in[:, None], other=0.0)
+            acc = dot_by_parts(v, hi, mid, lo, acc, PARTS_FP32)
+        else:
+            phi = tl.load(phi_tile, mask=k_in[:, None] & (w2 < W), other=0.0)
+            acc = dot_f32(v, phi, acc, MMA, PARTS_FP32)
         vf = v.to(tl.float32)
         ss += tl.sum(vf * vf, axis=1)
     out = part.to(tl.int64) * T
@@ -78,52 +95,81 @@ def _projection_fwd_kernel(v_ptr, phi_ptr, proj_ptr, ss_ptr, T, K, W, k_per,
 
 
 @triton.jit
-def _projection_dv_kernel(v_ptr, phi_ptr, dproj_ptr, dss_ptr, dv_ptr, T, K, W, k_per,
-                          BT: tl.constexpr, BK: tl.constexpr, WP: tl.constexpr,
-                          MMA: tl.constexpr, PARTS_FP32: tl.constexpr):  # fmt: skip
-    # grid (token blocks, K parts): dv = dproj @ phi^T + 2 v dss for k in this part
+def _projection_dv_kernel(v_ptr, phi_ptr, dproj_ptr, dss_ptr, dv_ptr, T, K, k_per,
+                          W: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, WP: tl.constexpr,
+                          MMA: tl.constexpr, PARTS_FP32: tl.constexpr,
+                          PHI_PARTS: tl.constexpr = False):  # fmt: skip
+    # grid (token blocks, K parts): dv = dproj @ phi^T + 2 v dss for k in this part (PHI_PARTS:
+    # phi's bf16 parts given, as in the forward)
     tok = tl.program_id(0) * BT + tl.arange(0, BT)
     t2 = tok.to(tl.int64)[:, None]
+    kk = tl.arange(0, BK)
     w2 = tl.arange(0, WP)[None, :]
     k_start = tl.program_id(1) * k_per
     k_end = tl.minimum(k_start + k_per, K)
     dproj = tl.load(dproj_ptr + t2 * W + w2, mask=(t2 < T) & (w2 < W), other=0.0)  # [BT, WP]
-    dss = tl.load(dss_ptr + tok, mask=tok < T, other=0.0)  # [BT]
+    dss2 = 2.0 * tl.load(dss_ptr + tok, mask=tok < T, other=0.0)[:, None]  # [BT, 1]
+    plane = K.to(tl.int64) * WP  # between phi's parts
     for k0 in range(k_start, k_end, BK):
-        k_row = k0 + tl.arange(0, BK)
-        m = (t2 < T) & (k_row[None, :] < k_end)
-        v = tl.load(v_ptr + t2 * K + k_row[None, :], mask=m, other=0.0).to(tl.float32)
-        phi = tl.load(phi_ptr + k_row[:, None].to(tl.int64) * W + w2,
-                      mask=(k_row[:, None] < k_end) & (w2 < W), other=0.0)  # [BK, WP]  # fmt: skip
+        k_row = k0 + kk
+        k_in = k_row < k_end
+        m = (t2 < T) & k_in[None, :]
+        offset = t2 * K + k_row[None, :]  # [BT, BK], v's and dv's
+        phi_tile = phi_ptr + k_row[:, None].to(tl.int64) * (WP if PHI_PARTS else W) + w2
+        v = tl.load(v_ptr + offset, mask=m, other=0.0).to(tl.float32)
         # the product from zero, then 2 v dss: accumulated onto 2 v dss (the larger term), each
         # step rounded at its scale, dv was 3-9 float32 ulps off on an H200 (FMAs and tensor
         # cores alike) against one rounding for the reference's addmm
-        dv = dot_f32(dproj, tl.trans(phi), tl.zeros((BT, BK), dtype=tl.float32), MMA, PARTS_FP32)
-        dv += 2.0 * v * dss[:, None]
-        tl.store(dv_ptr + t2 * K + k_row[None, :], dv.to(dv_ptr.dtype.element_ty), mask=m)
+        dv = tl.zeros((BT, BK), dtype=tl.float32)
+        if PHI_PARTS:  # [BK, WP] each, zero beyond W
+            hi = tl.load(phi_tile, mask=k_in[:, None], other=0.0)
+            mid = tl.load(phi_tile + plane, mask=k_in[:, None], other=0.0)
+            lo = tl.load(phi_tile + 2 * plane, mask=k_in[:, None], other=0.0)
+            dv = dot_by_parts(dproj, tl.trans(hi), tl.trans(mid), tl.trans(lo), dv, PARTS_FP32)
+        else:
+            phi = tl.load(phi_tile, mask=k_in[:, None] & (w2 < W), other=0.0)  # [BK, WP]
+            dv = dot_f32(dproj, tl.trans(phi), dv, MMA, PARTS_FP32)
+        dv += v * dss2
+        tl.store(dv_ptr + offset, dv.to(dv_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _projection_dphi_kernel(v_ptr, dproj_ptr, dphi_ptr, T, K, W, t_per,
+def _projection_dphi_kernel(v_ptr, dproj_ptr, dphi_ptr, T, K, t_per, W: tl.constexpr,
                             BT: tl.constexpr, BK: tl.constexpr, WP: tl.constexpr,
                             MMA: tl.constexpr, PARTS_FP32: tl.constexpr):  # fmt: skip
     # grid (K blocks, token parts): this part's dphi = v^T @ dproj, to dphi_ptr [parts, K, W]
     k_row = tl.program_id(0) * BK + tl.arange(0, BK)
     part = tl.program_id(1)
+    tt = tl.arange(0, BT)
     w2 = tl.arange(0, WP)[None, :]
     t_start = part * t_per
     t_end = tl.minimum(t_start + t_per, T)
     acc = tl.zeros((BK, WP), dtype=tl.float32)
     for t0 in range(t_start, t_end, BT):
-        tok = t0 + tl.arange(0, BT)
-        t2 = tok.to(tl.int64)[:, None]
-        v = tl.load(v_ptr + t2 * K + k_row[None, :], mask=(t2 < t_end) & (k_row[None, :] < K),
-                    other=0.0)  # [BT, BK], in the streams' dtype  # fmt: skip
-        dproj = tl.load(dproj_ptr + t2 * W + w2, mask=(t2 < t_end) & (w2 < W), other=0.0)
+        t2 = (t0 + tt).to(tl.int64)[:, None]
+        t_in = t2 < t_end
+        v = tl.load(v_ptr + t2 * K + k_row[None, :], mask=t_in & (k_row[None, :] < K),
+                    other=0.0)  # in the streams' dtype  # fmt: skip
+        dproj = tl.load(dproj_ptr + t2 * W + w2, mask=t_in & (w2 < W), other=0.0)
         acc = dot_f32(tl.trans(v), dproj, acc, MMA, PARTS_FP32)  # [BK, WP]
     out = part.to(tl.int64) * K
     tl.store(dphi_ptr + (out + k_row[:, None]) * W + w2, acc,
              mask=(k_row[:, None] < K) & (w2 < W))  # fmt: skip
+
+
+@triton.jit
+def _phi_parts_kernel(phi_ptr, parts_ptr, K, W: tl.constexpr, WP: tl.constexpr,
+                      BK: tl.constexpr):  # fmt: skip
+    # phi [K, W] float32 -> its bf16 parts [3, K, WP] (hi, mid, lo; zero beyond W)
+    k2 = (tl.program_id(0) * BK + tl.arange(0, BK)).to(tl.int64)[:, None]
+    w2 = tl.arange(0, WP)[None, :]
+    phi = tl.load(phi_ptr + k2 * W + w2, mask=(k2 < K) & (w2 < W), other=0.0)
+    hi, mid, lo = bf16_parts(phi)
+    out = parts_ptr + k2 * WP + w2
+    plane = K.to(tl.int64) * WP
+    tl.store(out, hi, mask=k2 < K)
+    tl.store(out + plane, mid, mask=k2 < K)
+    tl.store(out + 2 * plane, lo, mask=k2 < K)
 
 
 @triton.jit
@@ -229,11 +275,8 @@ def _epilogue_bwd_kernel(proj_ptr, ss_ptr, alpha_ptr, bias_ptr, gpre_ptr, gpost_
              tl.sum(tl.sum(tl.sum(a_res_sum, axis=2), axis=1), axis=0))  # fmt: skip
 
 
-# IEEE fp32 dots without tensor cores in [BT, BK] x [BK, WP] tiles (larger tiles spill, ptxas -v);
-# the interpreter's cost is per program step: wide K blocks, but token blocks small enough that
-# the tests' few tokens still split into parts
+# IEEE fp32 dots without tensor cores in [BT, BK] x [BK, WP] tiles (larger tiles spill, ptxas -v)
 BT, BK = 16, 32
-INTERPRETER_BT, INTERPRETER_BK = 16, 256
 NUM_WARPS = 4
 MAX_COLUMNS = 128
 PROGRAMS_PER_SM = 4
@@ -245,7 +288,10 @@ class Tiles(NamedTuple):
     """How a projection kernel launches on a GPU: tokens per program ``BT``, K columns per step
     ``BK``, warps, the programs per SM that the split of its reduction aims at, and whether its
     products run on bf16 tensor cores (``mma``; else float32 FMAs); ``stages``: how many of the
-    reduction loop's loads are in flight (Triton's ``num_stages``; 3, its default, so far)."""
+    reduction loop's loads are in flight (Triton's ``num_stages``; 3, its default, so far);
+    ``phi_parts``: the forward and ``dv`` on tensor cores read phi as its three bf16 parts, split
+    once per call by one more launch (:func:`phi_parts`), instead of loading float32 phi and
+    splitting it in every loop step (about a third of those loops' instructions, sm_90 SASS)."""
 
     BT: int
     BK: int
@@ -253,6 +299,7 @@ class Tiles(NamedTuple):
     per_sm: int
     mma: bool
     stages: int = 3
+    phi_parts: bool = False
 
     def launch(self) -> dict:
         """The Triton launch options."""
@@ -271,7 +318,8 @@ class Tiles(NamedTuple):
 # - dphi 128 K columns per program, re-reading the T x W gradient every 128 columns rather than 32
 #   (bf16 0.064 against 0.117 ms; float32 0.109 against 0.155);
 # - dv 32 x 64 tiles (bf16 0.061 against 0.102 ms; float32 0.073 against 0.095).
-# Wider W (n >= 5) keeps the 16 x 32 tiles, with projection_warps.
+# Wider W (n >= 5) keeps the 16 x 32 tiles, with projection_warps. phi's parts split once per
+# call (``phi_parts``) are not timed yet: no launch takes them.
 GPU_TILES = {
     ("fwd", 4): Tiles(64, 64, 8, 4, False),
     ("fwd", 2): Tiles(16, 32, 4, 4, True),
@@ -301,13 +349,37 @@ def gpu_tiles(kernel: str, wp: int, itemsize: int) -> Tiles:
     return tiles if TENSOR_CORES or not tiles.mma else tiles._replace(mma=False)
 
 
+# the interpreter's cost is per program step: wide K blocks, but token blocks small enough that
+# the tests' few tokens still split into parts (programs per SM unused)
+INTERPRETER_TILES = Tiles(16, 256, NUM_WARPS, PROGRAMS_PER_SM, True)
+
+
 def projection_config(kernel: str, W: int, itemsize: int) -> tuple[int, Tiles]:
     """``(WP, tiles)``: ``W`` padded to a dot's width, and how ``kernel`` launches here (the
-    interpreter: wide K steps, the form ``TENSOR_CORES`` says, programs per SM unused)."""
+    interpreter: ``INTERPRETER_TILES`` in the form ``TENSOR_CORES`` says)."""
     wp = dot_width(W)
     if interpreting():
-        return wp, Tiles(INTERPRETER_BT, INTERPRETER_BK, NUM_WARPS, PROGRAMS_PER_SM, TENSOR_CORES)
+        return wp, INTERPRETER_TILES._replace(mma=TENSOR_CORES)
     return wp, gpu_tiles(kernel, wp, itemsize)
+
+
+PHI_PARTS_TILE = 2048  # elements of phi per program of the split: 16 per thread
+
+
+def phi_parts(phi: torch.Tensor, wp: int) -> torch.Tensor:
+    """``phi (K, W)`` float32 as its three bf16 parts (``bf16_parts``: hi, mid, lo), one
+    ``(3, K, wp)`` tensor, zero beyond W: what kernels launched with ``Tiles.phi_parts`` read."""
+    K, W = phi.shape
+    parts = torch.empty((3, K, wp), dtype=torch.bfloat16, device=phi.device)
+    rows = PHI_PARTS_TILE // wp
+    _phi_parts_kernel[(cdiv(K, rows),)](phi, parts, K, W=W, WP=wp, BK=rows)
+    return parts
+
+
+def _phi_operand(phi: torch.Tensor, wp: int, tiles: Tiles) -> tuple[torch.Tensor, dict]:
+    """What a forward or ``dv`` kernel launched with ``tiles`` reads for phi, and its constexprs."""
+    split = tiles.mma and tiles.phi_parts
+    return (phi_parts(phi, wp) if split else phi), {"PHI_PARTS": split, **dot_options(tiles.mma)}
 
 
 def _parts(blocks: int, length: int, block: int, device: torch.device, per_sm: int) -> int:
@@ -340,8 +412,9 @@ def projection_fwd(v: torch.Tensor, phi: torch.Tensor):
     parts = cdiv(K, k_per)
     proj = torch.empty((parts, T, W), dtype=torch.float32, device=v.device)
     ss = torch.empty((parts, T), dtype=torch.float32, device=v.device)
-    _projection_fwd_kernel[(blocks, parts)](v, phi, proj, ss, T, K, W, k_per, BT=tiles.BT,
-                                            BK=tiles.BK, WP=wp, **dot_options(tiles.mma),
+    phi, options = _phi_operand(phi, wp, tiles)
+    _projection_fwd_kernel[(blocks, parts)](v, phi, proj, ss, T, K, k_per, W=W, BT=tiles.BT,
+                                            BK=tiles.BK, WP=wp, **options,
                                             **tiles.launch())  # fmt: skip
     return add_parts(proj), add_parts(ss)
 
@@ -361,10 +434,10 @@ def projection_dv(v, phi, dproj, dss):
     wp, tiles = projection_config("dv", W, v.element_size())
     token_blocks = cdiv(T, tiles.BT)
     k_per = _parts(token_blocks, K, tiles.BK, v.device, tiles.per_sm)
-    _projection_dv_kernel[(token_blocks, cdiv(K, k_per))](v, phi, dproj, dss, dv, T, K, W, k_per,
+    phi, options = _phi_operand(phi, wp, tiles)
+    _projection_dv_kernel[(token_blocks, cdiv(K, k_per))](v, phi, dproj, dss, dv, T, K, k_per, W=W,
                                                           BT=tiles.BT, BK=tiles.BK, WP=wp,
-                                                          **dot_options(tiles.mma),
-                                                          **tiles.launch())  # fmt: skip
+                                                          **options, **tiles.launch())  # fmt: skip
     return dv
 
 
@@ -381,7 +454,7 @@ def projection_dphi(v, dproj, phi):
     t_per = _parts(k_blocks, T, tiles.BT, v.device, tiles.per_sm)
     parts = cdiv(T, t_per)
     dphi = torch.empty((parts, K, W), dtype=torch.float32, device=v.device)
-    _projection_dphi_kernel[(k_blocks, parts)](v, dproj, dphi, T, K, W, t_per, BT=tiles.BT,
+    _projection_dphi_kernel[(k_blocks, parts)](v, dproj, dphi, T, K, t_per, W=W, BT=tiles.BT,
                                                BK=tiles.BK, WP=wp, **dot_options(tiles.mma),
                                                **tiles.launch())  # fmt: skip
     return add_parts(dphi)
@@ -437,9 +510,12 @@ def epilogue_bwd(proj, ss, alpha, bias, g_pre, g_post, g_res, n: int, features: 
 
 def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
     """GPU configurations: ``(name, kernel, signature, constexprs, launch options)`` for n = 2, 4, 8
-    (the projection per stream dtype; the float32 epilogue per n with and without Sinkhorn)."""
+    (the projection per stream dtype, and phi's split where a launch reads its parts; the float32
+    epilogue per n with and without Sinkhorn)."""
     for n in (2, 4, 8):
-        wp = dot_width(n * n + 2 * n)
+        W = n * n + 2 * n
+        wp = dot_width(W)
+        split = False
         for dt in dtypes:
             s, f = f"*{dt}", "*fp32"
             kernels = {
@@ -452,10 +528,20 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
             }  # fmt: skip
             for name, (kernel, ptrs, per) in kernels.items():
                 tiles = gpu_tiles(name, wp, 4 if dt == "fp32" else 2)
-                consts = {"BT": tiles.BT, "BK": tiles.BK, "WP": wp, **dot_options(tiles.mma)}
-                sig = {**ptrs, "T": "i32", "K": "i32", "W": "i32", per: "i32",
+                consts = {"W": W, "BT": tiles.BT, "BK": tiles.BK, "WP": wp,
+                          **dot_options(tiles.mma)}  # fmt: skip
+                if "phi_ptr" in ptrs:
+                    consts["PHI_PARTS"] = tiles.mma and tiles.phi_parts
+                    split |= consts["PHI_PARTS"]
+                    ptrs["phi_ptr"] = "*bf16" if consts["PHI_PARTS"] else f
+                sig = {**ptrs, "T": "i32", "K": "i32", per: "i32",
                        **dict.fromkeys(consts, "constexpr")}  # fmt: skip
                 yield f"proj_{name}-W{wp}-{dt}", kernel, sig, consts, tiles.launch()
+        if split:
+            consts = {"W": W, "WP": wp, "BK": PHI_PARTS_TILE // wp}
+            sig = {"phi_ptr": "*fp32", "parts_ptr": "*bf16", "K": "i32",
+                   **dict.fromkeys(consts, "constexpr")}  # fmt: skip
+            yield f"phi_parts-W{wp}", _phi_parts_kernel, sig, consts, {"num_warps": 4}
         np2 = next_power_of_2(n)
         bt = max(1, EPILOGUE_TILE_ELEMS // (np2 * np2))
         for iters in (0, 20):

@@ -405,16 +405,22 @@ def test_projection_reference_backward_is_autograds():
     assert dv.shape == vb.shape
 
 
-@pytest.mark.parametrize("dots", ["tensor-cores", "fma"])
+@pytest.mark.parametrize("dots", ["tensor-cores", "tensor-cores-phi-parts", "fma"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("n,C", [(2, 8), (4, 72), (4, 1488), (8, 16)], ids=lambda v: str(v))
 def test_coefficient_projection_matches_the_reference(n, C, dtype, dots, device, monkeypatch):
-    """Both ways of the kernels' products: bf16 tensor cores with float32 operands split in three
-    parts (shipped; the interpreter takes the parts in float32, the same products), float32 FMAs."""
+    """Every way of the kernels' products: bf16 tensor cores with float32 operands split in three
+    parts (shipped; the interpreter takes the parts in float32, the same products), the same with
+    phi split once per call (``Tiles.phi_parts``), float32 FMAs."""
     from mhc_kernels.coefficients import projection
     from mhc_kernels.coefficients import triton as kernels
 
-    monkeypatch.setattr(kernels, "TENSOR_CORES", dots == "tensor-cores")
+    monkeypatch.setattr(kernels, "TENSOR_CORES", dots != "fma")
+    if dots == "tensor-cores-phi-parts":
+        parts = {key: tiles._replace(phi_parts=True) for key, tiles in kernels.GPU_TILES.items()}
+        monkeypatch.setattr(kernels, "GPU_TILES", parts)
+        monkeypatch.setattr(kernels, "INTERPRETER_TILES",
+                            kernels.INTERPRETER_TILES._replace(phi_parts=True))  # fmt: skip
 
     T, W = 37, n * n + 2 * n
     v = torch.randn(T, n * C, device=device).to(DTYPES[dtype])
@@ -440,12 +446,34 @@ def test_coefficient_projection_matches_the_reference(n, C, dtype, dots, device,
         assert (g - e).abs().max() <= bound, f"{name}: {(g - e).abs().max():.3g} > {bound:.3g}"
 
 
+@pytest.mark.parametrize("n", [1, 4, 8])
+def test_phi_parts_split_phi_exactly(n, device):
+    """``phi_parts``: three bf16 parts per entry that add up to phi exactly, each part within
+    bf16's 8 bits of what the larger parts leave (rounded to nearest on a GPU, truncated by the
+    interpreter: either split is exact), zero in the padded columns."""
+    from mhc_kernels._split_dot import dot_width
+    from mhc_kernels.coefficients.triton import phi_parts
+
+    K, W = 200, n * n + 2 * n  # K: several programs and a partial one
+    gen = torch.Generator(device=device).manual_seed(3)
+    phi = torch.randn(K, W, device=device, generator=gen) * torch.logspace(-20, 20, W, base=2.0,
+                                                                          device=device)  # fmt: skip
+    parts = phi_parts(phi, dot_width(W))
+    assert parts.shape == (3, K, dot_width(W)) and parts.dtype == torch.bfloat16
+    assert not parts[:, :, W:].any()
+    hi, mid, lo = parts[:, :, :W].double()
+    whole = phi.double().abs()
+    assert torch.equal(hi + mid + lo, phi.double())
+    assert (mid.abs() <= 2**-7 * whole).all() and (lo.abs() <= 2**-14 * whole).all()
+
+
 @pytest.mark.skipif(
     torch.cuda.is_available(),
     reason="the interpreter's test (CPU tensors); on a GPU every kernel test runs these tiles",
 )
 @pytest.mark.parametrize("tiles", ["shipped", (64, 64, 4, 2, True), (32, 128, 8, 8, True),
-                                   (64, 32, 4, 4, False)], ids=str)  # fmt: skip
+                                   (64, 32, 4, 4, False), (32, 64, 4, 4, True, 3, True)],
+                         ids=str)  # fmt: skip
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_the_projections_gpu_tiles_give_the_interpreters_results(dtype, tiles, monkeypatch):
     """The interpreter runs wide K steps; a GPU runs ``GPU_TILES`` (and the sweep,
