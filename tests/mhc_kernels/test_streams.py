@@ -407,7 +407,7 @@ def test_projection_reference_backward_is_autograds():
 
 @pytest.mark.parametrize("dots", ["tensor-cores", "tensor-cores-phi-parts", "fma"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("n,C", [(2, 8), (4, 72), (4, 1488), (8, 16)], ids=lambda v: str(v))
+@pytest.mark.parametrize("n,C", [(2, 8), (3, 24), (4, 72), (4, 1488), (8, 16)], ids=str)  # W = 15
 def test_coefficient_projection_matches_the_reference(n, C, dtype, dots, device, monkeypatch):
     """Every way of the kernels' products: bf16 tensor cores with float32 operands split in three
     parts (shipped; the interpreter takes the parts in float32, the same products), the same with
