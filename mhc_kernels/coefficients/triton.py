@@ -137,8 +137,13 @@ def _projection_dv_kernel(v_ptr, phi_ptr, dproj_ptr, dss_ptr, dv_ptr, T, K, k_pe
 def _projection_dphi_kernel(v_ptr, dproj_ptr, dphi_ptr, T, K, t_per, W: tl.constexpr,
                             BT: tl.constexpr, BK: tl.constexpr, WP: tl.constexpr,
                             MMA: tl.constexpr, PARTS_FP32: tl.constexpr):  # fmt: skip
-    # grid (K blocks, token parts): this part's dphi = v^T @ dproj, to dphi_ptr [parts, K, W]
+    # grid (K blocks, token parts): this part's dphi = v^T @ dproj, to dphi_ptr [parts, K, W]. v is
+    # loaded as v^T, a [BK, BT] tile with k (contiguous in memory) down its first axis: loaded as
+    # [BT, BK] and transposed, float32 v was copied into shared memory 4 bytes at a time (the
+    # transposed dot operand's layout; 16 with this, and 470 -> 306 instructions per loop step,
+    # sm_90 SASS)
     k_row = tl.program_id(0) * BK + tl.arange(0, BK)
+    k2 = k_row[:, None]  # [BK, 1]
     part = tl.program_id(1)
     tt = tl.arange(0, BT)
     w2 = tl.arange(0, WP)[None, :]
@@ -146,12 +151,12 @@ def _projection_dphi_kernel(v_ptr, dproj_ptr, dphi_ptr, T, K, t_per, W: tl.const
     t_end = tl.minimum(t_start + t_per, T)
     acc = tl.zeros((BK, WP), dtype=tl.float32)
     for t0 in range(t_start, t_end, BT):
-        t2 = (t0 + tt).to(tl.int64)[:, None]
-        t_in = t2 < t_end
-        v = tl.load(v_ptr + t2 * K + k_row[None, :], mask=t_in & (k_row[None, :] < K),
-                    other=0.0)  # in the streams' dtype  # fmt: skip
-        dproj = tl.load(dproj_ptr + t2 * W + w2, mask=t_in & (w2 < W), other=0.0)
-        acc = dot_f32(tl.trans(v), dproj, acc, MMA, PARTS_FP32)  # [BK, WP]
+        tok = (t0 + tt).to(tl.int64)
+        v_t = tl.load(v_ptr + tok[None, :] * K + k2, mask=(tok[None, :] < t_end) & (k2 < K),
+                      other=0.0)  # [BK, BT], in the streams' dtype  # fmt: skip
+        t2 = tok[:, None]
+        dproj = tl.load(dproj_ptr + t2 * W + w2, mask=(t2 < t_end) & (w2 < W), other=0.0)
+        acc = dot_f32(v_t, dproj, acc, MMA, PARTS_FP32)  # [BK, WP]
     out = part.to(tl.int64) * K
     tl.store(dphi_ptr + (out + k_row[:, None]) * W + w2, acc,
              mask=(k_row[:, None] < K) & (w2 < W))  # fmt: skip
