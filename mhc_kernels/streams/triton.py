@@ -216,7 +216,7 @@ def _merge_bwd_loads_first(x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_
 
 @triton.jit
 def _stream_grad_kernel(x_ptr, gin_ptr, gout_ptr, hpre_ptr, hres_ptr, dss_ptr, dproj_ptr,
-                        phit_ptr, dx_ptr, T, n, C, W,
+                        phit_ptr, dx_ptr, T, n, C, W: tl.constexpr,
                         HAS_GOUT: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr,
                         BC: tl.constexpr, CV: tl.constexpr, MMA: tl.constexpr,
                         WP: tl.constexpr, PARTS_FP32: tl.constexpr,
@@ -230,7 +230,8 @@ def _stream_grad_kernel(x_ptr, gin_ptr, gout_ptr, hpre_ptr, hres_ptr, dss_ptr, d
     # need not change layout. The projection's term: MMA, one [BT, WP] x [WP, NP BC] product on
     # bf16 tensor cores (split operands, float32's accuracy: mhc_kernels._split_dot); otherwise
     # W rank-1 updates, BT tokens sharing each row of phi^T, UNROLL of them per loop step (their
-    # loads issued together: a step's FMAs wait on its loads, which Triton does not pipeline)
+    # loads issued together: a step's FMAs wait on its loads, which Triton does not pipeline). W
+    # is a constexpr, as in the projection's kernels: fewer instructions and registers per step
     C = _multiple(C, CV)
     tok, t64, c2, m2 = _token_channel_tile(T, C, BT, BC)
     i2, mi, t3, i3, c3, m3 = _stream_tile(tok, t64, c2, T, n, C, NP)
@@ -399,8 +400,9 @@ MMA_STREAMS = 4
 # element: 1 as timed on the H200; the sweep also tries 2, 4 and 8 (not yet timed). The loop's
 # loads are not pipelined, so each step waits out an L2 latency (SASS, n = 4 bf16, sm_90: 16 loads
 # of dproj and one of phi^T, then the 64 FMAs that need them, 24 times; float32's 4 tokens per
-# program: LLVM unrolled 4 steps itself). At 2 and 4 every shipped launch compiles without spills
-# for sm_80/89/90 (n = 4 bf16: 168 and 235 registers against 152)
+# program: Triton 3.9's LLVM unrolled 4 steps itself, 3.6's, the lent GPUs', did not). With W a
+# constexpr (a loop of known length), n = 4 bf16 takes 140, 157, 197 and 251 registers at 1, 2, 4
+# and 8 per step on sm_90 with Triton 3.6 (153, 168, 251 and a 192-byte spill with W an argument)
 STREAM_GRAD_UNROLL = {4: 1, 2: 1}
 
 
@@ -438,7 +440,7 @@ def stream_grad(x, g_in, g_out, h_pre, h_res, dss, dproj, phi_t):
     config = stream_grad_config(T, n, C, x.element_size())
     _stream_grad_kernel[_grid(T, C, config)](
         x, g_in, x if g_out is None else g_out, h_pre, h_res, dss, dproj, phi_t, dx, T, n, C,
-        phi_t.shape[0], HAS_GOUT=g_out is not None, **config)  # fmt: skip
+        W=phi_t.shape[0], HAS_GOUT=g_out is not None, **config)  # fmt: skip
     return dx
 
 
@@ -514,9 +516,8 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
         grad_warps = grad_consts.pop("num_warps")
         ptrs = {"x_ptr": s, "gin_ptr": s, "gout_ptr": s, "hpre_ptr": f, "hres_ptr": f,
                 "dss_ptr": f, "dproj_ptr": f, "phit_ptr": f, "dx_ptr": s}  # fmt: skip
-        consts_g = {"HAS_GOUT": True, **grad_consts}
-        tail = {"T": "i32", "n": "i32", "C": "i32", "W": "i32",
-                **dict.fromkeys(consts_g, "constexpr")}  # fmt: skip
+        consts_g = {"W": np2 * np2 + 2 * np2, "HAS_GOUT": True, **grad_consts}
+        tail = {"T": "i32", "n": "i32", "C": "i32", **dict.fromkeys(consts_g, "constexpr")}
         yield (f"stream_grad-NP{np2}-BT{grad_consts['BT']}-BC{grad_consts['BC']}-{dt}",
                _stream_grad_kernel, {**ptrs, **tail}, consts_g, {"num_warps": grad_warps})  # fmt: skip
 
