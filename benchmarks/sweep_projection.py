@@ -117,12 +117,11 @@ def sweep(kernel: str, name: str, T: int, n: int, C: int, device: str, bench, pe
                 "relative_error": error, "accurate": error <= tolerance,
                 "shipped": tiles == shipped}  # fmt: skip
 
-    if phi_parts:
-        forms = [(True, 3, True)]  # (mma, stages, phi_parts)
-    else:
-        forms = [(True, 3, False)] + [(False, 3, False)] * ((kernel, name) in FMA_TOO)
-    grid = itertools.product(BLOCKS_T, BLOCKS_K, WARPS, PER_SM, forms)
-    tried = [ct.Tiles(bt, bk, warps, per_sm, *form) for bt, bk, warps, per_sm, form in grid
+    # tensor cores (with phi's parts, or with float32 phi), and float32 FMAs where they may win
+    mma = [True] + [False] * (not phi_parts and (kernel, name) in FMA_TOO)
+    grid = itertools.product(BLOCKS_T, BLOCKS_K, WARPS, PER_SM, mma)
+    tried = [ct.Tiles(bt, bk, warps, per_sm, form, phi_parts=phi_parts)
+             for bt, bk, warps, per_sm, form in grid
              if bt * bk // (32 * warps) <= MAX_ELEMS_PER_THREAD]  # fmt: skip
     tried += [shipped] * (shipped not in tried)
     found = [r for r in map(measure, tried) if r]

@@ -53,6 +53,17 @@ from ..sinkhorn.triton import (
 
 
 @triton.jit
+def _phi_parts_tile(parts_ptr, k_row, k_in, K, WP: tl.constexpr):
+    """The ``[BK, WP]`` tiles of phi's three bf16 parts (``phi_parts``) at rows ``k_row`` (``k_in``:
+    those inside the reduction): ``hi, mid, lo``."""
+    tile = parts_ptr + k_row[:, None].to(tl.int64) * WP + tl.arange(0, WP)[None, :]
+    plane = K.to(tl.int64) * WP  # between the parts
+    return (tl.load(tile, mask=k_in[:, None], other=0.0),
+            tl.load(tile + plane, mask=k_in[:, None], other=0.0),
+            tl.load(tile + 2 * plane, mask=k_in[:, None], other=0.0))  # fmt: skip
+
+
+@triton.jit
 def _projection_fwd_kernel(v_ptr, phi_ptr, proj_ptr, ss_ptr, T, K, k_per, W: tl.constexpr,
                            BT: tl.constexpr, BK: tl.constexpr, WP: tl.constexpr,
                            MMA: tl.constexpr, PARTS_FP32: tl.constexpr,
@@ -71,21 +82,18 @@ def _projection_fwd_kernel(v_ptr, phi_ptr, proj_ptr, ss_ptr, T, K, k_per, W: tl.
     w2 = tl.arange(0, WP)[None, :]  # [1, WP]
     k_start = part * k_per
     k_end = tl.minimum(k_start + k_per, K)
-    plane = K.to(tl.int64) * WP  # between phi's parts
     acc = tl.zeros((BT, WP), dtype=tl.float32)
     ss = tl.zeros((BT,), dtype=tl.float32)
     for k0 in range(k_start, k_end, BK):
         k_row = k0 + kk
         k_in = k_row < k_end
         v = tl.load(v_ptr + t2 * K + k_row[None, :], mask=(t2 < T) & k_in[None, :], other=0.0)
-        phi_tile = phi_ptr + k_row[:, None].to(tl.int64) * (WP if PHI_PARTS else W) + w2
-        if PHI_PARTS:  # [BK, WP] each, zero beyond W
-            hi = tl.load(phi_tile, mask=k_in[:, None], other=0.0)
-            mid = tl.load(phi_tile + plane, mask=k_in[:, None], other=0.0)
-            lo = tl.load(phi_tile + 2 * plane, mask=k_in[:, None], other=0.0)
+        if PHI_PARTS:
+            hi, mid, lo = _phi_parts_tile(phi_ptr, k_row, k_in, K, WP)
             acc = dot_by_parts(v, hi, mid, lo, acc, PARTS_FP32)
         else:
-            phi = tl.load(phi_tile, mask=k_in[:, None] & (w2 < W), other=0.0)
+            phi = tl.load(phi_ptr + k_row[:, None].to(tl.int64) * W + w2,
+                          mask=k_in[:, None] & (w2 < W), other=0.0)  # [BK, WP]  # fmt: skip
             acc = dot_f32(v, phi, acc, MMA, PARTS_FP32)
         vf = v.to(tl.float32)
         ss += tl.sum(vf * vf, axis=1)
@@ -109,25 +117,22 @@ def _projection_dv_kernel(v_ptr, phi_ptr, dproj_ptr, dss_ptr, dv_ptr, T, K, k_pe
     k_end = tl.minimum(k_start + k_per, K)
     dproj = tl.load(dproj_ptr + t2 * W + w2, mask=(t2 < T) & (w2 < W), other=0.0)  # [BT, WP]
     dss2 = 2.0 * tl.load(dss_ptr + tok, mask=tok < T, other=0.0)[:, None]  # [BT, 1]
-    plane = K.to(tl.int64) * WP  # between phi's parts
     for k0 in range(k_start, k_end, BK):
         k_row = k0 + kk
         k_in = k_row < k_end
         m = (t2 < T) & k_in[None, :]
         offset = t2 * K + k_row[None, :]  # [BT, BK], v's and dv's
-        phi_tile = phi_ptr + k_row[:, None].to(tl.int64) * (WP if PHI_PARTS else W) + w2
         v = tl.load(v_ptr + offset, mask=m, other=0.0).to(tl.float32)
         # the product from zero, then 2 v dss: accumulated onto 2 v dss (the larger term), each
         # step rounded at its scale, dv was 3-9 float32 ulps off on an H200 (FMAs and tensor
         # cores alike) against one rounding for the reference's addmm
         dv = tl.zeros((BT, BK), dtype=tl.float32)
-        if PHI_PARTS:  # [BK, WP] each, zero beyond W
-            hi = tl.load(phi_tile, mask=k_in[:, None], other=0.0)
-            mid = tl.load(phi_tile + plane, mask=k_in[:, None], other=0.0)
-            lo = tl.load(phi_tile + 2 * plane, mask=k_in[:, None], other=0.0)
+        if PHI_PARTS:
+            hi, mid, lo = _phi_parts_tile(phi_ptr, k_row, k_in, K, WP)
             dv = dot_by_parts(dproj, tl.trans(hi), tl.trans(mid), tl.trans(lo), dv, PARTS_FP32)
         else:
-            phi = tl.load(phi_tile, mask=k_in[:, None] & (w2 < W), other=0.0)  # [BK, WP]
+            phi = tl.load(phi_ptr + k_row[:, None].to(tl.int64) * W + w2,
+                          mask=k_in[:, None] & (w2 < W), other=0.0)  # [BK, WP]  # fmt: skip
             dv = dot_f32(dproj, tl.trans(phi), dv, MMA, PARTS_FP32)
         dv += v * dss2
         tl.store(dv_ptr + offset, dv.to(dv_ptr.dtype.element_ty), mask=m)
