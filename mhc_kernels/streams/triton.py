@@ -275,22 +275,27 @@ def _stream_grad_kernel(x_ptr, gin_ptr, gout_ptr, hpre_ptr, hres_ptr, dss_ptr, d
 # -------------------------------------------------------------------------------------- launchers
 
 # channels per program and warps, at most, per kernel on a GPU, keyed by (kernel, stream item size:
-# 4 float32, 2 bf16/fp16) so that the two can launch differently (so far they do not). The H200
+# 4 float32, 2 bf16/fp16) so that the two can launch differently (the merge backward's do). The H200
 # sweep (n = 4, C = 1488, 16,384 tokens, fp32 and bf16, each kernel alone; benchmarks/README.md):
 # the forwards and the pre-mix backward were fastest with a whole token row per program (2048
 # channels: 1.18-1.28x the roofline, against 1.22-1.37x in the 512-channel blocks they had), the
 # pre-mix backward on at most 4 warps (bf16 1.23x; on 8, 1.42x), the merge backward in 512-channel
 # blocks on 2 warps (fp32 1.22x; on 4, 1.30x; bf16 1.48x, the best of its 41 configurations, none
-# of them on one warp)
+# of them on one warp) in its stream-by-stream form
 GPU_BLOCKS = {(kernel, itemsize): blocks for itemsize in (4, 2) for kernel, blocks in {
     "pre_mix_fwd": (2048, 8), "merge_fwd": (2048, 8), "pre_mix_bwd": (2048, 4),
     "merge_bwd": (512, 2)}.items()}  # fmt: skip
-# the merge backward's form: stream by stream (as timed on the H200: bf16 1.46-1.50x the roofline,
-# each program waiting out a load per stream) or, for n <= LOADS_FIRST_STREAMS, every load before
-# its first store (``_merge_bwd_loads_first``; not yet timed: the stream sweep times both). Holding
-# x whole costs registers (sm_90, n = 4: bf16 64 -> 102, fp32 70 -> 121, no spills on sm_80/89/90);
-# at n = 8, 195-247 against 128-135
-MERGE_LOADS_FIRST = False
+# the merge backward in its loads-first form: float32 fastest with a whole row (2048 channels) on
+# 8 warps (H200, 2026-11-27, sweep-merge: 0.324 ms, 1.14x the roofline, against 0.346 ms in the
+# stream-by-stream form's 512 x 2); bf16 keeps 512 x 2 (0.203 ms loads first, 1.43x; 0.210 ms
+# stream by stream, 1.48x)
+GPU_BLOCKS["merge_bwd", 4] = (2048, 8)
+# the merge backward's form: stream by stream (each program waiting out a load per stream) or, for
+# n <= LOADS_FIRST_STREAMS, every load before its first store (``_merge_bwd_loads_first``), as
+# shipped: faster on the H200 at each dtype's best launch (above). Holding x whole costs registers
+# (sm_90, n = 4: bf16 64 -> 102, fp32 70 -> 121, no spills on sm_80/89/90); at n = 8, 195-247
+# against 128-135, so n = 8 stays stream by stream
+MERGE_LOADS_FIRST = True
 LOADS_FIRST_STREAMS = 4
 GPU_STREAM_ELEMS_PER_THREAD = 64  # [NP, BC] elements per thread at most (the sweep's limit)
 GPU_TILE_ELEMS_PER_THREAD = 16  # [BT, NP, BC] tile elements per thread when BT > 1 (more spilled)
@@ -390,25 +395,31 @@ def merge_bwd(x, y, h_post, h_res, g, want_dx: bool = True):
 # H200 sweep (n = 4, C = 1488, 16,384 tokens, 53 configurations per dtype): float32 fastest with 4
 # tokens x 128 channels on 4 warps (0.47 ms, 1.8x the roofline; 16 x 32 was 0.70 ms), 16-bit with
 # 16 tokens x 64 channels on 2 warps (0.42 ms; 4 warps 0.54 ms): one warp per 32 channels
-STREAM_GRAD_TOKENS = {4: 4, 2: 16}
+# With several rank-1 updates per loop step (``STREAM_GRAD_UNROLL``, below), 16-bit streams are
+# fastest with 4 tokens as well (4 x 256 on 8 warps; 2026-11-27, sweep-grad)
+STREAM_GRAD_TOKENS = {4: 4, 2: 4}
 # the stream gradient's projection term as one tensor-core product (n <= 4: n = 8's phi^T tile
 # spills) instead of W rank-1 updates in float32 FMAs. Off: on the H200 it was 1.07-1.22x slower
 # than the FMAs at the same launch (and 0.63 ms at best in the sweep), with twice the registers
 TENSOR_CORES = False
 MMA_STREAMS = 4
 # rank-1 updates per step of the FMA form's loop over W (``UNROLL``), by the streams' bytes per
-# element: 1 as timed on the H200; the sweep also tries 2, 4 and 8 (not yet timed). The loop's
-# loads are not pipelined, so each step waits out an L2 latency (SASS, n = 4 bf16, sm_90: 16 loads
+# element: 4. The H200's sweep-grad (2026-11-27; n = 4, C = 1488, 16,384 tokens): float32 0.451 ms
+# at 4 x 128 on 4 warps, 1.71x the roofline (one update per step: 0.579 ms, 2.19x; 8 per step
+# 0.446 ms at 8 x 128), bf16 0.355 ms at 4 x 256 on 8 warps, 2.69x (one per step at 16 x 64 on 2
+# warps: 0.488 ms, 3.69x; 8 per step 0.353 ms); 4 rather than 8 for fewer registers at about the
+# same time. Why: the loop's loads are not pipelined, so each step waits out an L2 latency, and
+# several updates per step overlap those waits (SASS, n = 4 bf16, sm_90: 16 loads
 # of dproj and one of phi^T, then the 64 FMAs that need them, 24 times; float32's 4 tokens per
 # program: Triton 3.9's LLVM unrolled 4 steps itself, 3.6's, the lent GPUs', did not). With W a
 # constexpr (a loop of known length), n = 4 bf16 takes 140, 157, 197 and 251 registers at 1, 2, 4
 # and 8 per step on sm_90 with Triton 3.6 (153, 168, 251 and a 192-byte spill with W an argument)
-STREAM_GRAD_UNROLL = {4: 1, 2: 1}
+STREAM_GRAD_UNROLL = {4: 4, 2: 4}
 
 
 def stream_grad_config(tokens: int, n: int, C: int, itemsize: int = 4) -> dict:
     """Launch options of the stream gradient kernel: ``launch_config``'s, except that a GPU program
-    takes several tokens (``STREAM_GRAD_TOKENS``: 4 for float32 streams, 16 for 16-bit ones) and
+    takes several tokens (``STREAM_GRAD_TOKENS``: 4) and
     a narrower C block to match, one warp per 32 channels, so that the tokens share each read of
     phi^T (one token per program would cost 16x more L2 traffic in phi^T than DRAM traffic in
     streams); and the projection term's form (``MMA``: at least 16 tokens, a dot's least rows)."""

@@ -192,16 +192,15 @@ def test_backwards_without_their_stream_gradient(backend, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("n", [1, 3, 4, 8], ids=lambda n: f"n{n}")
-def test_merge_backward_loads_first_matches_the_reference(n, dtype, device, monkeypatch):
-    """The merge backward's second form (every load before its first store; the sweep times it
-    against the shipped stream-by-stream form): the reference's gradients within its bound, and
-    without dx the other gradients bit for bit. n = 8 too, which the form does not ship for."""
+@pytest.mark.parametrize("n", [1, 3, 4], ids=lambda n: f"n{n}")
+def test_merge_backward_stream_by_stream_matches_the_reference(n, dtype, device, monkeypatch):
+    """The merge backward's other form (stream by stream, as it runs for n > LOADS_FIRST_STREAMS;
+    for n <= 4 it ships loads first, every load before its first store): the reference's gradients
+    within its bound, and without dx the other gradients bit for bit."""
     from mhc_kernels.streams import merge_backward
     from mhc_kernels.streams import triton as kernels
 
-    monkeypatch.setattr(kernels, "MERGE_LOADS_FIRST", True)
-    monkeypatch.setattr(kernels, "LOADS_FIRST_STREAMS", 8)
+    monkeypatch.setattr(kernels, "MERGE_LOADS_FIRST", False)
     T, C, dt = 37, 130, DTYPES[dtype]  # C: not a multiple of 8 (scalar loads, masked tail)
     x, y = torch.randn(T, n, C, device=device).to(dt), torch.randn(T, C, device=device).to(dt)
     h_post, h_res = 2 * torch.rand(T, n, device=device), torch.rand(T, n, n, device=device)
@@ -222,8 +221,9 @@ def test_merge_backward_loads_first_matches_the_reference(n, dtype, device, monk
 @pytest.mark.parametrize("n", [2, 4, 8])
 def test_the_gpu_launch_configurations_give_the_interpreters_results(n, dtype, monkeypatch):
     """The interpreter runs few, large programs; a GPU runs the shipped configurations (from the
-    H200 sweep: pre-mix and merge forward a whole row of up to 2048 channels per token, the merge
-    backward 512-channel blocks, the stream gradient 4 or 16 tokens and 32-512 channels). The same
+    H200 sweeps: pre-mix and merge forward a whole row of up to 2048 channels per token, the merge
+    backward float32 a whole row and 16-bit 512-channel blocks, loads first, the stream gradient 4
+    tokens and 64-512 channels, 4 rank-1 updates per step). The same
     kernels under those configurations, on CPU, match the interpreter's tiles to float32 rounding,
     the backwards' coefficient gradients summed over C blocks included."""
     from mhc_kernels.streams import merge_backward, pre_mix_backward, stream_grad
@@ -250,39 +250,34 @@ def test_the_gpu_launch_configurations_give_the_interpreters_results(n, dtype, m
     monkeypatch.setattr(kernels, "interpreting", lambda: False)
     gpu_tiles = kernels.stream_grad_config(T, n, C, x.element_size())
     assert gpu_tiles["BT"] < T and gpu_tiles["BC"] < C  # several programs each way
-    check(run(), interpreter)  # the merge backward: C in two blocks
-    # and the pre-mix's in three
-    monkeypatch.setitem(kernels.GPU_BLOCKS, ("pre_mix_bwd", x.element_size()), (256, 4))
+    check(run(), interpreter)
+    # C in three blocks: the backwards' coefficient gradients summed over blocks, and the merge
+    # backward's other form, stream by stream (n = 8's shipped one)
+    itemsize = x.element_size()
+    monkeypatch.setitem(kernels.GPU_BLOCKS, ("pre_mix_bwd", itemsize), (256, 4))
+    monkeypatch.setitem(kernels.GPU_BLOCKS, ("merge_bwd", itemsize), (256, 2))
+    monkeypatch.setattr(kernels, "MERGE_LOADS_FIRST", False)
     check(pre_mix_backward(x, h_pre, g_in, "triton"), interpreter[1:3])
-    # the sweep's other forms: the merge backward's loads first, C in two blocks, and the stream
-    # gradient's rank-1 updates 4 per loop step (W = 8, 24; n = 8's 80 took 10 s more here, and
-    # test_stream_grad_matches_the_reference runs it)
-    monkeypatch.setattr(kernels, "MERGE_LOADS_FIRST", True)
-    monkeypatch.setattr(kernels, "LOADS_FIRST_STREAMS", 8)
     check(merge_backward(x, y, h_post, h_res, g_out, "triton"), interpreter[4:8])
-    if n <= 4:
-        monkeypatch.setattr(kernels, "STREAM_GRAD_UNROLL", {4: 4, 2: 4})
-        check([stream_grad(x, g_in, g_out, h_pre, h_res, dss, dproj, phi, "triton")],
-              interpreter[8:])  # fmt: skip
 
 
-@pytest.mark.parametrize("dots", ["fma", "fma-4-per-step", "tensor-cores"])
+@pytest.mark.parametrize("dots", ["fma", "fma-1-per-step", "tensor-cores"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("merge_grad", [True, False], ids=["merge", "no-merge"])
 @pytest.mark.parametrize("n,C", [(1, 24), (3, 130), (4, 72), (8, 16)], ids=lambda v: str(v))
 def test_stream_grad_matches_the_reference(n, C, merge_grad, dtype, dots, device, monkeypatch):
     """The connection's one-pass stream gradient against the float64 formula, and the formula
     against autograd's sum of the pre-mix's, merge's and projection's stream gradients. The
-    kernel's projection term each way: W rank-1 updates one per loop step (shipped) or 4 (the
-    sweep's other form; W = 3, 15, 24, 80: fewer than 4, and not a multiple of 4) and one
-    tensor-core product of split operands (n <= 4; n = 8 keeps the updates)."""
+    kernel's projection term each way: W rank-1 updates 4 per loop step (shipped; W = 3, 15, 24,
+    80: fewer than 4, and not a multiple of 4) or one, and one tensor-core product of split
+    operands (n <= 4; n = 8 keeps the updates)."""
     from mhc_kernels.coefficients import projection
     from mhc_kernels.streams import stream_grad
     from mhc_kernels.streams import triton as kernels
 
     monkeypatch.setattr(kernels, "TENSOR_CORES", dots == "tensor-cores")
-    per_step = 4 if dots == "fma-4-per-step" else 1
-    monkeypatch.setattr(kernels, "STREAM_GRAD_UNROLL", {4: per_step, 2: per_step})
+    if dots == "fma-1-per-step":
+        monkeypatch.setattr(kernels, "STREAM_GRAD_UNROLL", {4: 1, 2: 1})
 
     T, W, dt = 37, n * n + 2 * n, DTYPES[dtype]
     x = torch.randn(T, n, C, device=device).to(dt)
@@ -503,6 +498,44 @@ def test_the_projections_gpu_tiles_give_the_interpreters_results(dtype, tiles, m
         # float32 sums of up to max(T, K) terms in another order: ~sqrt(terms) ulps of the largest
         atol = 4 * max(T, K) ** 0.5 * 2**-24 * want.abs().max().item()
         torch.testing.assert_close(got, want, rtol=4 * torch.finfo(got.dtype).eps, atol=atol)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="a GPU's launches at the layer's sizes (the interpreter: the test above)",
+)
+@pytest.mark.parametrize("T", [1, 300, 4096, 5000], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_projections_gpu_launches_at_many_token_counts(T, dtype):
+    """The shipped launches (``GPU_TILES``) at n = 4, C = 1488 and token counts that split K into
+    different numbers of parts: the forward, ``dv`` and ``dphi`` within 4x float32's own error
+    against float64 (plus one rounding to ``dv``'s dtype). On the H200 one form (the bf16 forward
+    with phi's parts) summed wrongly at some tiles and K parts only, so each shipped launch is
+    checked at several."""
+    from mhc_kernels.coefficients import triton as kernels
+
+    n, C, dt = 4, 1488, DTYPES[dtype]
+    K, W = n * C, n * n + 2 * n
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    v = torch.randn(T, K, device="cuda", generator=gen).to(dt)
+    phi = torch.randn(K, W, device="cuda", generator=gen) / K**0.5
+    dproj = torch.randn(T, W, device="cuda", generator=gen)
+    dss = torch.randn(T, device="cuda", generator=gen)
+
+    def formulas(v, phi, dproj, dss):
+        return [v @ phi, (v * v).sum(1), dproj @ phi.T + 2 * v * dss[:, None], v.T @ dproj]
+
+    got = [*kernels.projection_fwd(v, phi), kernels.projection_dv(v, phi, dproj, dss),
+           kernels.projection_dphi(v, dproj, phi)]  # fmt: skip
+    ref = formulas(v.float(), phi, dproj, dss)
+    ref[2] = ref[2].to(dt)  # dv in the streams' dtype
+    exact = formulas(v.double(), phi.double(), dproj.double(), dss.double())
+    for name, g, r, e in zip(["proj", "sumsq", "dv", "dphi"], got, ref, exact, strict=True):
+        # one float32 sum of K terms in another order (~sqrt(K) ulps), or dv rounded to its dtype
+        floor = torch.finfo(dt).eps if name == "dv" else K**0.5 * 2**-24
+        bound = 4 * (r.double() - e).abs().max() + floor * e.abs().max()
+        error = (g.double() - e).abs().max()
+        assert error <= bound, f"{name}: {error:.3g} > {bound:.3g}"
 
 
 @pytest.mark.parametrize("sinkhorn", [None, (20, "col_row"), (7, "row_col")],
