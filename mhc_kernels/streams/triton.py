@@ -14,10 +14,9 @@ fused connection backward runs both without their stream gradient (pre-mix: read
 merge: reads (2n + 1)*C, writes C) and writes that gradient once (``_stream_grad_kernel``: reads
 (2n + 1)*C, writes n*C, phi^T read once per 16 tokens). Each program writes its C block's share of
 the coefficient gradients; the launcher adds the C blocks' shares (none to add for whole rows; no
-atomics, deterministic). Measured on an H200: benchmarks/README.md. Two choices wait for a GPU to
-time them against what ships: the merge backward's loads-first form (``MERGE_LOADS_FIRST``) and
-the stream gradient's updates per loop step (``STREAM_GRAD_UNROLL``); benchmarks/sweep_streams.py
-times both.
+atomics, deterministic). Measured on an H200: benchmarks/README.md. The merge backward's form
+(``MERGE_LOADS_FIRST``) and the stream gradient's updates per loop step (``STREAM_GRAD_UNROLL``)
+are the H200 sweep's choices (benchmarks/sweep_streams.py times each against the others).
 """
 
 from __future__ import annotations

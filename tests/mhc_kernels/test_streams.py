@@ -509,9 +509,9 @@ def test_the_projections_gpu_tiles_give_the_interpreters_results(dtype, tiles, m
 def test_the_projections_gpu_launches_at_many_token_counts(T, dtype):
     """The shipped launches (``GPU_TILES``) at n = 4, C = 1488 and token counts that split K into
     different numbers of parts: the forward, ``dv`` and ``dphi`` within 4x float32's own error
-    against float64 (plus one rounding to ``dv``'s dtype). On the H200 one form (the bf16 forward
-    with phi's parts) summed wrongly at some tiles and K parts only, so each shipped launch is
-    checked at several."""
+    against float64 plus the sweeps' bound (``dv``: one rounding to its dtype). On the H200 one
+    form (the bf16 forward with phi's parts) summed wrongly at some tiles and K parts only, so
+    each shipped launch is checked at several."""
     from mhc_kernels.coefficients import triton as kernels
 
     n, C, dt = 4, 1488, DTYPES[dtype]
@@ -531,8 +531,10 @@ def test_the_projections_gpu_launches_at_many_token_counts(T, dtype):
     ref[2] = ref[2].to(dt)  # dv in the streams' dtype
     exact = formulas(v.double(), phi.double(), dproj.double(), dss.double())
     for name, g, r, e in zip(["proj", "sumsq", "dv", "dphi"], got, ref, exact, strict=True):
-        # one float32 sum of K terms in another order (~sqrt(K) ulps), or dv rounded to its dtype
-        floor = torch.finfo(dt).eps if name == "dv" else K**0.5 * 2**-24
+        # a float32 sum of K terms on tensor cores, whose additions do not round to nearest: up to
+        # 4 sqrt(K) ulps (the sweeps' accuracy bound; with 1 sqrt(K), the H200's bf16 forward was
+        # 2-25% over at 4,096 and 5,000 tokens), or dv rounded to its dtype
+        floor = torch.finfo(dt).eps if name == "dv" else 4 * K**0.5 * 2**-24
         bound = 4 * (r.double() - e).abs().max() + floor * e.abs().max()
         error = (g.double() - e).abs().max()
         assert error <= bound, f"{name}: {error:.3g} > {bound:.3g}"
