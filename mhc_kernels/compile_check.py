@@ -2,8 +2,9 @@
 
 Run as ``python -m mhc_kernels.compile_check --arch 80 89 90`` (not under ``TRITON_INTERPRET``).
 Prints one JSON object per kernel configuration and exits non-zero if any fails to compile, spills
-registers (``ptxas -v`` spill stores/loads, or local memory in the cubin), or takes longer than
-``--max-seconds`` to compile. ``stack`` is reported but not a failure: ptxas may reserve a few
+registers (``ptxas -v`` spill stores/loads, or local memory in the cubin), leaves a Hopper
+tensor-core product in flight across a loop's back edge (``wgmma_in_flight``), or takes longer
+than ``--max-seconds`` to compile. ``stack`` is reported but not a failure: ptxas may reserve a few
 bytes of stack frame without spilling.
 
 Each kernel is compiled as Triton's launcher specialises it for the sizes it is built for: every
@@ -82,7 +83,29 @@ def _ptx_shape(ptx: str) -> dict[str, int]:
     after = ptx[first_store:].count("ld.global") if first_store >= 0 else 0
     return {"barriers": ptx.count("bar.sync"),
             **{f"loads_{w or 'b32'}": widths.count(w) for w in ("", "v2", "v4")},
-            "loads_after_store": after}  # fmt: skip
+            "loads_after_store": after,
+            "wgmma_in_flight": _wgmma_in_flight(ptx)}  # fmt: skip
+
+
+def _wgmma_in_flight(ptx: str) -> int:
+    """Loops (PTX back edges) whose last Hopper tensor-core product (``wgmma.mma_async``) is still
+    in flight when the loop branches back: no ``wgmma.wait_group`` after its commit. Triton 3.6
+    pipelined two projection forms so, and both were unsafe on the H200 (2026-11-27): with phi's
+    parts, the bf16 forward's v tile had one shared buffer fewer than the stages, so the next
+    ``cp.async`` overwrote the buffer that product was still reading (2-8% wrong sums in 20 of 86
+    launches); the float32 forward rewrote that product's A registers at the loop's top before
+    any wait, which PTX leaves undefined. A shipped configuration must have none."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, m in enumerate(map(re.compile(r"\s*(\$L__BB\w+):").match, lines))
+              if m}  # fmt: skip
+    count = 0
+    for i, line in enumerate(lines):
+        target = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\w+);", line)
+        start = labels.get(target.group(1), i) if target else i
+        if start < i:  # a back edge: the loop body is lines[start:i]
+            body = "\n".join(lines[start:i])
+            count += body.rfind("wgmma.commit_group") > body.rfind("wgmma.wait_group")
+    return count
 
 
 ALIGNED_INTS = ("K", "k_per", "t_per")
@@ -135,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for row in pool.map(compile_one, *zip(*jobs, strict=True)):
             spills = row["local"] or row["spill_bytes"]
-            row["ok"] = not spills and row["compile_s"] <= args.max_seconds
+            row["ok"] = (not spills and not row["wgmma_in_flight"]
+                         and row["compile_s"] <= args.max_seconds)  # fmt: skip
             failures += not row["ok"]
             print(json.dumps(row), flush=True)
     return 1 if failures else 0

@@ -7,8 +7,8 @@ float32 operands, six), which is float32's accuracy: results match the reference
 rounding, as with float32 FMAs (``TENSOR_CORES = False``, the kernels' first form, 5-22x the
 roofline on an H200 in 16 x 32 tiles: the FMAs, not the memory, bound them; the tensor-core form
 is 1.8-2.5x faster forward+backward at 16,384 tokens). Each kernel's form and tiles per stream
-dtype are ``GPU_TILES``, swept on an H200: all on tensor cores (1.7-4.6x the roofline at 4,096
-tokens; the float32 forward had been fastest on FMAs until phi's parts were split once per call).
+dtype are ``GPU_TILES``: swept on an H200, the float32 forward is fastest on FMAs in 64 x 64 tiles
+(4.0x the roofline at 4,096 tokens), the others on tensor cores (1.7-6.3x).
 
 Every kernel's grid fills the GPU at a few thousand tokens (``_parts``): the forward splits K into
 parts per token block (partial sums ``[parts, T, W]`` and ``[parts, T]``, added by the launcher),
@@ -20,8 +20,8 @@ layer runs faster with them at n = 4, C = 1488, so ``projection(..., backend="au
 for such streams (:func:`mhc_kernels.coefficients.triton_by_default`). Forward traffic: v once,
 writes ``parts x T x (W + 1)`` floats; backward: v twice. The forward and ``dv`` on tensor cores
 can also read phi split once per call into its bf16 parts (``Tiles.phi_parts``, :func:`phi_parts`:
-one more launch, and about a third fewer instructions in their loops): the float32 forward and the
-bf16 ``dv`` do (``GPU_TILES``).
+one more launch, and about a third fewer instructions in their loops): the bf16 forward does
+(``GPU_TILES``).
 
 The epilogue kernels turn ``(proj, sumsq)`` into the gates and H_res (scale, bias, sigmoid and
 Sinkhorn-Knopp, or the H_res logits for unconstrained hyper-connections) in one kernel each way:
@@ -319,28 +319,32 @@ class Tiles(NamedTuple):
 # Each kernel's launch for up to SWEPT_COLUMNS columns (W = n^2 + 2n padded: n <= 4), keyed by
 # (kernel, stream item size: 4 float32, 2 bf16/fp16): the fastest accurate launches of
 # benchmarks/sweep_projection.py on an H200 at n = 4, C = 1488 and the layer's 4,096 tokens
-# (benchmarks/results/sweep-projection-NVIDIA_H200-20261127T153320Z.json and, with phi's parts,
-# gpu-NVIDIA_H200-20261127T193202Z/sweep-parts.json; ms against the launch shipped before):
-# - the float32 forward on tensor cores with phi's parts split once per call (``phi_parts``), 64
-#   tokens x 32 columns on 4 warps (0.063 ms, the split's launch included, against 0.081 ms on
-#   FMAs in 64 x 64 tiles, which in turn had replaced 16 x 32 at 0.135 ms); the bf16 forward's
-#   16 x 32 tiles, phi split in the loop (0.078 ms). Its phi-parts form was faster (0.047 ms) but
-#   on the H200 (Triton 3.6) gave wrong sums, 2-8% off, in 20 of its 86 launches (13 of the 69
-#   at 3 stages; the fastest accurate one, 64 x 32 on 8 per SM, was 3% off at 4 and 5 stages),
-#   with no pattern in tiles, warps or K parts: the one form whose two dot operands both come
-#   straight from memory. Not shipped;
+# (benchmarks/results/sweep-projection-NVIDIA_H200-20261127T153320Z.json and, with phi's parts and
+# 1-5 stages, sweep-parts-NVIDIA_H200-20261127T193202Z.json), among those whose loops end with
+# their tensor-core products waited for (``compile_check``'s ``wgmma_in_flight``; ms against the
+# launch shipped before):
+# - the float32 forward on FMAs, 64 tokens x 64 columns on 8 warps, so that phi's K x W floats
+#   are re-read every 64 tokens rather than 16 (0.081 ms; 16 x 32 had taken 0.135). With phi's
+#   parts on tensor cores, 64 x 32 took 0.063 ms, but Triton 3.6 left that loop's last product in
+#   flight while the next step rewrote its A registers (undefined in PTX), so it does not ship;
+# - the bf16 forward in 32 x 32 tiles with phi's parts split once per call (``phi_parts``: 0.063
+#   ms against 0.078 in 16 x 32 tiles with phi split in the loop). From 64 tokens on, tiles take
+#   Hopper's wgmma: 0.047 ms at best, but 20 of those 86 launches summed 2-8% wrong on the H200,
+#   the fastest accurate one too at 4 and 5 stages: v's tile had one shared buffer fewer than the
+#   stages, and the next cp.async overwrote the one the loop's last product was still reading;
 # - dphi 128 K columns per program, re-reading the T x W gradient every 128 columns rather than 32
 #   (bf16 0.064 against 0.117 ms; float32 0.109 against 0.155);
-# - dv 32 x 64 tiles (float32 0.069 ms against 0.095; 0.068 with phi's parts), bf16 128 x 64 with
-#   phi's parts (0.052 against 0.059 ms in 32 x 64 tiles with phi split in the loop).
+# - dv 32 x 64 tiles (float32 0.069 ms against 0.095), bf16 with 2 loads in flight (``stages``:
+#   0.052 ms; 0.059-0.061 at 3 stages, 0.053-0.054 at 4 and 5). With phi's parts, 128 x 64 took
+#   0.052 ms too, one launch more.
 # Wider W (n >= 5) keeps the 16 x 32 tiles, with projection_warps.
 GPU_TILES = {
-    ("fwd", 4): Tiles(64, 32, 4, 8, True, phi_parts=True),
-    ("fwd", 2): Tiles(16, 32, 4, 4, True),
+    ("fwd", 4): Tiles(64, 64, 8, 4, False),
+    ("fwd", 2): Tiles(32, 32, 4, 4, True, phi_parts=True),
     ("dphi", 4): Tiles(16, 128, 4, 4, True),
     ("dphi", 2): Tiles(16, 128, 4, 4, True),
     ("dv", 4): Tiles(32, 64, 4, 8, True),
-    ("dv", 2): Tiles(128, 64, 4, 4, True, phi_parts=True),
+    ("dv", 2): Tiles(32, 64, 4, 4, True, stages=2),
 }
 
 

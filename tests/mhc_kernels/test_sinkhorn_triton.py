@@ -103,6 +103,25 @@ def test_empty_batch(device):
     assert x.grad.shape == (0, 4, 4)
 
 
+def test_the_compile_check_finds_tensor_core_products_in_flight_across_a_loops_back_edge():
+    """``wgmma_in_flight``: a loop whose last ``wgmma`` group is committed and not waited for
+    before the branch back; groups waited for, or waited for after the loop, do not count."""
+    from mhc_kernels.compile_check import _wgmma_in_flight
+
+    def loop(*body):
+        return "\n".join(["$L__BB0_2:  // =>This Inner Loop Header: Depth=1", *body,
+                          "@%p5 bra $L__BB0_2;", "$L__BB0_3:", "wgmma.wait_group.sync.aligned 0;"])  # fmt: skip
+
+    mma = ["wgmma.fence.sync.aligned;", "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 ..;",
+           "wgmma.commit_group.sync.aligned;"]  # fmt: skip
+    wait = ["wgmma.wait_group.sync.aligned 0;"]
+    copy = ["cp.async.cg.shared.global [ %r1 + 0 ], [ %rd2 + 0 ], 0x10, %r3;"]
+    assert _wgmma_in_flight(loop(*mma, *wait, *mma, *copy)) == 1
+    assert _wgmma_in_flight(loop(*mma, *wait, *mma, *wait, *copy)) == 0
+    assert _wgmma_in_flight(loop(*copy)) == 0
+    assert _wgmma_in_flight("\n".join([*mma, "bra $L__BB0_9;", "$L__BB0_9:", *wait])) == 0
+
+
 @pytest.mark.skipif(
     sys.platform != "linux", reason="GPU compilation needs Triton's Linux toolchain"
 )
@@ -119,6 +138,9 @@ def test_every_shipped_configuration_compiles_for_gpu_targets_without_spills():
     assert all(r["local"] == 0 and r["spill_bytes"] == 0 for r in rows), [
         r for r in rows if not r["ok"]
     ]
+    # no loop leaves a Hopper tensor-core product reading shared memory or registers that its
+    # next step overwrites (the projection's race on the H200, 2026-11-27)
+    assert not any(r["wgmma_in_flight"] for r in rows), [r for r in rows if r["wgmma_in_flight"]]
     assert max(r["compile_s"] for r in rows) < 30
     # the stream kernels (one dtype) keep sums over streams in a thread's registers: no barriers
     # in the forwards, the 16-bit backwards synchronise no more than the fp32 ones (their sums

@@ -509,9 +509,9 @@ def test_the_projections_gpu_tiles_give_the_interpreters_results(dtype, tiles, m
 def test_the_projections_gpu_launches_at_many_token_counts(T, dtype):
     """The shipped launches (``GPU_TILES``) at n = 4, C = 1488 and token counts that split K into
     different numbers of parts: the forward, ``dv`` and ``dphi`` within 4x float32's own error
-    against float64 plus the sweeps' bound (``dv``: one rounding to its dtype). On the H200 one
-    form (the bf16 forward with phi's parts) summed wrongly at some tiles and K parts only, so
-    each shipped launch is checked at several."""
+    against float64 plus the sweeps' bound (``dv``: one rounding to its dtype). On the H200 a race
+    (the bf16 forward with phi's parts in 64-token tiles: compile_check's ``wgmma_in_flight``)
+    summed wrongly at some tiles and K parts only, so each shipped launch is checked at several."""
     from mhc_kernels.coefficients import triton as kernels
 
     n, C, dt = 4, 1488, DTYPES[dtype]
