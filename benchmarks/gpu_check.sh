@@ -17,6 +17,7 @@
 # On an H200 (2026-11-27) the steps' pytest times were: tests 96-111 s, Sinkhorn 50, layer +
 # streams 71-91, graphs 12-29, compile 202; finetune, layer-streams, graphs, profile and
 # sweep-streams (fp32 and bf16) took 309 s in one call; sweep-projection (without stages) 113 s,
+# sweep-parts 72 s, sweep-merge 121 s, sweep-grad 105 s, tests 97-122 s (fifth lease),
 # sweep-streams (backwards) over 180; large stability: plain 60 s, HC 180 s, mHC more (run it in
 # a call of its own); a machine start costs 40-120 s more.
 # Usage: [MHC_BENCH_COMMIT=<sha>] [MHC_GPU_STEPS="tests sinkhorn"] bash benchmarks/gpu_check.sh
