@@ -92,7 +92,7 @@ def _wgmma_in_flight(ptx: str) -> int:
     in flight when the loop branches back: no ``wgmma.wait_group`` after its commit. Triton 3.6
     pipelined two projection forms so, and both were unsafe on the H200 (2026-11-27): with phi's
     parts, the bf16 forward's v tile had one shared buffer fewer than the stages, so the next
-    ``cp.async`` overwrote the buffer that product was still reading (2-8% wrong sums in 20 of 86
+    ``cp.async`` overwrote the buffer that product was still reading (2-8% wrong sums in 20 of 49
     launches); the float32 forward rewrote that product's A registers at the loop's top before
     any wait, which PTX leaves undefined. A shipped configuration must have none."""
     lines = ptx.splitlines()

@@ -329,7 +329,7 @@ class Tiles(NamedTuple):
 #   flight while the next step rewrote its A registers (undefined in PTX), so it does not ship;
 # - the bf16 forward in 32 x 32 tiles with phi's parts split once per call (``phi_parts``: 0.063
 #   ms against 0.078 in 16 x 32 tiles with phi split in the loop). From 64 tokens on, tiles take
-#   Hopper's wgmma: 0.047 ms at best, but 20 of those 86 launches summed 2-8% wrong on the H200,
+#   Hopper's wgmma: 0.047 ms at best, but 20 of those 49 launches summed 2-8% wrong on the H200,
 #   the fastest accurate one too at 4 and 5 stages: v's tile had one shared buffer fewer than the
 #   stages, and the next cp.async overwrote the one the loop's last product was still reading;
 # - dphi 128 K columns per program, re-reading the T x W gradient every 128 columns rather than 32

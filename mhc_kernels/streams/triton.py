@@ -12,7 +12,7 @@ Traffic per token (the fused layer's point, paper §4.3): pre-mix reads n*C, wri
 gradients; merge reads (2n + 1)*C and writes (n + 1)*C plus n^2 + n coefficient gradients. The
 fused connection backward runs both without their stream gradient (pre-mix: reads (n + 1)*C;
 merge: reads (2n + 1)*C, writes C) and writes that gradient once (``_stream_grad_kernel``: reads
-(2n + 1)*C, writes n*C, phi^T read once per 16 tokens). Each program writes its C block's share of
+(2n + 1)*C, writes n*C, phi^T read once per 4 tokens). Each program writes its C block's share of
 the coefficient gradients; the launcher adds the C blocks' shares (none to add for whole rows; no
 atomics, deterministic). Measured on an H200: benchmarks/README.md. The merge backward's form
 (``MERGE_LOADS_FIRST``) and the stream gradient's updates per loop step (``STREAM_GRAD_UNROLL``)
@@ -418,10 +418,10 @@ STREAM_GRAD_UNROLL = {4: 4, 2: 4}
 
 def stream_grad_config(tokens: int, n: int, C: int, itemsize: int = 4) -> dict:
     """Launch options of the stream gradient kernel: ``launch_config``'s, except that a GPU program
-    takes several tokens (``STREAM_GRAD_TOKENS``: 4) and
-    a narrower C block to match, one warp per 32 channels, so that the tokens share each read of
-    phi^T (one token per program would cost 16x more L2 traffic in phi^T than DRAM traffic in
-    streams); and the projection term's form (``MMA``: at least 16 tokens, a dot's least rows)."""
+    takes several tokens (``STREAM_GRAD_TOKENS``: 4) and a narrower C block to match, one warp per
+    32 channels, so that the tokens share each read of phi^T (one token per program would cost 16x
+    more L2 traffic in phi^T than DRAM traffic in streams); and the projection term's form
+    (``MMA``: at least 16 tokens, a dot's least rows)."""
     config = launch_config("merge_bwd", tokens, n, C, itemsize)  # reads what the merge's reads
     mma = TENSOR_CORES and n <= MMA_STREAMS
     dots = {**dot_options(mma), "WP": dot_width(n * n + 2 * n),
