@@ -10,7 +10,7 @@
 # everything (logs, one JSON line per measured case, test report, profile) into
 # $OUT/gpu-<name>-<time>.tgz after every step. Each step is capped (fine-tuning step 120 s, tests
 # 150, Sinkhorn 120, layer + streams 150, graphs 120, profile 60, sweep 120, sweep-projection 240,
-# sweep-parts 150, sweep-merge 150, sweep-grad 150, sweep-streams 180, compile 240, large
+# sweep-parts 150, sweep-merge 180, sweep-grad 150, sweep-streams 180, compile 240, large
 # stability 540): run the steps that fit the device time with MHC_GPU_STEPS (names below; all by
 # default), narrow the torch.compile cases with MHC_COMPILE_CASES and the large stability runs
 # with MHC_STABILITY_CASES (each a pytest -k).
@@ -88,8 +88,9 @@ want sweep-projection && step sweep-projection 240 python benchmarks/sweep_proje
 # and dtype, the shipped launch and 16 restaged ones (bf16 then fp32)
 want sweep-parts && step sweep-parts 150 python benchmarks/sweep_projection.py --phi-parts \
   --kernels fwd dv --out "$work/sweep-parts.json"
-# the merge backward alone, both forms (stream by stream, loads first): 80 launches per dtype
-want sweep-merge && step sweep-merge 150 python benchmarks/sweep_streams.py \
+# the merge backward alone, both forms (stream by stream, loads first): 94 launches for bf16 (47
+# loads first, up to 64 elements per thread), 80 for fp32
+want sweep-merge && step sweep-merge 180 python benchmarks/sweep_streams.py \
   --dtypes bf16 fp32 --kernels merge_bwd --out "$work/sweep-merge.json"
 # the stream gradient alone, its 8 fastest launches again at 2, 4, 8 updates per step: 68 per dtype
 want sweep-grad && step sweep-grad 150 python benchmarks/sweep_streams.py \
