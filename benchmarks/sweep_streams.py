@@ -10,10 +10,11 @@ ratio (unavoidable bytes at the GPU's peak DRAM bandwidth, as in test_streams.py
 fastest first next to the shipped choice. The kernels are the shipped ones; only the launch
 parameters and the kernels' second forms vary: 47 launches per pre-mix/merge kernel (128-2048
 channels, 1-8 tokens per program, 1-8 warps), the merge backward also in its loads-first form
-(``LOADS_FIRST``, n <= 4: every load before the first store; 33 launches more, at most 32 floats
-per thread in each of its three stream tiles), 44 for the stream gradient (4-32 tokens sharing
-phi^T's rows) and its 8 fastest again with 2, 4 and 8 rank-1 updates per step of its loop over W
-(``UNROLL``; 1 so far: each step waits on its loads). Its projection term on tensor cores (``MMA``)
+(``LOADS_FIRST``, n <= 4: every load before the first store; 33 launches more at float32, at
+most 32 elements per thread in each of its three stream tiles, 47 at 16 bits, at most 64), 44
+for the stream gradient (4-32 tokens sharing phi^T's rows) and its 8 fastest again with 2, 4 and
+8 rank-1 updates per step of its loop over W (``UNROLL``; 4 as shipped: each step waits on its
+loads). Its projection term on tensor cores (``MMA``)
 is no longer swept: both H200 sweeps had it 1.07-1.22x slower than the FMAs. One warp per
 program (added after the third H200 lease; never timed before): its sums over C are warp shuffles
 without barriers (PTX of the n = 4 merge backward, sm_90: 4 barriers at 256 channels on one warp,

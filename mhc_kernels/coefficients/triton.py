@@ -67,7 +67,7 @@ def _phi_parts_tile(parts_ptr, k_row, k_in, K, WP: tl.constexpr):
 def _projection_fwd_kernel(v_ptr, phi_ptr, proj_ptr, ss_ptr, T, K, k_per, W: tl.constexpr,
                            BT: tl.constexpr, BK: tl.constexpr, WP: tl.constexpr,
                            MMA: tl.constexpr, PARTS_FP32: tl.constexpr,
-                           PHI_PARTS: tl.constexpr = False):  # fmt: skip
+                           PHI_PARTS: tl.constexpr):  # fmt: skip
     # grid (token blocks, K parts): this part's sums over k in [part * k_per, ... + k_per), written
     # to its own slice of proj_ptr ([parts, T, W]) and ss_ptr ([parts, T]). W is a constexpr in
     # the three kernels: as an argument it left phi's rows (W floats apart) without a known
@@ -106,7 +106,7 @@ def _projection_fwd_kernel(v_ptr, phi_ptr, proj_ptr, ss_ptr, T, K, k_per, W: tl.
 def _projection_dv_kernel(v_ptr, phi_ptr, dproj_ptr, dss_ptr, dv_ptr, T, K, k_per,
                           W: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, WP: tl.constexpr,
                           MMA: tl.constexpr, PARTS_FP32: tl.constexpr,
-                          PHI_PARTS: tl.constexpr = False):  # fmt: skip
+                          PHI_PARTS: tl.constexpr):  # fmt: skip
     # grid (token blocks, K parts): dv = dproj @ phi^T + 2 v dss for k in this part (PHI_PARTS:
     # phi's bf16 parts given, as in the forward)
     tok = tl.program_id(0) * BT + tl.arange(0, BT)

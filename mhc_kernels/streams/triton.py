@@ -154,7 +154,8 @@ def _merge_bwd_by_stream(x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_pt
                          dhres_part_ptr, tok, t64, c2, m2, i2, mi, t3, i3, c3, m3, cpart, T, n, C,
                          NP: tl.constexpr, WRITE_DX: tl.constexpr):  # fmt: skip
     """The merge backward stream by stream: g whole, then per stream j the h_res column, dx[t, j]
-    stored, x[t, j] loaded and summed against g. The form timed on the H200."""
+    stored, x[t, j] loaded and summed against g. The form of n > LOADS_FIRST_STREAMS (n = 8),
+    whose loads-first form would take 195-247 registers."""
     g = tl.load(g_ptr + t3 * n * C + i3 * C + c3, mask=m3, other=0.0).to(tl.float32)  # [BT,NP,BC]
     hpost = tl.load(hpost_ptr + t64[:, None] * n + i2, mask=mi, other=0.0)
     y = tl.load(y_ptr + t64[:, None] * C + c2, mask=m2, other=0.0).to(tl.float32)
@@ -274,21 +275,20 @@ def _stream_grad_kernel(x_ptr, gin_ptr, gout_ptr, hpre_ptr, hres_ptr, dss_ptr, d
 # -------------------------------------------------------------------------------------- launchers
 
 # channels per program and warps, at most, per kernel on a GPU, keyed by (kernel, stream item size:
-# 4 float32, 2 bf16/fp16) so that the two can launch differently (the merge backward's do). The H200
-# sweep (n = 4, C = 1488, 16,384 tokens, fp32 and bf16, each kernel alone; benchmarks/README.md):
-# the forwards and the pre-mix backward were fastest with a whole token row per program (2048
-# channels: 1.18-1.28x the roofline, against 1.22-1.37x in the 512-channel blocks they had), the
-# pre-mix backward on at most 4 warps (bf16 1.23x; on 8, 1.42x), the merge backward in 512-channel
-# blocks on 2 warps (fp32 1.22x; on 4, 1.30x; bf16 1.48x, the best of its 41 configurations, none
-# of them on one warp) in its stream-by-stream form
-GPU_BLOCKS = {(kernel, itemsize): blocks for itemsize in (4, 2) for kernel, blocks in {
-    "pre_mix_fwd": (2048, 8), "merge_fwd": (2048, 8), "pre_mix_bwd": (2048, 4),
-    "merge_bwd": (512, 2)}.items()}  # fmt: skip
-# the merge backward in its loads-first form: float32 fastest with a whole row (2048 channels) on
-# 8 warps (H200, 2026-11-27, sweep-merge: 0.324 ms, 1.14x the roofline, against 0.346 ms in the
-# stream-by-stream form's 512 x 2); bf16 keeps 512 x 2 (0.203 ms loads first, 1.43x; 0.210 ms
-# stream by stream, 1.48x)
-GPU_BLOCKS["merge_bwd", 4] = (2048, 8)
+# 4 float32, 2 bf16/fp16). The H200 sweeps (n = 4, C = 1488, 16,384 tokens, each kernel alone;
+# benchmarks/README.md): the forwards and the pre-mix backward were fastest with a whole token row
+# per program (2048 channels: 1.18-1.28x the roofline, against 1.22-1.37x in the 512-channel
+# blocks they had), the pre-mix backward on at most 4 warps (bf16 1.23x; on 8, 1.42x); the merge
+# backward, loads first (below), float32 with a whole row on 8 warps (0.324 ms, 1.14x; 0.346 ms
+# stream by stream in 512 channels on 2 warps) and bf16 in 512 channels on 2 warps (0.203 ms,
+# 1.43x; 0.210 ms stream by stream)
+GPU_BLOCKS = {
+    **{("pre_mix_fwd", size): (2048, 8) for size in (4, 2)},
+    **{("merge_fwd", size): (2048, 8) for size in (4, 2)},
+    **{("pre_mix_bwd", size): (2048, 4) for size in (4, 2)},
+    ("merge_bwd", 4): (2048, 8),
+    ("merge_bwd", 2): (512, 2),
+}
 # the merge backward's form: stream by stream (each program waiting out a load per stream) or, for
 # n <= LOADS_FIRST_STREAMS, every load before its first store (``_merge_bwd_loads_first``), as
 # shipped: faster on the H200 at each dtype's best launch (above). Holding x whole costs registers
@@ -390,20 +390,19 @@ def merge_bwd(x, y, h_post, h_res, g, want_dx: bool = True):
     return dx, dy, add_parts(dh_post), add_parts(dh_res)
 
 
-# tokens per program sharing each row of phi^T read, by the streams' bytes per element (GPU). The
-# H200 sweep (n = 4, C = 1488, 16,384 tokens, 53 configurations per dtype): float32 fastest with 4
-# tokens x 128 channels on 4 warps (0.47 ms, 1.8x the roofline; 16 x 32 was 0.70 ms), 16-bit with
-# 16 tokens x 64 channels on 2 warps (0.42 ms; 4 warps 0.54 ms): one warp per 32 channels
-# With several rank-1 updates per loop step (``STREAM_GRAD_UNROLL``, below), 16-bit streams are
-# fastest with 4 tokens as well (4 x 256 on 8 warps; 2026-11-27, sweep-grad)
-STREAM_GRAD_TOKENS = {4: 4, 2: 4}
+# tokens per program sharing each row of phi^T read (GPU), for either stream dtype. The H200
+# sweeps (n = 4, C = 1488, 16,384 tokens): one update per loop step, float32 was fastest with 4
+# tokens x 128 channels on 4 warps (0.47 ms, 1.8x the roofline; 16 x 32 was 0.70 ms) and 16-bit
+# with 16 x 64 on 2 warps (0.42 ms); with several per step (``STREAM_GRAD_UNROLL``, below), 16-bit
+# with 4 tokens as well (4 x 256 on 8 warps; 2026-11-27, sweep-grad): one warp per 32 channels
+STREAM_GRAD_TOKENS = 4
 # the stream gradient's projection term as one tensor-core product (n <= 4: n = 8's phi^T tile
 # spills) instead of W rank-1 updates in float32 FMAs. Off: on the H200 it was 1.07-1.22x slower
 # than the FMAs at the same launch (and 0.63 ms at best in the sweep), with twice the registers
 TENSOR_CORES = False
 MMA_STREAMS = 4
-# rank-1 updates per step of the FMA form's loop over W (``UNROLL``), by the streams' bytes per
-# element: 4. The H200's sweep-grad (2026-11-27; n = 4, C = 1488, 16,384 tokens): float32 0.451 ms
+# rank-1 updates per step of the FMA form's loop over W (``UNROLL``), for either stream dtype: 4.
+# The H200's sweep-grad (2026-11-27; n = 4, C = 1488, 16,384 tokens): float32 0.451 ms
 # at 4 x 128 on 4 warps, 1.71x the roofline (one update per step: 0.579 ms, 2.19x; 8 per step
 # 0.446 ms at 8 x 128), bf16 0.355 ms at 4 x 256 on 8 warps, 2.69x (one per step at 16 x 64 on 2
 # warps: 0.488 ms, 3.69x; 8 per step 0.353 ms); 4 rather than 8 for fewer registers at about the
@@ -413,7 +412,7 @@ MMA_STREAMS = 4
 # program: Triton 3.9's LLVM unrolled 4 steps itself, 3.6's, the lent GPUs', did not). With W a
 # constexpr (a loop of known length), n = 4 bf16 takes 140, 157, 197 and 251 registers at 1, 2, 4
 # and 8 per step on sm_90 with Triton 3.6 (153, 168, 251 and a 192-byte spill with W an argument)
-STREAM_GRAD_UNROLL = {4: 4, 2: 4}
+STREAM_GRAD_UNROLL = 4
 
 
 def stream_grad_config(tokens: int, n: int, C: int, itemsize: int = 4) -> dict:
@@ -425,12 +424,12 @@ def stream_grad_config(tokens: int, n: int, C: int, itemsize: int = 4) -> dict:
     config = launch_config("merge_bwd", tokens, n, C, itemsize)  # reads what the merge's reads
     mma = TENSOR_CORES and n <= MMA_STREAMS
     dots = {**dot_options(mma), "WP": dot_width(n * n + 2 * n),
-            "UNROLL": 1 if mma else STREAM_GRAD_UNROLL[itemsize]}  # fmt: skip
+            "UNROLL": 1 if mma else STREAM_GRAD_UNROLL}  # fmt: skip
     if interpreting():
         return {**config, **dots, "BT": max(config["BT"], MIN_DOT) if mma else config["BT"]}
     np2 = config["NP"]
     tile = GPU_TILE_ELEMS_PER_THREAD * 32 * 4 * (4 // itemsize)
-    bt = min(next_power_of_2(max(tokens, 1)), STREAM_GRAD_TOKENS[itemsize])
+    bt = min(next_power_of_2(max(tokens, 1)), STREAM_GRAD_TOKENS)
     bc = min(next_power_of_2(C), max(16, tile // (bt * np2)))
     bt = min(next_power_of_2(max(tokens, 1)), max(1, tile // (np2 * bc)))
     if mma:
