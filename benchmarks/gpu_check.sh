@@ -10,8 +10,8 @@
 # everything (logs, one JSON line per measured case, test report, profile) into
 # $OUT/gpu-<name>-<time>.tgz after every step. Each step is capped (fine-tuning step 120 s, tests
 # 150, Sinkhorn 120, layer + streams 150, graphs 120, profile 60, sweep 120, sweep-projection 240,
-# sweep-parts 150, sweep-merge 180, sweep-grad 150, sweep-streams 180, compile 240, large
-# stability 540): run the steps that fit the device time with MHC_GPU_STEPS (names below; all by
+# sweep-parts 150, sweep-merge 180, sweep-mma 180, sweep-grad 150, sweep-streams 180, compile
+# 240, large stability 540): run the steps that fit the device time with MHC_GPU_STEPS (names below; all by
 # default), narrow the torch.compile cases with MHC_COMPILE_CASES and the large stability runs
 # with MHC_STABILITY_CASES (each a pytest -k).
 # On an H200 (2026-11-27) the steps' pytest times were: tests 96-111 s, Sinkhorn 50, layer +
@@ -65,7 +65,7 @@ python -c "import xdist" 2>/dev/null && xdist=(-n "$(nproc)")
 bench=(python -m pytest --benchmark-only -q -p no:cacheprovider --benchmark-columns=median,iqr)
 
 ALL_STEPS="finetune tests sinkhorn layer-streams graphs profile sweep sweep-projection sweep-parts"
-ALL_STEPS+=" sweep-merge sweep-grad sweep-streams"
+ALL_STEPS+=" sweep-merge sweep-mma sweep-grad sweep-streams"
 ALL_STEPS+=" compile stability-large"
 want() { [[ " ${MHC_GPU_STEPS:-$ALL_STEPS} " == *" $1 "* ]]; }
 
@@ -93,6 +93,9 @@ want sweep-parts && step sweep-parts 150 python benchmarks/sweep_projection.py -
 want sweep-merge && step sweep-merge 180 python benchmarks/sweep_streams.py \
   --dtypes bf16 fp32 --kernels merge_bwd --out "$work/sweep-merge.json"
 # the stream gradient alone, its 8 fastest launches again at 2, 4, 8 updates per step: 68 per dtype
+# the merge backward on tensor cores (bf16; not shipped: MERGE_MMA), the shipped launch beside it
+want sweep-mma && step sweep-mma 180 python benchmarks/sweep_streams.py \
+  --dtypes bf16 --kernels merge_bwd_mma --out "$work/sweep-mma.json"
 want sweep-grad && step sweep-grad 150 python benchmarks/sweep_streams.py \
   --dtypes bf16 fp32 --kernels stream_grad --out "$work/sweep-grad.json"
 # the backwards (sums over C) only: both 2026-11-27 sweeps put the forwards at 1.18-1.28x the roofline

@@ -44,8 +44,9 @@ def bf16_parts(x):
 
 @triton.jit
 def mma(a, b, acc, PARTS_FP32: tl.constexpr):
-    """``acc + a @ b`` for bf16 parts: on tensor cores, or with the parts in float32 (the
-    interpreter, whose bf16 ``tl.dot`` is wrong: the same products, exact in float32)."""
+    """``acc + a @ b`` for 16-bit operands (bf16 parts, or 16-bit streams): on tensor cores, or
+    with the operands in float32 (the interpreter, whose bf16 ``tl.dot`` is wrong: the same
+    products, exact in float32)."""
     if PARTS_FP32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc)

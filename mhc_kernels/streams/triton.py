@@ -16,7 +16,9 @@ merge: reads (2n + 1)*C, writes C) and writes that gradient once (``_stream_grad
 the coefficient gradients; the launcher adds the C blocks' shares (none to add for whole rows; no
 atomics, deterministic). Measured on an H200: benchmarks/README.md. The merge backward's form
 (``MERGE_LOADS_FIRST``) and the stream gradient's updates per loop step (``STREAM_GRAD_UNROLL``)
-are the H200 sweep's choices (benchmarks/sweep_streams.py times each against the others).
+are the H200 sweep's choices (benchmarks/sweep_streams.py times each against the others). The
+merge backward of 16-bit streams has a third form on tensor cores (``_merge_bwd_mma_kernel``:
+its sums over streams and channels as products), not shipped until timed (``MERGE_MMA``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import triton.language as tl
 
 from .._autograd import backward_from_saved, differentiable, save_inputs
 from .._host import add_parts, cdiv, next_power_of_2, rows, shaped
-from .._split_dot import MIN_DOT, dot_f32, dot_options, dot_width
+from .._split_dot import MIN_DOT, dot_f32, dot_options, dot_width, mma
 from ..sinkhorn.triton import interpreting
 
 # --------------------------------------------------------------------------------------- kernels
@@ -215,6 +217,94 @@ def _merge_bwd_loads_first(x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_
 
 
 @triton.jit
+def _parts16(a, dt: tl.constexpr):
+    """float32 ``a`` as ``hi + mid + lo`` in the 16-bit dtype ``dt``: exact in bf16, 8
+    significant bits a part (``mhc_kernels._split_dot.bf16_parts``); in fp16, 11 bits a part,
+    exact but where ``lo`` falls below fp16's normal range (2^-14), which keeps it to 2^-24: an
+    error under 2^-25, far below the fp16 outputs' rounding."""
+    hi = a.to(dt)
+    rest = a - hi.to(tl.float32)
+    mid = rest.to(dt)
+    return hi, mid, (rest - mid.to(tl.float32)).to(dt)
+
+
+@triton.jit
+def _by_parts(a_hi, a_mid, a_lo, b, acc, PARTS_FP32: tl.constexpr):
+    """``acc + a @ b`` for ``a`` in three 16-bit parts and 16-bit ``b``: exact products, the
+    small terms first."""
+    return mma(a_hi, b, mma(a_mid, b, mma(a_lo, b, acc, PARTS_FP32), PARTS_FP32), PARTS_FP32)
+
+
+@triton.jit
+def _merge_bwd_mma_kernel(x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_ptr,
+                          dhpost_part_ptr, dhres_part_ptr, T, n, C,
+                          BT: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr,
+                          BK: tl.constexpr, CV: tl.constexpr, WRITE_DX: tl.constexpr,
+                          STAGES: tl.constexpr, PARTS_FP32: tl.constexpr):  # fmt: skip
+    """The merge backward of 16-bit streams on tensor cores. The program's BT tokens are the
+    R = BT NP rows (token t, stream i) of a (T n, C) matrix, and it walks its C block in steps of
+    BK channels (loads pipelined over STAGES), every sum over streams or channels a product:
+
+        dh_res[t] = (g x^T)[t's block]      dh_post[t] = (g y^T)[t's rows, t]   (sums over C)
+        dx = A g, A[(t, i), (t, j)] = h_res[t, j, i]    dy = P g, P[t, (t, i)] = h_post[t, i]
+
+    g, x and y are 16-bit, so their products are exact in the products' float32 sums; A and P,
+    float32, go in as three parts in the streams' dtype (``_parts16``: float32's 24 significant
+    bits, so dx and dy sum what float32 FMAs would; two parts left 2e-5 where n = 8 terms
+    cancel). A and P are block diagonal (one token's block), so the products of dx
+    and dy do BT times the work they need, on units the other form leaves idle: against
+    ``_merge_bwd_loads_first``'s 3.3-4.2 warp instructions per token and channel (n = 4 bf16,
+    sm_90, Triton 3.6), 0.9-1.6 here. Without dx, none of its loads or products."""
+    C = _multiple(C, CV)
+    R: tl.constexpr = BT * NP
+    BY: tl.constexpr = BT if BT >= 16 else 16  # y's and dy's rows: a product's least
+    dt = g_ptr.dtype.element_ty
+    t0 = tl.program_id(0) * BT
+    c0 = tl.program_id(1) * BC
+    r = tl.arange(0, R)  # rows (t0 + r // NP, r % NP), as rows or as columns
+    rt = t0 + r // NP
+    ri = r % NP
+    row_ok = (rt < T) & (ri < n)
+    same = (r // NP)[:, None] == (r // NP)[None, :]  # [R, R]: one token's block
+    yr = tl.arange(0, BY)  # y's rows: tokens t0 + yr, those past BT masked
+    y_ok = (yr < BT) & (t0 + yr < T)
+    y_off = (t0 + yr).to(tl.int64) * C
+    row_off = rt.to(tl.int64) * n * C + ri * C
+    if WRITE_DX:
+        a = tl.load(hres_ptr + rt.to(tl.int64)[:, None] * n * n + ri[None, :] * n + ri[:, None],
+                    mask=same & row_ok[:, None] & row_ok[None, :], other=0.0)  # fmt: skip
+        a_hi, a_mid, a_lo = _parts16(a, dt)
+    p = tl.load(hpost_ptr + rt.to(tl.int64)[None, :] * n + ri[None, :],
+                mask=(yr[:, None] == (r // NP)[None, :]) & y_ok[:, None] & row_ok[None, :],
+                other=0.0)  # [BY, R]  # fmt: skip
+    p_hi, p_mid, p_lo = _parts16(p, dt)
+    dres = tl.zeros((R, R), dtype=tl.float32)
+    dpost = tl.zeros((R, BY), dtype=tl.float32)
+    k = tl.arange(0, BK)
+    for kc in tl.range(c0, tl.minimum(c0 + BC, C), BK, num_stages=STAGES):
+        c_ok = kc + k < C
+        m = row_ok[:, None] & c_ok[None, :]
+        offs = row_off[:, None] + (kc + k)[None, :]
+        g = tl.load(g_ptr + offs, mask=m, other=0.0)  # [R, BK]
+        x = tl.load(x_ptr + offs, mask=m, other=0.0)
+        my = y_ok[:, None] & c_ok[None, :]
+        y = tl.load(y_ptr + y_off[:, None] + (kc + k)[None, :], mask=my, other=0.0)  # [BY, BK]
+        dres = mma(g, tl.trans(x), dres, PARTS_FP32)
+        dpost = mma(g, tl.trans(y), dpost, PARTS_FP32)
+        dy = _by_parts(p_hi, p_mid, p_lo, g, tl.zeros((BY, BK), dtype=tl.float32), PARTS_FP32)
+        tl.store(dy_ptr + y_off[:, None] + (kc + k)[None, :], dy.to(dy_ptr.dtype.element_ty),
+                 mask=my)  # fmt: skip
+        if WRITE_DX:
+            dx = _by_parts(a_hi, a_mid, a_lo, g, tl.zeros((R, BK), dtype=tl.float32), PARTS_FP32)
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
+    part = tl.program_id(1).to(tl.int64) * T + rt.to(tl.int64)  # this C block's share
+    tl.store(dhres_part_ptr + part[:, None] * n * n + ri[:, None] * n + ri[None, :], dres,
+             mask=same & row_ok[:, None] & row_ok[None, :])  # fmt: skip
+    tl.store(dhpost_part_ptr + part[:, None] * n + ri[:, None] + 0 * yr[None, :], dpost,
+             mask=((r // NP)[:, None] == yr[None, :]) & row_ok[:, None] & y_ok[None, :])  # fmt: skip
+
+
+@triton.jit
 def _stream_grad_kernel(x_ptr, gin_ptr, gout_ptr, hpre_ptr, hres_ptr, dss_ptr, dproj_ptr,
                         phit_ptr, dx_ptr, T, n, C, W: tl.constexpr,
                         HAS_GOUT: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr,
@@ -337,6 +427,46 @@ def merge_loads_first(n: int) -> bool:
     return MERGE_LOADS_FIRST and n <= LOADS_FIRST_STREAMS
 
 
+# the merge backward of 16-bit streams (and a branch output of their dtype) on tensor cores
+# (``_merge_bwd_mma_kernel``). Off until an H200 times it: the loads-first form was 1.43x the
+# roofline at its best (bf16, n = 4), the one apply kernel outside the issue's 1.3x, and its
+# SASS issues 3.3-4.2 warp instructions per token and channel, this form 0.9-1.6
+# (benchmarks/README.md, "Offline, 2026-11-27 (night)"). GPU launch: rows (tokens x padded
+# streams) per program, channels per program (a C block; its coefficient gradients summed by the
+# launcher as the other forms'), channels per loop step, warps and pipeline stages
+MERGE_MMA = False
+MMA_DTYPES = (torch.bfloat16, torch.float16)
+GPU_MMA_MERGE = {"rows": 16, "BC": 512, "BK": 64, "num_warps": 4, "STAGES": 2}
+
+
+def merge_mma(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether the merge backward of streams ``x`` and branch output ``y`` takes its tensor-core
+    form: shipped on (``MERGE_MMA``), 16-bit streams and ``y`` of their dtype."""
+    return MERGE_MMA and x.dtype in MMA_DTYPES and y.dtype == x.dtype
+
+
+def _parts_fp32() -> bool:
+    """Whether products take their operands in float32 (the interpreter's, whatever a test
+    makes of ``interpreting``: its bf16 ``tl.dot`` is wrong)."""
+    return dot_options(True)["PARTS_FP32"]
+
+
+def merge_mma_config(tokens: int, n: int, C: int, **gpu) -> dict:
+    """Launch options of ``_merge_bwd_mma_kernel``: ``GPU_MMA_MERGE``'s (``gpu`` overrides them:
+    the sweep's) with the tokens per program that make its rows; under the interpreter a whole
+    row of C per program and step, as few programs as a product's 16 rows allow."""
+    np2 = next_power_of_2(n)
+    if interpreting():
+        bc = next_power_of_2(C)
+        return {"BT": max(1, MIN_DOT // np2), "NP": np2, "BC": bc, "BK": bc, "STAGES": 1,
+                "CV": 8 if C % 8 == 0 else 1, "num_warps": 4, "PARTS_FP32": _parts_fp32()}  # fmt: skip
+    launch = {**GPU_MMA_MERGE, **gpu}
+    bt = max(1, launch.pop("rows") // np2, MIN_DOT // np2)
+    bc = min(launch.pop("BC"), max(launch["BK"], next_power_of_2(C)))
+    return {**launch, "BT": bt, "NP": np2, "BC": bc, "CV": 8 if C % 8 == 0 else 1,
+            "PARTS_FP32": _parts_fp32()}  # fmt: skip
+
+
 def _grid(T: int, C: int, config: dict) -> tuple[int, int]:
     return cdiv(T, config["BT"]), cdiv(C, config["BC"])
 
@@ -379,14 +509,17 @@ def merge_fwd(x, y, h_post, h_res):
 def merge_bwd(x, y, h_post, h_res, g, want_dx: bool = True):
     """``(dx, dy, dh_post, dh_res)``; ``want_dx=False``: ``dx`` is ``None`` (not computed)."""
     T, n, C = x.shape
-    config = launch_config("merge_bwd", T, n, C, x.element_size())
+    if merge_mma(x, y):
+        kernel, config = _merge_bwd_mma_kernel, merge_mma_config(T, n, C)
+    else:
+        kernel, config = _merge_bwd_kernel, {**launch_config("merge_bwd", T, n, C, x.element_size()),
+                                             "LOADS_FIRST": merge_loads_first(n)}  # fmt: skip
     grid = _grid(T, C, config)
     dx, dy = torch.empty_like(x) if want_dx else None, torch.empty_like(y)
     dh_post = torch.empty((grid[1], T, n), dtype=torch.float32, device=x.device)  # per C block
     dh_res = torch.empty((grid[1], T, n, n), dtype=torch.float32, device=x.device)
-    _merge_bwd_kernel[grid](x, y, h_post, h_res, g, x if dx is None else dx, dy, dh_post, dh_res,
-                            T, n, C, WRITE_DX=want_dx, LOADS_FIRST=merge_loads_first(n),
-                            **config)  # fmt: skip
+    kernel[grid](x, y, h_post, h_res, g, x if dx is None else dx, dy, dh_post, dh_res, T, n, C,
+                 WRITE_DX=want_dx, **config)  # fmt: skip
     return dx, dy, add_parts(dh_post), add_parts(dh_res)
 
 
@@ -504,9 +637,20 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
                 kernels[f"merge_bwd_nodx-{tag}"] = (_merge_bwd_kernel, merge_bwd,
                                                     {"WRITE_DX": False, **form},
                                                     "merge_bwd")  # fmt: skip
+            if ydt == dt and dt != "fp32":  # the tensor-core form (``MERGE_MMA``)
+                for dx in (True, False):
+                    kernels[f"mma_merge_bwd{'' if dx else '_nodx'}-{tag}"] = (
+                        _merge_bwd_mma_kernel,
+                        merge_bwd,
+                        {"WRITE_DX": dx},
+                        "merge_mma",
+                    )
         for name, (kernel, ptrs, extra, launch) in kernels.items():
             kind, tag = name.split("-", 1)
-            consts = launch_config(launch, 2**20, np2, 2**20, itemsize)
+            if launch == "merge_mma":
+                consts = merge_mma_config(2**20, np2, 2**20)
+            else:
+                consts = launch_config(launch, 2**20, np2, 2**20, itemsize)
             warps = consts.pop("num_warps")
             tail = {
                 "T": "i32",

@@ -191,18 +191,30 @@ def test_backwards_without_their_stream_gradient(backend, dtype, device):
             )
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("n", [1, 3, 4], ids=lambda n: f"n{n}")
-def test_merge_backward_stream_by_stream_matches_the_reference(n, dtype, device, monkeypatch):
-    """The merge backward's other form (stream by stream, as it runs for n > LOADS_FIRST_STREAMS;
-    for n <= 4 it ships loads first, every load before its first store): the reference's gradients
+MERGE_FORMS = [  # the merge backward's forms other than the shipped one: (flag, n, dtype)
+    *[("stream_by_stream", n, dtype) for n in (1, 3, 4) for dtype in DTYPES],
+    *[("tensor_cores", n, dtype) for n in (1, 2, 3, 4, 8) for dtype in ("bf16", "fp16")],
+]
+
+
+@pytest.mark.parametrize("form,n,dtype", MERGE_FORMS, ids=lambda v: str(v))
+def test_merge_backwards_other_forms_match_the_reference(form, n, dtype, device, monkeypatch):
+    """The merge backward's other forms: stream by stream (as it runs for n >
+    LOADS_FIRST_STREAMS; for n <= 4 it ships loads first, every load before its first store) and
+    on tensor cores (16-bit streams, ``MERGE_MMA``, not shipped): the reference's gradients
     within its bound, and without dx the other gradients bit for bit."""
     from mhc_kernels.streams import merge_backward
     from mhc_kernels.streams import triton as kernels
 
-    monkeypatch.setattr(kernels, "MERGE_LOADS_FIRST", False)
+    if form == "stream_by_stream":
+        monkeypatch.setattr(kernels, "MERGE_LOADS_FIRST", False)
+    else:
+        monkeypatch.setattr(kernels, "MERGE_MMA", True)
     T, C, dt = 37, 130, DTYPES[dtype]  # C: not a multiple of 8 (scalar loads, masked tail)
     x, y = torch.randn(T, n, C, device=device).to(dt), torch.randn(T, C, device=device).to(dt)
+    assert kernels.merge_mma(x, y) == (form == "tensor_cores") and not kernels.merge_mma(
+        x, y.float()
+    )
     h_post, h_res = 2 * torch.rand(T, n, device=device), torch.rand(T, n, n, device=device)
     assert_close_to_reference(merge, [x, y, h_post, h_res], (T, n, C), device, dt)
     g = torch.randn(T, n, C, device=device).to(dt)
@@ -259,6 +271,13 @@ def test_the_gpu_launch_configurations_give_the_interpreters_results(n, dtype, m
     monkeypatch.setattr(kernels, "MERGE_LOADS_FIRST", False)
     check(pre_mix_backward(x, h_pre, g_in, "triton"), interpreter[1:3])
     check(merge_backward(x, y, h_post, h_res, g_out, "triton"), interpreter[4:8])
+    if dt != torch.float32:  # the merge backward on tensor cores: C in three blocks of 4 steps
+        monkeypatch.setattr(kernels, "MERGE_MMA", True)
+        monkeypatch.setattr(
+            kernels, "GPU_MMA_MERGE", {**kernels.GPU_MMA_MERGE, "BC": 256, "BK": 64}
+        )
+        assert kernels.merge_mma_config(T, n, C)["BT"] < T
+        check(merge_backward(x, y, h_post, h_res, g_out, "triton"), interpreter[4:8])
 
 
 @pytest.mark.parametrize("dots", ["fma", "fma-1-per-step", "tensor-cores"])
