@@ -44,7 +44,7 @@ import torch
 from conftest import ON_GPU, peak_bandwidth_gbs, sweep_timer, write_rows  # beside this script
 
 from mhc_kernels._host import cdiv, next_power_of_2
-from mhc_kernels._split_dot import dot_options, dot_width
+from mhc_kernels._split_dot import dot_options, dot_width, parts_fp32
 from mhc_kernels.streams import triton as st
 
 
@@ -105,25 +105,19 @@ def kernel_launcher(kernel: str, T: int, n: int, C: int, dtype: torch.dtype, dev
         elif kernel == "merge_bwd":
             options = {**extra, "LOADS_FIRST": form == "loads_first"}
         elif kernel == "merge_bwd_mma":
-            options = {**extra, "BK": bk, "STAGES": stages, "PARTS_FP32": st._parts_fp32()}
+            options = {**extra, "BK": bk, "STAGES": stages, "PARTS_FP32": parts_fp32()}
         fn[(cdiv(T, bt), cdiv(C, bc))](*args, *sizes, BT=bt, NP=next_power_of_2(n), BC=bc,
                                        CV=8 if C % 8 == 0 else 1, num_warps=warps,
                                        **options)  # fmt: skip
 
-    def results() -> list[torch.Tensor]:
-        """The merge backward's last results: dx, dy and the coefficient gradients (summed over
-        the C blocks whose shares the launch wrote)."""
+    def results(bc: int) -> list[torch.Tensor]:
+        """The merge backward's results of its last launch, of ``bc`` channels per program: dx,
+        dy and the coefficient gradients (its C blocks' shares summed)."""
         dx, dy, dh_post, dh_res = args[5:9]
-        blocks = cdiv(C, last["BC"])
+        blocks = cdiv(C, bc)
         return [dx, dy, dh_post[:blocks].sum(0), dh_res[:blocks].sum(0)]
 
-    last = {}
-
-    def launch_and_keep(bt, bc, *rest, **kw):
-        last["BC"] = bc
-        launch(bt, bc, *rest, **kw)
-
-    return launch_and_keep, nbytes, results
+    return launch, nbytes, results
 
 
 BLOCKS_T, BLOCKS_C, WARPS = (1, 2, 4, 8), (128, 256, 512, 1024, 2048), (1, 2, 4, 8)
@@ -220,7 +214,7 @@ def sweep_mma(name: str, T: int, n: int, C: int, device: str, bench,
     baseline = timed_row("merge_bwd", name, (T, n, C), device, bench, peak, nbytes,
                          functools.partial(base, config["BT"], config["BC"], config["num_warps"],
                                            fields["form"]), fields)  # fmt: skip
-    want = [t.double().clone() for t in base_results()]
+    want = [t.double().clone() for t in base_results(config["BC"])]
     launch, _, results = kernel_launcher("merge_bwd_mma", T, n, C, dtype, device)  # same inputs
     np2 = next_power_of_2(n)
 
@@ -232,7 +226,7 @@ def sweep_mma(name: str, T: int, n: int, C: int, device: str, bench,
                          "form": "mma", "unroll": 1, "shipped": False})  # fmt: skip
         if row:
             errors = [((g.double() - w).abs().max() / w.abs().max()).item()
-                      for g, w in zip(results(), want, strict=True)]  # fmt: skip
+                      for g, w in zip(results(bc), want, strict=True)]  # fmt: skip
             row["max_rel_err"] = max(errors)
             row["accurate"] = row["max_rel_err"] <= 4 * torch.finfo(dtype).eps
         return row

@@ -26,20 +26,36 @@ def dot_width(size: int) -> int:
     return max(MIN_DOT, next_power_of_2(size))
 
 
+def parts_fp32() -> bool:
+    """Whether products take their 16-bit operands in float32 (``PARTS_FP32``, :func:`mma`): under
+    the interpreter, whose bf16 ``tl.dot`` is wrong."""
+    return interpreting()
+
+
 def dot_options(mma: bool) -> dict:
     """The constexprs a kernel passes on to :func:`dot_f32`: ``MMA`` as asked, ``PARTS_FP32``
     under the interpreter."""
-    return {"MMA": mma, "PARTS_FP32": interpreting()}
+    return {"MMA": mma, "PARTS_FP32": parts_fp32()}
+
+
+@triton.jit
+def parts16(x, dt: tl.constexpr):
+    """float32 ``x`` as ``hi + mid + lo``, three tensors of the 16-bit dtype ``dt``. bf16: 8
+    significand bits each, 24 in all, float32's (exact for normal numbers; :func:`bf16_parts`).
+    fp16: 11 bits each, exact but where ``lo`` falls below fp16's normal range (2^-14), which
+    keeps it to 2^-24: an error under 2^-25 for ``x`` up to 2. ``x`` already of dtype ``dt`` is
+    its own ``hi``."""
+    hi = x.to(dt)
+    rest = x.to(tl.float32) - hi.to(tl.float32)  # exact
+    mid = rest.to(dt)
+    return hi, mid, (rest - mid.to(tl.float32)).to(dt)
 
 
 @triton.jit
 def bf16_parts(x):
     """float32 ``x`` as ``hi + mid + lo``, three bfloat16 tensors holding 8 significand bits each:
     24 bits, float32's (exact for normal numbers). ``x`` already bfloat16 is its own ``hi``."""
-    hi = x.to(tl.bfloat16)
-    rest = x.to(tl.float32) - hi.to(tl.float32)  # exact
-    mid = rest.to(tl.bfloat16)
-    return hi, mid, (rest - mid.to(tl.float32)).to(tl.bfloat16)
+    return parts16(x, tl.bfloat16)
 
 
 @triton.jit

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .._autograd import backward_from_saved, differentiable, save_inputs
 from .._host import add_parts, cdiv, next_power_of_2, rows, shaped
-from .._split_dot import MIN_DOT, dot_f32, dot_options, dot_width, mma
+from .._split_dot import MIN_DOT, dot_f32, dot_options, dot_width, mma, parts16, parts_fp32
 from ..sinkhorn.triton import interpreting
 
 # --------------------------------------------------------------------------------------- kernels
@@ -217,18 +217,6 @@ def _merge_bwd_loads_first(x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_
 
 
 @triton.jit
-def _parts16(a, dt: tl.constexpr):
-    """float32 ``a`` as ``hi + mid + lo`` in the 16-bit dtype ``dt``: exact in bf16, 8
-    significant bits a part (``mhc_kernels._split_dot.bf16_parts``); in fp16, 11 bits a part,
-    exact but where ``lo`` falls below fp16's normal range (2^-14), which keeps it to 2^-24: an
-    error under 2^-25, far below the fp16 outputs' rounding."""
-    hi = a.to(dt)
-    rest = a - hi.to(tl.float32)
-    mid = rest.to(dt)
-    return hi, mid, (rest - mid.to(tl.float32)).to(dt)
-
-
-@triton.jit
 def _by_parts(a_hi, a_mid, a_lo, b, acc, PARTS_FP32: tl.constexpr):
     """``acc + a @ b`` for ``a`` in three 16-bit parts and 16-bit ``b``: exact products, the
     small terms first."""
@@ -249,7 +237,7 @@ def _merge_bwd_mma_kernel(x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_p
         dx = A g, A[(t, i), (t, j)] = h_res[t, j, i]    dy = P g, P[t, (t, i)] = h_post[t, i]
 
     g, x and y are 16-bit, so their products are exact in the products' float32 sums; A and P,
-    float32, go in as three parts in the streams' dtype (``_parts16``: float32's 24 significant
+    float32, go in as three parts in the streams' dtype (``parts16``: float32's 24 significant
     bits, so dx and dy sum what float32 FMAs would; two parts left 2e-5 where n = 8 terms
     cancel). A and P are block diagonal (one token's block), so the products of dx
     and dy do BT times the work they need, on units the other form leaves idle: against
@@ -273,11 +261,11 @@ def _merge_bwd_mma_kernel(x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_p
     if WRITE_DX:
         a = tl.load(hres_ptr + rt.to(tl.int64)[:, None] * n * n + ri[None, :] * n + ri[:, None],
                     mask=same & row_ok[:, None] & row_ok[None, :], other=0.0)  # fmt: skip
-        a_hi, a_mid, a_lo = _parts16(a, dt)
+        a_hi, a_mid, a_lo = parts16(a, dt)
     p = tl.load(hpost_ptr + rt.to(tl.int64)[None, :] * n + ri[None, :],
                 mask=(yr[:, None] == (r // NP)[None, :]) & y_ok[:, None] & row_ok[None, :],
                 other=0.0)  # [BY, R]  # fmt: skip
-    p_hi, p_mid, p_lo = _parts16(p, dt)
+    p_hi, p_mid, p_lo = parts16(p, dt)
     dres = tl.zeros((R, R), dtype=tl.float32)
     dpost = tl.zeros((R, BY), dtype=tl.float32)
     k = tl.arange(0, BK)
@@ -445,26 +433,19 @@ def merge_mma(x: torch.Tensor, y: torch.Tensor) -> bool:
     return MERGE_MMA and x.dtype in MMA_DTYPES and y.dtype == x.dtype
 
 
-def _parts_fp32() -> bool:
-    """Whether products take their operands in float32 (the interpreter's, whatever a test
-    makes of ``interpreting``: its bf16 ``tl.dot`` is wrong)."""
-    return dot_options(True)["PARTS_FP32"]
-
-
-def merge_mma_config(tokens: int, n: int, C: int, **gpu) -> dict:
+def merge_mma_config(n: int, C: int, **gpu) -> dict:
     """Launch options of ``_merge_bwd_mma_kernel``: ``GPU_MMA_MERGE``'s (``gpu`` overrides them:
     the sweep's) with the tokens per program that make its rows; under the interpreter a whole
     row of C per program and step, as few programs as a product's 16 rows allow."""
-    np2 = next_power_of_2(n)
+    np2, row = next_power_of_2(n), next_power_of_2(C)
     if interpreting():
-        bc = next_power_of_2(C)
-        return {"BT": max(1, MIN_DOT // np2), "NP": np2, "BC": bc, "BK": bc, "STAGES": 1,
-                "CV": 8 if C % 8 == 0 else 1, "num_warps": 4, "PARTS_FP32": _parts_fp32()}  # fmt: skip
-    launch = {**GPU_MMA_MERGE, **gpu}
+        launch = {"rows": MIN_DOT, "BC": row, "BK": row, "num_warps": 4, "STAGES": 1}
+    else:
+        launch = {**GPU_MMA_MERGE, **gpu}
     bt = max(1, launch.pop("rows") // np2, MIN_DOT // np2)
-    bc = min(launch.pop("BC"), max(launch["BK"], next_power_of_2(C)))
+    bc = min(launch.pop("BC"), max(launch["BK"], row))
     return {**launch, "BT": bt, "NP": np2, "BC": bc, "CV": 8 if C % 8 == 0 else 1,
-            "PARTS_FP32": _parts_fp32()}  # fmt: skip
+            "PARTS_FP32": parts_fp32()}  # fmt: skip
 
 
 def _grid(T: int, C: int, config: dict) -> tuple[int, int]:
@@ -510,7 +491,7 @@ def merge_bwd(x, y, h_post, h_res, g, want_dx: bool = True):
     """``(dx, dy, dh_post, dh_res)``; ``want_dx=False``: ``dx`` is ``None`` (not computed)."""
     T, n, C = x.shape
     if merge_mma(x, y):
-        kernel, config = _merge_bwd_mma_kernel, merge_mma_config(T, n, C)
+        kernel, config = _merge_bwd_mma_kernel, merge_mma_config(n, C)
     else:
         kernel, config = _merge_bwd_kernel, {**launch_config("merge_bwd", T, n, C, x.element_size()),
                                              "LOADS_FIRST": merge_loads_first(n)}  # fmt: skip
@@ -648,7 +629,7 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
         for name, (kernel, ptrs, extra, launch) in kernels.items():
             kind, tag = name.split("-", 1)
             if launch == "merge_mma":
-                consts = merge_mma_config(2**20, np2, 2**20)
+                consts = merge_mma_config(np2, 2**20)
             else:
                 consts = launch_config(launch, 2**20, np2, 2**20, itemsize)
             warps = consts.pop("num_warps")

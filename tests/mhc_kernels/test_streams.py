@@ -276,7 +276,7 @@ def test_the_gpu_launch_configurations_give_the_interpreters_results(n, dtype, m
         monkeypatch.setattr(
             kernels, "GPU_MMA_MERGE", {**kernels.GPU_MMA_MERGE, "BC": 256, "BK": 64}
         )
-        assert kernels.merge_mma_config(T, n, C)["BT"] < T
+        assert kernels.merge_mma_config(n, C)["BT"] < T
         check(merge_backward(x, y, h_post, h_res, g_out, "triton"), interpreter[4:8])
 
 
