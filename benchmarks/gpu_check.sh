@@ -10,7 +10,7 @@
 # everything (logs, one JSON line per measured case, test report, profile) into
 # $OUT/gpu-<name>-<time>.tgz after every step. Each step is capped (fine-tuning step 120 s, tests
 # 150, Sinkhorn 120, layer + streams 150, graphs 120, profile 60, sweep 120, sweep-projection 240,
-# sweep-parts 150, sweep-merge 180, sweep-mma 180, sweep-grad 150, sweep-streams 180, compile
+# sweep-parts 200, sweep-merge 180, sweep-mma 180, sweep-grad 150, sweep-streams 180, compile
 # 240, large stability 540): run the steps that fit the device time with MHC_GPU_STEPS (names below; all by
 # default), narrow the torch.compile cases with MHC_COMPILE_CASES and the large stability runs
 # with MHC_STABILITY_CASES (each a pytest -k).
@@ -84,10 +84,11 @@ want sweep && step sweep 120 python benchmarks/sweep_sinkhorn.py --out "$work/sw
 # the projection's tiles, warps, split, form and stages (bf16 then fp32; 257 compiles, 579 launches)
 want sweep-projection && step sweep-projection 240 python benchmarks/sweep_projection.py \
   --out "$work/sweep-projection.json"
-# the projection's forward and dv with phi's bf16 parts split once per call: 69 launches per kernel
-# and dtype, the shipped launch and 16 restaged ones (bf16 then fp32)
-want sweep-parts && step sweep-parts 150 python benchmarks/sweep_projection.py --phi-parts \
-  --kernels fwd dv --out "$work/sweep-parts.json"
+# the projection's kernels with their float32 operand's bf16 parts split once per call (dphi:
+# dproj's, never timed; the forward and dv: phi's): 69 launches per kernel and dtype, the shipped
+# launch and 16 restaged ones (bf16 then fp32; fwd and dv took 72 s in the fifth lease)
+want sweep-parts && step sweep-parts 200 python benchmarks/sweep_projection.py --parts \
+  --kernels dphi fwd dv --out "$work/sweep-parts.json"
 # the merge backward alone, both forms (stream by stream, loads first): 94 launches for bf16 (47
 # loads first, up to 64 elements per thread), 80 for fp32
 want sweep-merge && step sweep-merge 180 python benchmarks/sweep_streams.py \

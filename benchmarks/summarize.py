@@ -137,7 +137,8 @@ def streams_summary(rows: list[dict]) -> dict:
                 cases[key]["triton_roofline_ratio (target <= 1.3)"] = row["roofline_ratio"]
     out = {}
     for (kernel, passes, dtype, tokens), entry in sorted(cases.items()):
-        # triton_fma: the projection on FMAs; triton_mma: the stream gradient on tensor cores
+        # triton_fma: the projection on FMAs; triton_mma: the stream gradient on tensor cores (in
+        # the runs before that form was removed, 2026-11-27)
         for slow in ("eager", "compile", "triton_fma", "triton_mma"):
             if "triton" in entry and slow in entry:
                 entry[f"triton_vs_{slow}"] = entry[slow] / entry["triton"]

@@ -1,6 +1,6 @@
 """Sweep the Triton coefficient projection's launch parameters on a GPU: tiles, warps, split, stages.
 
-    python benchmarks/sweep_projection.py [--tokens 4096] [--C 1488] [--n 4] [--phi-parts]
+    python benchmarks/sweep_projection.py [--tokens 4096] [--C 1488] [--n 4] [--parts]
                                           [--dtypes bf16 fp32] [--kernels fwd dphi dv] [--out FILE]
 
 The projection's kernels (forward ``v @ phi`` with ``sum(v^2)``, ``dphi = v^T @ dproj`` and
@@ -10,9 +10,10 @@ first run (fourth lease, 161 compiles and 483 launches in 113 s) found launches 
 shipped since (``GPU_TILES``), still 1.8-6.3x the roofline. It had not varied how many of a
 loop's loads are in flight (Triton's ``num_stages``, 3 by default), which a K loop of ~90 steps
 with a small dot per step may depend on: the fastest ``RESTAGED`` launches of each kernel are
-now also timed with each of ``STAGES`` (96 more compiles). ``--phi-parts`` sweeps the forward and
-``dv`` on tensor cores with phi split into its bf16 parts once per call (``Tiles.phi_parts``)
-instead, next to the shipped launch: 69 launches per kernel and dtype, then the restaged ones.
+now also timed with each of ``STAGES`` (96 more compiles). ``--parts`` sweeps the kernels on
+tensor cores with their float32 operand split into its bf16 parts once per call (``Tiles.parts``:
+phi for the forward and ``dv``, the gradient dproj for ``dphi``) instead, next to the shipped
+launch: 69 launches per kernel and dtype, then the restaged ones.
 
 This times every combination of tokens per program (BT), K columns per step (BK), warps and the
 programs per SM that the split of each reduction aims at (for the float32 forward also with
@@ -53,7 +54,6 @@ MAX_ELEMS_PER_THREAD = 64  # a [BT, BK] tile of more per thread spilled (ptxas -
 # float32 FMAs instead of tensor cores: for the float32 forward only, the one kernel where that
 # form was faster (third lease, 16,384 tokens: 0.41 against 0.48 ms; 2.6x slower fwd+bwd)
 FMA_TOO = {("fwd", "fp32")}
-PHI_PARTS_KERNELS = ("fwd", "dv")  # the kernels that read phi (Tiles.phi_parts)
 
 
 def case(kernel: str, T: int, n: int, C: int, dtype: torch.dtype, device: str):
@@ -92,10 +92,10 @@ def tiles_of(row: dict) -> dict:
 
 
 def sweep(kernel: str, name: str, T: int, n: int, C: int, device: str, bench, peak,
-          phi_parts: bool = False) -> list[dict]:  # fmt: skip
+          parts: bool = False) -> list[dict]:  # fmt: skip
     """Every launch of ``kernel`` for ``name`` streams, accurate and fastest first: the grid, then
-    the fastest ``RESTAGED`` with each of ``STAGES``. ``phi_parts``: the grid on tensor cores with
-    phi's parts split once per call, and the shipped launch."""
+    the fastest ``RESTAGED`` with each of ``STAGES``. ``parts``: the grid on tensor cores with the
+    float32 operand's parts split once per call, and the shipped launch."""
     key = (kernel, DTYPES[name].itemsize)
     shipped = ct.GPU_TILES[key]
     call, want, tolerance, nbytes = case(kernel, T, n, C, DTYPES[name], device)
@@ -118,9 +118,9 @@ def sweep(kernel: str, name: str, T: int, n: int, C: int, device: str, bench, pe
                 "shipped": tiles == shipped}  # fmt: skip
 
     # tensor cores (with phi's parts, or with float32 phi), and float32 FMAs where they may win
-    mma = [True] + [False] * (not phi_parts and (kernel, name) in FMA_TOO)
+    mma = [True] + [False] * (not parts and (kernel, name) in FMA_TOO)
     grid = itertools.product(BLOCKS_T, BLOCKS_K, WARPS, PER_SM, mma)
-    tried = [ct.Tiles(bt, bk, warps, per_sm, form, phi_parts=phi_parts)
+    tried = [ct.Tiles(bt, bk, warps, per_sm, form, parts=parts)
              for bt, bk, warps, per_sm, form in grid
              if bt * bk // (32 * warps) <= MAX_ELEMS_PER_THREAD]  # fmt: skip
     tried += [shipped] * (shipped not in tried)
@@ -138,12 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
-    parser.add_argument("--phi-parts", action="store_true",
-                        help="the forward and dv with phi's bf16 parts split once per call")  # fmt: skip
+    parser.add_argument("--parts", action="store_true",
+                        help="the float32 operand's bf16 parts split once per call")  # fmt: skip
     parser.add_argument("--out", help="also write the rows here as JSON")
     args = parser.parse_args(argv)
-    if args.phi_parts and not set(args.kernels) <= set(PHI_PARTS_KERNELS):
-        parser.error(f"--phi-parts sweeps {' and '.join(PHI_PARTS_KERNELS)} (--kernels)")
     T, n, C = args.tokens, args.n, args.C
     if ct.dot_width(n * n + 2 * n) > ct.SWEPT_COLUMNS:
         parser.error(f"GPU_TILES serve n <= 4 (W padded to <= {ct.SWEPT_COLUMNS} columns)")
@@ -153,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = sweep_timer(rep=10)
     rows = []
     for name, kernel in itertools.product(args.dtypes, args.kernels):
-        found = sweep(kernel, name, T, n, C, device, bench, peak, args.phi_parts)
+        found = sweep(kernel, name, T, n, C, device, bench, peak, args.parts)
         for r in found[:5] + [r for r in found[5:] if r["shipped"] or not r["accurate"]]:
             print(json.dumps(r), flush=True)
         rows += found

@@ -14,8 +14,8 @@ channels, 1-8 tokens per program, 1-8 warps), the merge backward also in its loa
 most 32 elements per thread in each of its three stream tiles, 47 at 16 bits, at most 64), 44
 for the stream gradient (4-32 tokens sharing phi^T's rows) and its 8 fastest again with 2, 4 and
 8 rank-1 updates per step of its loop over W (``UNROLL``; 4 as shipped: each step waits on its
-loads). Its projection term on tensor cores (``MMA``)
-is no longer swept: both H200 sweeps had it 1.07-1.22x slower than the FMAs. ``merge_bwd_mma``
+loads; a form with its projection term on tensor cores, 1.07-1.22x slower in both H200 sweeps
+that timed it, was removed). ``merge_bwd_mma``
 (16-bit streams): the merge backward on tensor cores (``_merge_bwd_mma_kernel``, not shipped:
 ``MERGE_MMA``), 16-64 rows (tokens x padded streams) x 256-2048 channels per program x 32-128
 channels per loop step x 2-8 warps at 2 stages, its 6 fastest accurate at 1, 3 and 4 (122
@@ -44,7 +44,7 @@ import torch
 from conftest import ON_GPU, peak_bandwidth_gbs, sweep_timer, write_rows  # beside this script
 
 from mhc_kernels._host import cdiv, next_power_of_2
-from mhc_kernels._split_dot import dot_options, dot_width, parts_fp32
+from mhc_kernels._split_dot import parts_fp32
 from mhc_kernels.streams import triton as st
 
 
@@ -91,7 +91,7 @@ def kernel_launcher(kernel: str, T: int, n: int, C: int, dtype: torch.dtype, dev
     sizes = (T, n, C)
     if kernel == "stream_grad":
         sizes = (T, n, C, n * n + 2 * n)
-        extra = {"HAS_GOUT": True, "WP": dot_width(n * n + 2 * n)}
+        extra = {"HAS_GOUT": True}
 
     def launch(bt: int, bc: int, warps: int, form: str = "", unroll: int = 1, bk: int = 0,
                stages: int = 0):  # fmt: skip
@@ -101,7 +101,7 @@ def kernel_launcher(kernel: str, T: int, n: int, C: int, dtype: torch.dtype, dev
         pipeline stages."""
         options = extra
         if kernel == "stream_grad":
-            options = {**extra, **dot_options(False), "UNROLL": unroll}
+            options = {**extra, "UNROLL": unroll}
         elif kernel == "merge_bwd":
             options = {**extra, "LOADS_FIRST": form == "loads_first"}
         elif kernel == "merge_bwd_mma":

@@ -153,19 +153,16 @@ def test_coefficient_epilogue_speed(benchmark, record, provider, tokens, passes)
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("tokens", TOKENS, ids=lambda t: f"T{t}")
-@pytest.mark.parametrize("provider", ["eager", "compile", "triton", "triton_mma"])
-def test_stream_grad_speed(benchmark, record, provider, tokens, dtype, monkeypatch):
+@pytest.mark.parametrize("provider", ["eager", "compile", "triton"])
+def test_stream_grad_speed(benchmark, record, provider, tokens, dtype):
     """The fused connection backward's stream gradient (``fused_backward``): the pre-mix's, the
     merge's and the projection's terms written once (PyTorch: one addmm, terms added in place;
-    ``compile``: that under torch.compile; ``triton_mma``: the kernel with its projection term as
-    one tensor-core product, off by default). Traffic per token: reads x, the merge's upstream
+    ``compile``: that under torch.compile). Traffic per token: reads x, the merge's upstream
     gradient (n C each) and the pre-mix's (C), writes n C: (3 n + 1) C elements."""
     from mhc_kernels.streams import stream_grad, stream_grad_reference
-    from mhc_kernels.streams import triton as kernels
 
     if provider != "eager" and not ON_GPU:
         pytest.skip(f"{provider} is a GPU provider")
-    monkeypatch.setattr(kernels, "TENSOR_CORES", provider == "triton_mma")
     if provider == "compile" and (dtype, tokens) != ("fp32", TOKENS[0]):
         pytest.skip("torch.compile is measured for fp32 at the smaller size only (compile time)")
     dt, W = DTYPES[dtype], N * N + 2 * N
@@ -180,9 +177,7 @@ def test_stream_grad_speed(benchmark, record, provider, tokens, dtype, monkeypat
     if provider == "compile":
         fn = torch.compile(stream_grad_reference)
     else:
-        fn = functools.partial(
-            stream_grad, backend="triton" if provider.startswith("triton") else "torch"
-        )
+        fn = functools.partial(stream_grad, backend="triton" if provider == "triton" else "torch")
     nbytes = (3 * N + 1) * C * tokens * torch.finfo(dt).bits // 8
     measure(benchmark, record, fn, inputs, None, "fwd", nbytes, provider=provider,
             kernel="stream_grad", tokens=tokens, dtype=dtype)  # fmt: skip

@@ -19,9 +19,9 @@ backward was 1.5-2.5x slower than cuBLAS. With the split and the swept tiles (``
 layer runs faster with them at n = 4, C = 1488, so ``projection(..., backend="auto")`` takes them
 for such streams (:func:`mhc_kernels.coefficients.triton_by_default`). Forward traffic: v once,
 writes ``parts x T x (W + 1)`` floats; backward: v twice. The forward and ``dv`` on tensor cores
-can also read phi split once per call into its bf16 parts (``Tiles.phi_parts``, :func:`phi_parts`:
+can also read phi split once per call into its bf16 parts (``Tiles.parts``, :func:`split_parts`:
 one more launch, and about a third fewer instructions in their loops): the bf16 forward does
-(``GPU_TILES``).
+(``GPU_TILES``); ``dphi`` so reads the gradient ``dproj`` (not shipped until timed).
 
 The epilogue kernels turn ``(proj, sumsq)`` into the gates and H_res (scale, bias, sigmoid and
 Sinkhorn-Knopp, or the H_res logits for unconstrained hyper-connections) in one kernel each way:
@@ -53,9 +53,9 @@ from ..sinkhorn.triton import (
 
 
 @triton.jit
-def _phi_parts_tile(parts_ptr, k_row, k_in, K, WP: tl.constexpr):
-    """The ``[BK, WP]`` tiles of phi's three bf16 parts (``phi_parts``) at rows ``k_row`` (``k_in``:
-    those inside the reduction): ``hi, mid, lo``."""
+def _parts_tile(parts_ptr, k_row, k_in, K, WP: tl.constexpr):
+    """The ``[BK, WP]`` tiles at rows ``k_row`` (``k_in``: those inside the reduction) of a ``K``-row
+    matrix's three bf16 parts (``split_parts``: phi's, or dphi's ``dproj``): ``hi, mid, lo``."""
     tile = parts_ptr + k_row[:, None].to(tl.int64) * WP + tl.arange(0, WP)[None, :]
     plane = K.to(tl.int64) * WP  # between the parts
     return (tl.load(tile, mask=k_in[:, None], other=0.0),
@@ -73,7 +73,7 @@ def _projection_fwd_kernel(v_ptr, phi_ptr, proj_ptr, ss_ptr, T, K, k_per, W: tl.
     # the three kernels: as an argument it left phi's rows (W floats apart) without a known
     # alignment, so they were loaded a float at a time, each with its own 64-bit address and mask
     # (sm_90 SASS: 223 instructions per step of the bf16 forward, 164 with W a constexpr).
-    # PHI_PARTS: phi_ptr holds phi's bf16 parts ([3, K, WP], phi_parts) for the tensor-core dots,
+    # PHI_PARTS: phi_ptr holds phi's bf16 parts ([3, K, WP], split_parts) for the tensor-core dots,
     # which then need no split in the loop
     tok = tl.program_id(0) * BT + tl.arange(0, BT)
     part = tl.program_id(1)
@@ -89,7 +89,7 @@ def _projection_fwd_kernel(v_ptr, phi_ptr, proj_ptr, ss_ptr, T, K, k_per, W: tl.
         k_in = k_row < k_end
         v = tl.load(v_ptr + t2 * K + k_row[None, :], mask=(t2 < T) & k_in[None, :], other=0.0)
         if PHI_PARTS:
-            hi, mid, lo = _phi_parts_tile(phi_ptr, k_row, k_in, K, WP)
+            hi, mid, lo = _parts_tile(phi_ptr, k_row, k_in, K, WP)
             acc = dot_by_parts(v, hi, mid, lo, acc, PARTS_FP32)
         else:
             phi = tl.load(phi_ptr + k_row[:, None].to(tl.int64) * W + w2,
@@ -128,7 +128,7 @@ def _projection_dv_kernel(v_ptr, phi_ptr, dproj_ptr, dss_ptr, dv_ptr, T, K, k_pe
         # cores alike) against one rounding for the reference's addmm
         dv = tl.zeros((BT, BK), dtype=tl.float32)
         if PHI_PARTS:
-            hi, mid, lo = _phi_parts_tile(phi_ptr, k_row, k_in, K, WP)
+            hi, mid, lo = _parts_tile(phi_ptr, k_row, k_in, K, WP)
             dv = dot_by_parts(dproj, tl.trans(hi), tl.trans(mid), tl.trans(lo), dv, PARTS_FP32)
         else:
             phi = tl.load(phi_ptr + k_row[:, None].to(tl.int64) * W + w2,
@@ -141,7 +141,8 @@ def _projection_dv_kernel(v_ptr, phi_ptr, dproj_ptr, dss_ptr, dv_ptr, T, K, k_pe
 @triton.jit
 def _projection_dphi_kernel(v_ptr, dproj_ptr, dphi_ptr, T, K, t_per, W: tl.constexpr,
                             BT: tl.constexpr, BK: tl.constexpr, WP: tl.constexpr,
-                            MMA: tl.constexpr, PARTS_FP32: tl.constexpr):  # fmt: skip
+                            MMA: tl.constexpr, PARTS_FP32: tl.constexpr,
+                            DPROJ_PARTS: tl.constexpr):  # fmt: skip
     # grid (K blocks, token parts): this part's dphi = v^T @ dproj, to dphi_ptr [parts, K, W]. v is
     # loaded as v^T, a [BK, BT] tile with k (contiguous in memory) down its first axis: loaded as
     # [BT, BK] and transposed, float32 v was copied into shared memory 4 bytes at a time (the
@@ -159,22 +160,27 @@ def _projection_dphi_kernel(v_ptr, dproj_ptr, dphi_ptr, T, K, t_per, W: tl.const
         tok = (t0 + tt).to(tl.int64)
         v_t = tl.load(v_ptr + tok[None, :] * K + k2, mask=(tok[None, :] < t_end) & (k2 < K),
                       other=0.0)  # [BK, BT], in the streams' dtype  # fmt: skip
-        t2 = tok[:, None]
-        dproj = tl.load(dproj_ptr + t2 * W + w2, mask=(t2 < t_end) & (w2 < W), other=0.0)
-        acc = dot_f32(v_t, dproj, acc, MMA, PARTS_FP32)  # [BK, WP]
+        if DPROJ_PARTS:
+            hi, mid, lo = _parts_tile(dproj_ptr, tok, tok < t_end, T, WP)
+            acc = dot_by_parts(v_t, hi, mid, lo, acc, PARTS_FP32)
+        else:
+            t2 = tok[:, None]
+            dproj = tl.load(dproj_ptr + t2 * W + w2, mask=(t2 < t_end) & (w2 < W), other=0.0)
+            acc = dot_f32(v_t, dproj, acc, MMA, PARTS_FP32)  # [BK, WP]
     out = part.to(tl.int64) * K
     tl.store(dphi_ptr + (out + k_row[:, None]) * W + w2, acc,
              mask=(k_row[:, None] < K) & (w2 < W))  # fmt: skip
 
 
 @triton.jit
-def _phi_parts_kernel(phi_ptr, parts_ptr, K, W: tl.constexpr, WP: tl.constexpr,
-                      BK: tl.constexpr):  # fmt: skip
-    # phi [K, W] float32 -> its bf16 parts [3, K, WP] (hi, mid, lo; zero beyond W)
+def _split_parts_kernel(m_ptr, parts_ptr, K, W: tl.constexpr, WP: tl.constexpr,
+                        BK: tl.constexpr):  # fmt: skip
+    # a float32 matrix [K, W] (phi, or dphi's dproj) -> its bf16 parts [3, K, WP] (hi, mid, lo;
+    # zero beyond W)
     k2 = (tl.program_id(0) * BK + tl.arange(0, BK)).to(tl.int64)[:, None]
     w2 = tl.arange(0, WP)[None, :]
-    phi = tl.load(phi_ptr + k2 * W + w2, mask=(k2 < K) & (w2 < W), other=0.0)
-    hi, mid, lo = bf16_parts(phi)
+    m = tl.load(m_ptr + k2 * W + w2, mask=(k2 < K) & (w2 < W), other=0.0)
+    hi, mid, lo = bf16_parts(m)
     out = parts_ptr + k2 * WP + w2
     plane = K.to(tl.int64) * WP
     tl.store(out, hi, mask=k2 < K)
@@ -299,9 +305,10 @@ class Tiles(NamedTuple):
     ``BK``, warps, the programs per SM that the split of its reduction aims at, and whether its
     products run on bf16 tensor cores (``mma``; else float32 FMAs); ``stages``: how many of the
     reduction loop's loads are in flight (Triton's ``num_stages``; 3, its default, so far);
-    ``phi_parts``: the forward and ``dv`` on tensor cores read phi as its three bf16 parts, split
-    once per call by one more launch (:func:`phi_parts`), instead of loading float32 phi and
-    splitting it in every loop step (about a third of those loops' instructions, sm_90 SASS)."""
+    ``parts``: on tensor cores, the kernel's float32 operand (phi for the forward and ``dv``, the
+    gradient ``dproj`` for ``dphi``) is read as its three bf16 parts, split once per call by one
+    more launch (:func:`split_parts`), instead of loaded in float32 and split in every loop step
+    (about a third of those loops' instructions, sm_90 SASS)."""
 
     BT: int
     BK: int
@@ -309,7 +316,7 @@ class Tiles(NamedTuple):
     per_sm: int
     mma: bool
     stages: int = 3
-    phi_parts: bool = False
+    parts: bool = False
 
     def launch(self) -> dict:
         """The Triton launch options."""
@@ -327,7 +334,7 @@ class Tiles(NamedTuple):
 #   are re-read every 64 tokens rather than 16 (0.081 ms; 16 x 32 had taken 0.135). With phi's
 #   parts on tensor cores, 64 x 32 took 0.063 ms, but Triton 3.6 left that loop's last product in
 #   flight while the next step rewrote its A registers (undefined in PTX), so it does not ship;
-# - the bf16 forward in 32 x 32 tiles with phi's parts split once per call (``phi_parts``: 0.063
+# - the bf16 forward in 32 x 32 tiles with phi's parts split once per call (``parts``: 0.063
 #   ms against 0.078 in 16 x 32 tiles with phi split in the loop). From 64 tokens on, tiles take
 #   Hopper's wgmma: 0.047 ms at best, but 20 of those 49 launches summed 2-8% wrong on the H200,
 #   the fastest accurate one too at 4 and 5 stages: v's tile had one shared buffer fewer than the
@@ -340,7 +347,7 @@ class Tiles(NamedTuple):
 # Wider W (n >= 5) keeps the 16 x 32 tiles, with projection_warps.
 GPU_TILES = {
     ("fwd", 4): Tiles(64, 64, 8, 4, False),
-    ("fwd", 2): Tiles(32, 32, 4, 4, True, phi_parts=True),
+    ("fwd", 2): Tiles(32, 32, 4, 4, True, parts=True),
     ("dphi", 4): Tiles(16, 128, 4, 4, True),
     ("dphi", 2): Tiles(16, 128, 4, 4, True),
     ("dv", 4): Tiles(32, 64, 4, 8, True),
@@ -381,23 +388,24 @@ def projection_config(kernel: str, W: int, itemsize: int) -> tuple[int, Tiles]:
     return wp, gpu_tiles(kernel, wp, itemsize)
 
 
-PHI_PARTS_TILE = 2048  # elements of phi per program of the split: 16 per thread
+SPLIT_TILE = 2048  # elements per program of the split: 16 per thread
 
 
-def phi_parts(phi: torch.Tensor, wp: int) -> torch.Tensor:
-    """``phi (K, W)`` float32 as its three bf16 parts (``bf16_parts``: hi, mid, lo), one
-    ``(3, K, wp)`` tensor, zero beyond W: what kernels launched with ``Tiles.phi_parts`` read."""
-    K, W = phi.shape
-    parts = torch.empty((3, K, wp), dtype=torch.bfloat16, device=phi.device)
-    rows = PHI_PARTS_TILE // wp
-    _phi_parts_kernel[(cdiv(K, rows),)](phi, parts, K, W=W, WP=wp, BK=rows)
+def split_parts(m: torch.Tensor, wp: int) -> torch.Tensor:
+    """A float32 ``(K, W)`` matrix (phi, or dphi's ``dproj``) as its three bf16 parts
+    (``bf16_parts``: hi, mid, lo), one ``(3, K, wp)`` tensor, zero beyond W: what kernels launched
+    with ``Tiles.parts`` read."""
+    K, W = m.shape
+    parts = torch.empty((3, K, wp), dtype=torch.bfloat16, device=m.device)
+    rows = SPLIT_TILE // wp
+    _split_parts_kernel[(cdiv(K, rows),)](m, parts, K, W=W, WP=wp, BK=rows)
     return parts
 
 
 def _phi_operand(phi: torch.Tensor, wp: int, tiles: Tiles) -> tuple[torch.Tensor, dict]:
     """What a forward or ``dv`` kernel launched with ``tiles`` reads for phi, and its constexprs."""
-    split = tiles.mma and tiles.phi_parts
-    return (phi_parts(phi, wp) if split else phi), {"PHI_PARTS": split, **dot_options(tiles.mma)}
+    split = tiles.mma and tiles.parts
+    return (split_parts(phi, wp) if split else phi), {"PHI_PARTS": split, **dot_options(tiles.mma)}
 
 
 def _parts(blocks: int, length: int, block: int, device: torch.device, per_sm: int) -> int:
@@ -472,8 +480,11 @@ def projection_dphi(v, dproj, phi):
     t_per = _parts(k_blocks, T, tiles.BT, v.device, tiles.per_sm)
     parts = cdiv(T, t_per)
     dphi = torch.empty((parts, K, W), dtype=torch.float32, device=v.device)
+    split = tiles.mma and tiles.parts
+    dproj = split_parts(dproj, wp) if split else dproj
     _projection_dphi_kernel[(k_blocks, parts)](v, dproj, dphi, T, K, t_per, W=W, BT=tiles.BT,
-                                               BK=tiles.BK, WP=wp, **dot_options(tiles.mma),
+                                               BK=tiles.BK, WP=wp, DPROJ_PARTS=split,
+                                               **dot_options(tiles.mma),
                                                **tiles.launch())  # fmt: skip
     return add_parts(dphi)
 
@@ -528,8 +539,8 @@ def epilogue_bwd(proj, ss, alpha, bias, g_pre, g_post, g_res, n: int, features: 
 
 def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
     """GPU configurations: ``(name, kernel, signature, constexprs, launch options)`` for n = 2, 4, 8
-    (the projection per stream dtype, and phi's split where a launch reads its parts; the float32
-    epilogue per n with and without Sinkhorn)."""
+    (the projection per stream dtype, and the split into bf16 parts where a launch reads them; the
+    float32 epilogue per n with and without Sinkhorn)."""
     for n in (2, 4, 8):
         W = n * n + 2 * n
         wp = dot_width(W)
@@ -548,18 +559,19 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
                 tiles = gpu_tiles(name, wp, 4 if dt == "fp32" else 2)
                 consts = {"W": W, "BT": tiles.BT, "BK": tiles.BK, "WP": wp,
                           **dot_options(tiles.mma)}  # fmt: skip
-                if "phi_ptr" in ptrs:
-                    consts["PHI_PARTS"] = tiles.mma and tiles.phi_parts
-                    split |= consts["PHI_PARTS"]
-                    ptrs["phi_ptr"] = "*bf16" if consts["PHI_PARTS"] else f
+                # the operand read as bf16 parts with Tiles.parts: phi, or dphi's dproj
+                operand, flag = ("dproj", "DPROJ") if name == "dphi" else ("phi", "PHI")
+                consts[f"{flag}_PARTS"] = tiles.mma and tiles.parts
+                split |= tiles.mma and tiles.parts
+                ptrs[f"{operand}_ptr"] = "*bf16" if tiles.mma and tiles.parts else f
                 sig = {**ptrs, "T": "i32", "K": "i32", per: "i32",
                        **dict.fromkeys(consts, "constexpr")}  # fmt: skip
                 yield f"proj_{name}-W{wp}-{dt}", kernel, sig, consts, tiles.launch()
         if split:
-            consts = {"W": W, "WP": wp, "BK": PHI_PARTS_TILE // wp}
-            sig = {"phi_ptr": "*fp32", "parts_ptr": "*bf16", "K": "i32",
+            consts = {"W": W, "WP": wp, "BK": SPLIT_TILE // wp}
+            sig = {"m_ptr": "*fp32", "parts_ptr": "*bf16", "K": "i32",
                    **dict.fromkeys(consts, "constexpr")}  # fmt: skip
-            yield f"phi_parts-W{wp}", _phi_parts_kernel, sig, consts, {"num_warps": 4}
+            yield f"split_parts-W{wp}", _split_parts_kernel, sig, consts, {"num_warps": 4}
         np2 = next_power_of_2(n)
         bt = max(1, EPILOGUE_TILE_ELEMS // (np2 * np2))
         for iters in (0, 20):

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .._autograd import backward_from_saved, differentiable, save_inputs
 from .._host import add_parts, cdiv, next_power_of_2, rows, shaped
-from .._split_dot import MIN_DOT, dot_f32, dot_options, dot_width, mma, parts16, parts_fp32
+from .._split_dot import MIN_DOT, mma, parts16, parts_fp32
 from ..sinkhorn.triton import interpreting
 
 # --------------------------------------------------------------------------------------- kernels
@@ -296,20 +296,19 @@ def _merge_bwd_mma_kernel(x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_p
 def _stream_grad_kernel(x_ptr, gin_ptr, gout_ptr, hpre_ptr, hres_ptr, dss_ptr, dproj_ptr,
                         phit_ptr, dx_ptr, T, n, C, W: tl.constexpr,
                         HAS_GOUT: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr,
-                        BC: tl.constexpr, CV: tl.constexpr, MMA: tl.constexpr,
-                        WP: tl.constexpr, PARTS_FP32: tl.constexpr,
-                        UNROLL: tl.constexpr):  # fmt: skip
+                        BC: tl.constexpr, CV: tl.constexpr, UNROLL: tl.constexpr):  # fmt: skip
     # the connection's whole stream gradient, dx[t, i, c] =
     #   h_pre[t, i] g_in[t, c]                    (pre-mix)
     # + sum_j h_res[t, j, i] g_out[t, j, c]       (merge; without it when HAS_GOUT is off)
     # + 2 dss[t] x[t, i, c] + sum_w dproj[t, w] phi[i C + c, w]     (projection; phi^T given)
     # as one [BT, NP, BC] tile with no sums over streams; every load is addressed in the tile's own
     # shape ([BT, 1, 1] per token, [BT, NP, 1] per stream, [BT, 1, BC] per row) so that values
-    # need not change layout. The projection's term: MMA, one [BT, WP] x [WP, NP BC] product on
-    # bf16 tensor cores (split operands, float32's accuracy: mhc_kernels._split_dot); otherwise
-    # W rank-1 updates, BT tokens sharing each row of phi^T, UNROLL of them per loop step (their
-    # loads issued together: a step's FMAs wait on its loads, which Triton does not pipeline). W
-    # is a constexpr, as in the projection's kernels: fewer instructions and registers per step
+    # need not change layout. The projection's term: W rank-1 updates, BT tokens sharing each row
+    # of phi^T, UNROLL of them per loop step (their loads issued together: a step's FMAs wait on
+    # its loads, which Triton does not pipeline). W is a constexpr, as in the projection's
+    # kernels: fewer instructions and registers per step. (A form with that term as one
+    # [BT, W] x [W, n BC] product on bf16 tensor cores, split operands, was 1.07-1.22x slower on
+    # the H200 at the same launches, with twice the registers; removed after two sweeps.)
     C = _multiple(C, CV)
     tok, t64, c2, m2 = _token_channel_tile(T, C, BT, BC)
     i2, mi, t3, i3, c3, m3 = _stream_tile(tok, t64, c2, T, n, C, NP)
@@ -327,26 +326,14 @@ def _stream_grad_kernel(x_ptr, gin_ptr, gout_ptr, hpre_ptr, hres_ptr, dss_ptr, d
             hrow = tl.load(hres_ptr + t3 * n * n + j * n + i3, mask=tj & (i3 < n), other=0.0)
             gj = tl.load(gout_ptr + t3 * n * C + j * C + c3, mask=tj & (c3 < C), other=0.0)
             acc += hrow * gj.to(tl.float32)  # h_res[t, j, i] g_out[t, j, c]
-    if MMA:
-        w = tl.arange(0, WP)
-        dp = tl.load(dproj_ptr + t64[:, None] * W + w[None, :],
-                     mask=(tok[:, None] < T) & (w[None, :] < W), other=0.0)  # [BT, WP]  # fmt: skip
-        k = tl.arange(0, NP * BC)  # column k: stream k // BC, channel k % BC of this C block
-        kc = tl.program_id(1) * BC + k % BC
-        ph = tl.load(phit_ptr + w[:, None] * n * C + (k // BC * C + kc)[None, :],
-                     mask=(w[:, None] < W) & (k // BC < n)[None, :] & (kc < C)[None, :],
-                     other=0.0)  # [WP, NP * BC]  # fmt: skip
-        term = dot_f32(dp, ph, tl.zeros((BT, NP * BC), dtype=tl.float32), MMA, PARTS_FP32)
-        acc += tl.reshape(term, (BT, NP, BC))
-    else:
-        phi_row = i3 * C + c3  # [1, NP, BC]
-        for w0 in range(0, W, UNROLL):
-            for u in tl.static_range(UNROLL):
-                w = w0 + u
-                Tw, nw = T * (W > w), n * (W > w)  # no tokens, no streams past the last row
-                dp = tl.load(dproj_ptr + t3 * W + w, mask=t3 < Tw, other=0.0)  # [BT, 1, 1]
-                ph = tl.load(phit_ptr + w * n * C + phi_row, mask=(i3 < nw) & (c3 < C), other=0.0)
-                acc += dp * ph
+    phi_row = i3 * C + c3  # [1, NP, BC]
+    for w0 in range(0, W, UNROLL):
+        for u in tl.static_range(UNROLL):
+            w = w0 + u
+            Tw, nw = T * (W > w), n * (W > w)  # no tokens, no streams past the last row
+            dp = tl.load(dproj_ptr + t3 * W + w, mask=t3 < Tw, other=0.0)  # [BT, 1, 1]
+            ph = tl.load(phit_ptr + w * n * C + phi_row, mask=(i3 < nw) & (c3 < C), other=0.0)
+            acc += dp * ph
     tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=m3)
 
 
@@ -510,11 +497,6 @@ def merge_bwd(x, y, h_post, h_res, g, want_dx: bool = True):
 # with 16 x 64 on 2 warps (0.42 ms); with several per step (``STREAM_GRAD_UNROLL``, below), 16-bit
 # with 4 tokens as well (4 x 256 on 8 warps; 2026-11-27, sweep-grad): one warp per 32 channels
 STREAM_GRAD_TOKENS = 4
-# the stream gradient's projection term as one tensor-core product (n <= 4: n = 8's phi^T tile
-# spills) instead of W rank-1 updates in float32 FMAs. Off: on the H200 it was 1.07-1.22x slower
-# than the FMAs at the same launch (and 0.63 ms at best in the sweep), with twice the registers
-TENSOR_CORES = False
-MMA_STREAMS = 4
 # rank-1 updates per step of the FMA form's loop over W (``UNROLL``), for either stream dtype: 4.
 # The H200's sweep-grad (2026-11-27; n = 4, C = 1488, 16,384 tokens): float32 0.451 ms
 # at 4 x 128 on 4 warps, 1.71x the roofline (one update per step: 0.579 ms, 2.19x; 8 per step
@@ -533,24 +515,20 @@ def stream_grad_config(tokens: int, n: int, C: int, itemsize: int = 4) -> dict:
     """Launch options of the stream gradient kernel: ``launch_config``'s, except that a GPU program
     takes several tokens (``STREAM_GRAD_TOKENS``: 4) and a narrower C block to match, one warp per
     32 channels, so that the tokens share each read of phi^T (one token per program would cost 16x
-    more L2 traffic in phi^T than DRAM traffic in streams); and the projection term's form
-    (``MMA``: at least 16 tokens, a dot's least rows)."""
-    config = launch_config("merge_bwd", tokens, n, C, itemsize)  # reads what the merge's reads
-    mma = TENSOR_CORES and n <= MMA_STREAMS
-    dots = {**dot_options(mma), "WP": dot_width(n * n + 2 * n),
-            "UNROLL": 1 if mma else STREAM_GRAD_UNROLL}  # fmt: skip
+    more L2 traffic in phi^T than DRAM traffic in streams); and its updates per loop step
+    (``STREAM_GRAD_UNROLL``)."""
+    config = {**launch_config("merge_bwd", tokens, n, C, itemsize),  # reads what the merge's reads
+              "UNROLL": STREAM_GRAD_UNROLL}  # fmt: skip
     if interpreting():
-        return {**config, **dots, "BT": max(config["BT"], MIN_DOT) if mma else config["BT"]}
+        return config
     np2 = config["NP"]
     tile = GPU_TILE_ELEMS_PER_THREAD * 32 * 4 * (4 // itemsize)
     bt = min(next_power_of_2(max(tokens, 1)), STREAM_GRAD_TOKENS)
     bc = min(next_power_of_2(C), max(16, tile // (bt * np2)))
     bt = min(next_power_of_2(max(tokens, 1)), max(1, tile // (np2 * bc)))
-    if mma:
-        bt = max(bt, MIN_DOT)
     # one warp per 32 channels, and at most 64 tile elements per thread (n = 8 16-bit: 128 spilled)
     warps = min(8, max(1, bc // 32, bt * np2 * bc // (32 * 64)))
-    return {**config, **dots, "BT": bt, "BC": bc, "num_warps": warps}
+    return {**config, "BT": bt, "BC": bc, "num_warps": warps}
 
 
 def stream_grad(x, g_in, g_out, h_pre, h_res, dss, dproj, phi_t):

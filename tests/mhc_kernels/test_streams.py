@@ -280,23 +280,20 @@ def test_the_gpu_launch_configurations_give_the_interpreters_results(n, dtype, m
         check(merge_backward(x, y, h_post, h_res, g_out, "triton"), interpreter[4:8])
 
 
-@pytest.mark.parametrize("dots", ["fma", "fma-1-per-step", "tensor-cores"])
+@pytest.mark.parametrize("per_step", [4, 1], ids=lambda k: f"{k}-per-step")
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("merge_grad", [True, False], ids=["merge", "no-merge"])
 @pytest.mark.parametrize("n,C", [(1, 24), (3, 130), (4, 72), (8, 16)], ids=lambda v: str(v))
-def test_stream_grad_matches_the_reference(n, C, merge_grad, dtype, dots, device, monkeypatch):
+def test_stream_grad_matches_the_reference(n, C, merge_grad, dtype, per_step, device, monkeypatch):
     """The connection's one-pass stream gradient against the float64 formula, and the formula
     against autograd's sum of the pre-mix's, merge's and projection's stream gradients. The
-    kernel's projection term each way: W rank-1 updates 4 per loop step (shipped; W = 3, 15, 24,
-    80: fewer than 4, and not a multiple of 4) or one, and one tensor-core product of split
-    operands (n <= 4; n = 8 keeps the updates)."""
+    kernel's projection term, W rank-1 updates, 4 per loop step (shipped; W = 3, 15, 24, 80:
+    fewer than 4, and not a multiple of 4) or one."""
     from mhc_kernels.coefficients import projection
     from mhc_kernels.streams import stream_grad
     from mhc_kernels.streams import triton as kernels
 
-    monkeypatch.setattr(kernels, "TENSOR_CORES", dots == "tensor-cores")
-    if dots == "fma-1-per-step":
-        monkeypatch.setattr(kernels, "STREAM_GRAD_UNROLL", 1)
+    monkeypatch.setattr(kernels, "STREAM_GRAD_UNROLL", per_step)
 
     T, W, dt = 37, n * n + 2 * n, DTYPES[dtype]
     x = torch.randn(T, n, C, device=device).to(dt)
@@ -419,22 +416,23 @@ def test_projection_reference_backward_is_autograds():
     assert dv.shape == vb.shape
 
 
-@pytest.mark.parametrize("dots", ["tensor-cores", "tensor-cores-phi-parts", "fma"])
+@pytest.mark.parametrize("dots", ["tensor-cores", "tensor-cores-parts", "fma"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("n,C", [(2, 8), (3, 24), (4, 72), (4, 1488), (8, 16)], ids=str)  # W = 15
 def test_coefficient_projection_matches_the_reference(n, C, dtype, dots, device, monkeypatch):
     """Every way of the kernels' products: bf16 tensor cores with float32 operands split in three
     parts (shipped; the interpreter takes the parts in float32, the same products), the same with
-    phi split once per call (``Tiles.phi_parts``), float32 FMAs."""
+    the float32 operand split once per call (``Tiles.parts``: phi for the forward and dv, dproj for
+    dphi), float32 FMAs."""
     from mhc_kernels.coefficients import projection
     from mhc_kernels.coefficients import triton as kernels
 
     monkeypatch.setattr(kernels, "TENSOR_CORES", dots != "fma")
-    if dots == "tensor-cores-phi-parts":
-        parts = {key: tiles._replace(phi_parts=True) for key, tiles in kernels.GPU_TILES.items()}
+    if dots == "tensor-cores-parts":
+        parts = {key: tiles._replace(parts=True) for key, tiles in kernels.GPU_TILES.items()}
         monkeypatch.setattr(kernels, "GPU_TILES", parts)
         monkeypatch.setattr(kernels, "INTERPRETER_TILES",
-                            kernels.INTERPRETER_TILES._replace(phi_parts=True))  # fmt: skip
+                            kernels.INTERPRETER_TILES._replace(parts=True))  # fmt: skip
 
     T, W = 37, n * n + 2 * n
     v = torch.randn(T, n * C, device=device).to(DTYPES[dtype])
@@ -461,18 +459,19 @@ def test_coefficient_projection_matches_the_reference(n, C, dtype, dots, device,
 
 
 @pytest.mark.parametrize("n", [1, 4, 8])
-def test_phi_parts_split_phi_exactly(n, device):
-    """``phi_parts``: three bf16 parts per entry that add up to phi exactly, each part within
-    bf16's 8 bits of what the larger parts leave (rounded to nearest on a GPU, truncated by the
-    interpreter: either split is exact), zero in the padded columns."""
+def test_split_parts_splits_exactly(n, device):
+    """``split_parts`` (phi, or dphi's dproj): three bf16 parts per entry that add up to the
+    matrix exactly, each part within bf16's 8 bits of what the larger parts leave (rounded to
+    nearest on a GPU, truncated by the interpreter: either split is exact), zero in the padded
+    columns."""
     from mhc_kernels._split_dot import dot_width
-    from mhc_kernels.coefficients.triton import phi_parts
+    from mhc_kernels.coefficients.triton import split_parts
 
     K, W = 200, n * n + 2 * n  # K: several programs and a partial one
     gen = torch.Generator(device=device).manual_seed(3)
     phi = torch.randn(K, W, device=device, generator=gen) * torch.logspace(-20, 20, W, base=2.0,
                                                                           device=device)  # fmt: skip
-    parts = phi_parts(phi, dot_width(W))
+    parts = split_parts(phi, dot_width(W))
     assert parts.shape == (3, K, dot_width(W)) and parts.dtype == torch.bfloat16
     assert not parts[:, :, W:].any()
     hi, mid, lo = parts[:, :, :W].double()
