@@ -13,7 +13,9 @@ with a small dot per step may depend on: the fastest ``RESTAGED`` launches of ea
 now also timed with each of ``STAGES`` (96 more compiles). ``--parts`` sweeps the kernels on
 tensor cores with their float32 operand split into its bf16 parts once per call (``Tiles.parts``:
 phi for the forward and ``dv``, the gradient dproj for ``dphi``) instead, next to the shipped
-launch: 69 launches per kernel and dtype, then the restaged ones.
+launch: 69 launches per kernel and dtype, then the restaged ones. The forward's tiles of
+``WGMMA_TOKENS`` or more take its sum of squares apart (``Tiles.sumsq_apart``): in the fifth H200
+lease, 20 of their 49 launches without it summed 2-8% wrong.
 
 This times every combination of tokens per program (BT), K columns per step (BK), warps and the
 programs per SM that the split of each reduction aims at (for the float32 forward also with
@@ -54,6 +56,8 @@ MAX_ELEMS_PER_THREAD = 64  # a [BT, BK] tile of more per thread spilled (ptxas -
 # float32 FMAs instead of tensor cores: for the float32 forward only, the one kernel where that
 # form was faster (third lease, 16,384 tokens: 0.41 against 0.48 ms; 2.6x slower fwd+bwd)
 FMA_TOO = {("fwd", "fp32")}
+# token tiles from which products run on Hopper's wgmma and are left in flight across the loop
+WGMMA_TOKENS = 64
 
 
 def case(kernel: str, T: int, n: int, C: int, dtype: torch.dtype, device: str):
@@ -120,7 +124,8 @@ def sweep(kernel: str, name: str, T: int, n: int, C: int, device: str, bench, pe
     # tensor cores (with phi's parts, or with float32 phi), and float32 FMAs where they may win
     mma = [True] + [False] * (not parts and (kernel, name) in FMA_TOO)
     grid = itertools.product(BLOCKS_T, BLOCKS_K, WARPS, PER_SM, mma)
-    tried = [ct.Tiles(bt, bk, warps, per_sm, form, parts=parts)
+    tried = [ct.Tiles(bt, bk, warps, per_sm, form, parts=parts,
+                      sumsq_apart=parts and kernel == "fwd" and bt >= WGMMA_TOKENS)
              for bt, bk, warps, per_sm, form in grid
              if bt * bk // (32 * warps) <= MAX_ELEMS_PER_THREAD]  # fmt: skip
     tried += [shipped] * (shipped not in tried)

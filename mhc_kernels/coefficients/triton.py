@@ -67,14 +67,15 @@ def _parts_tile(parts_ptr, k_row, k_in, K, WP: tl.constexpr):
 def _projection_fwd_kernel(v_ptr, phi_ptr, proj_ptr, ss_ptr, T, K, k_per, W: tl.constexpr,
                            BT: tl.constexpr, BK: tl.constexpr, WP: tl.constexpr,
                            MMA: tl.constexpr, PARTS_FP32: tl.constexpr,
-                           PHI_PARTS: tl.constexpr):  # fmt: skip
+                           PHI_PARTS: tl.constexpr, SUMSQ_APART: tl.constexpr):  # fmt: skip
     # grid (token blocks, K parts): this part's sums over k in [part * k_per, ... + k_per), written
     # to its own slice of proj_ptr ([parts, T, W]) and ss_ptr ([parts, T]). W is a constexpr in
     # the three kernels: as an argument it left phi's rows (W floats apart) without a known
     # alignment, so they were loaded a float at a time, each with its own 64-bit address and mask
     # (sm_90 SASS: 223 instructions per step of the bf16 forward, 164 with W a constexpr).
     # PHI_PARTS: phi_ptr holds phi's bf16 parts ([3, K, WP], split_parts) for the tensor-core dots,
-    # which then need no split in the loop
+    # which then need no split in the loop. SUMSQ_APART: the sum of squares from a second load of
+    # v, so that v's shared tile feeds the products alone (Tiles.sumsq_apart)
     tok = tl.program_id(0) * BT + tl.arange(0, BT)
     part = tl.program_id(1)
     t2 = tok.to(tl.int64)[:, None]  # [BT, 1]
@@ -87,7 +88,8 @@ def _projection_fwd_kernel(v_ptr, phi_ptr, proj_ptr, ss_ptr, T, K, k_per, W: tl.
     for k0 in range(k_start, k_end, BK):
         k_row = k0 + kk
         k_in = k_row < k_end
-        v = tl.load(v_ptr + t2 * K + k_row[None, :], mask=(t2 < T) & k_in[None, :], other=0.0)
+        v_at, v_in = v_ptr + t2 * K + k_row[None, :], (t2 < T) & k_in[None, :]
+        v = tl.load(v_at, mask=v_in, other=0.0)
         if PHI_PARTS:
             hi, mid, lo = _parts_tile(phi_ptr, k_row, k_in, K, WP)
             acc = dot_by_parts(v, hi, mid, lo, acc, PARTS_FP32)
@@ -95,6 +97,8 @@ def _projection_fwd_kernel(v_ptr, phi_ptr, proj_ptr, ss_ptr, T, K, k_per, W: tl.
             phi = tl.load(phi_ptr + k_row[:, None].to(tl.int64) * W + w2,
                           mask=k_in[:, None] & (w2 < W), other=0.0)  # [BK, WP]  # fmt: skip
             acc = dot_f32(v, phi, acc, MMA, PARTS_FP32)
+        if SUMSQ_APART:  # cache_modifier: not the same load as v's, which Triton would merge
+            v = tl.load(v_at, mask=v_in, other=0.0, cache_modifier=".cg")
         vf = v.to(tl.float32)
         ss += tl.sum(vf * vf, axis=1)
     out = part.to(tl.int64) * T
@@ -308,7 +312,13 @@ class Tiles(NamedTuple):
     ``parts``: on tensor cores, the kernel's float32 operand (phi for the forward and ``dv``, the
     gradient ``dproj`` for ``dphi``) is read as its three bf16 parts, split once per call by one
     more launch (:func:`split_parts`), instead of loaded in float32 and split in every loop step
-    (about a third of those loops' instructions, sm_90 SASS)."""
+    (about a third of those loops' instructions, sm_90 SASS). ``sumsq_apart``: the forward takes
+    the sum of squares from a second load of v, so that v's shared tile feeds only the products.
+    Hopper's products in tiles of 64 tokens or more (``wgmma``) with ``parts`` are left in flight
+    across the loop's back edge; when the sum read v's tile too, Triton gave it one buffer fewer
+    than the stages and the next copy overwrote it under the product (the H200's 2-8% wrong
+    sums), apart it gets one per stage (``compile_check``'s ``in_flight_safe``). It costs one
+    more read of v, from L2."""
 
     BT: int
     BK: int
@@ -317,6 +327,7 @@ class Tiles(NamedTuple):
     mma: bool
     stages: int = 3
     parts: bool = False
+    sumsq_apart: bool = False
 
     def launch(self) -> dict:
         """The Triton launch options."""
@@ -328,8 +339,8 @@ class Tiles(NamedTuple):
 # benchmarks/sweep_projection.py on an H200 at n = 4, C = 1488 and the layer's 4,096 tokens
 # (benchmarks/results/sweep-projection-NVIDIA_H200-20261127T153320Z.json and, with phi's parts and
 # 1-5 stages, sweep-parts-NVIDIA_H200-20261127T193202Z.json), among those whose loops end with
-# their tensor-core products waited for (``compile_check``'s ``wgmma_in_flight``; ms against the
-# launch shipped before):
+# their tensor-core products waited for (``compile_check``'s ``wgmma_in_flight``; since, products
+# left in flight pass when ``in_flight_safe``; ms against the launch shipped before):
 # - the float32 forward on FMAs, 64 tokens x 64 columns on 8 warps, so that phi's K x W floats
 #   are re-read every 64 tokens rather than 16 (0.081 ms; 16 x 32 had taken 0.135). With phi's
 #   parts on tensor cores, 64 x 32 took 0.063 ms, but Triton 3.6 left that loop's last product in
@@ -352,6 +363,19 @@ GPU_TILES = {
     ("dphi", 2): Tiles(16, 128, 4, 4, True),
     ("dv", 4): Tiles(32, 64, 4, 8, True),
     ("dv", 2): Tiles(32, 64, 4, 4, True, stages=2),
+}
+# launches for 16-bit streams not shipped, that the next GPU sweep times (sweep_projection --parts)
+# against the shipped ones: Hopper's products left in flight across the loop's back edge, every
+# operand in shared memory with a buffer per stage (compile_check's ``in_flight_safe``, which CI
+# checks for them as for the shipped launches; the GPU tests run them natively at several token
+# counts). Offline, sm_90 with Triton 3.6: dphi with dproj's parts, loop 146 -> 102 instructions;
+# the forward in wgmma tiles with its sum of squares apart (without: 0.047 ms in the fifth lease's
+# sweep, against 0.063 ms shipped, but racy)
+CANDIDATE_TILES = {
+    "fwd-64x32-sumsq-apart": ("fwd", Tiles(64, 32, 4, 8, True, 3, parts=True, sumsq_apart=True)),
+    "fwd-128x64-sumsq-apart": ("fwd", Tiles(128, 64, 4, 4, True, 3, parts=True, sumsq_apart=True)),
+    "dphi-16x128-dproj-parts": ("dphi", Tiles(16, 128, 4, 4, True, 3, parts=True)),
+    "dphi-64x128-dproj-parts": ("dphi", Tiles(64, 128, 4, 2, True, 3, parts=True)),
 }
 
 
@@ -440,8 +464,8 @@ def projection_fwd(v: torch.Tensor, phi: torch.Tensor):
     ss = torch.empty((parts, T), dtype=torch.float32, device=v.device)
     phi, options = _phi_operand(phi, wp, tiles)
     _projection_fwd_kernel[(blocks, parts)](v, phi, proj, ss, T, K, k_per, W=W, BT=tiles.BT,
-                                            BK=tiles.BK, WP=wp, **options,
-                                            **tiles.launch())  # fmt: skip
+                                            BK=tiles.BK, WP=wp, SUMSQ_APART=tiles.sumsq_apart,
+                                            **options, **tiles.launch())  # fmt: skip
     return add_parts(proj), add_parts(ss)
 
 
@@ -537,36 +561,48 @@ def epilogue_bwd(proj, ss, alpha, bias, g_pre, g_post, g_res, n: int, features: 
     return dproj, dss, add_parts(dalpha), add_parts(dbias)
 
 
+def _projection_config(name: str, dt: str, W: int, tiles: Tiles):
+    """``(kernel, signature, constexprs)`` of the projection's kernel ``name`` for streams of
+    dtype ``dt`` launched with ``tiles``."""
+    s, f = f"*{dt}", "*fp32"
+    kernel, ptrs, per = {
+        "fwd": (_projection_fwd_kernel, {"v_ptr": s, "phi_ptr": f, "proj_ptr": f, "ss_ptr": f},
+                "k_per"),
+        "dv": (_projection_dv_kernel, {"v_ptr": s, "phi_ptr": f, "dproj_ptr": f, "dss_ptr": f,
+                                       "dv_ptr": s}, "k_per"),
+        "dphi": (_projection_dphi_kernel, {"v_ptr": s, "dproj_ptr": f, "dphi_ptr": f}, "t_per"),
+    }[name]  # fmt: skip
+    split = tiles.mma and tiles.parts
+    consts = {"W": W, "BT": tiles.BT, "BK": tiles.BK, "WP": dot_width(W), **dot_options(tiles.mma)}
+    # the operand read as bf16 parts with Tiles.parts: phi, or dphi's dproj
+    operand, flag = ("dproj", "DPROJ") if name == "dphi" else ("phi", "PHI")
+    consts[f"{flag}_PARTS"] = split
+    ptrs[f"{operand}_ptr"] = "*bf16" if split else f
+    if name == "fwd":
+        consts["SUMSQ_APART"] = tiles.sumsq_apart
+    sig = {**ptrs, "T": "i32", "K": "i32", per: "i32", **dict.fromkeys(consts, "constexpr")}
+    return kernel, sig, consts
+
+
 def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
     """GPU configurations: ``(name, kernel, signature, constexprs, launch options)`` for n = 2, 4, 8
     (the projection per stream dtype, and the split into bf16 parts where a launch reads them; the
-    float32 epilogue per n with and without Sinkhorn)."""
+    float32 epilogue per n with and without Sinkhorn), and the bf16 ``CANDIDATE_TILES`` (n = 4),
+    which the GPU tests run too."""
     for n in (2, 4, 8):
         W = n * n + 2 * n
         wp = dot_width(W)
         split = False
         for dt in dtypes:
-            s, f = f"*{dt}", "*fp32"
-            kernels = {
-                "fwd": (_projection_fwd_kernel, {"v_ptr": s, "phi_ptr": f, "proj_ptr": f,
-                                                 "ss_ptr": f}, "k_per"),
-                "dv": (_projection_dv_kernel, {"v_ptr": s, "phi_ptr": f, "dproj_ptr": f,
-                                               "dss_ptr": f, "dv_ptr": s}, "k_per"),
-                "dphi": (_projection_dphi_kernel, {"v_ptr": s, "dproj_ptr": f, "dphi_ptr": f},
-                         "t_per"),
-            }  # fmt: skip
-            for name, (kernel, ptrs, per) in kernels.items():
+            for name in ("fwd", "dv", "dphi"):
                 tiles = gpu_tiles(name, wp, 4 if dt == "fp32" else 2)
-                consts = {"W": W, "BT": tiles.BT, "BK": tiles.BK, "WP": wp,
-                          **dot_options(tiles.mma)}  # fmt: skip
-                # the operand read as bf16 parts with Tiles.parts: phi, or dphi's dproj
-                operand, flag = ("dproj", "DPROJ") if name == "dphi" else ("phi", "PHI")
-                consts[f"{flag}_PARTS"] = tiles.mma and tiles.parts
                 split |= tiles.mma and tiles.parts
-                ptrs[f"{operand}_ptr"] = "*bf16" if tiles.mma and tiles.parts else f
-                sig = {**ptrs, "T": "i32", "K": "i32", per: "i32",
-                       **dict.fromkeys(consts, "constexpr")}  # fmt: skip
-                yield f"proj_{name}-W{wp}-{dt}", kernel, sig, consts, tiles.launch()
+                yield (f"proj_{name}-W{wp}-{dt}", *_projection_config(name, dt, W, tiles),
+                       tiles.launch())  # fmt: skip
+            if n == 4 and dt == "bf16":
+                for label, (name, tiles) in CANDIDATE_TILES.items():
+                    yield (f"proj_{name}-W{wp}-{dt}-candidate-{label}",
+                           *_projection_config(name, dt, W, tiles), tiles.launch())  # fmt: skip
         if split:
             consts = {"W": W, "WP": wp, "BK": SPLIT_TILE // wp}
             sig = {"m_ptr": "*fp32", "parts_ptr": "*bf16", "K": "i32",

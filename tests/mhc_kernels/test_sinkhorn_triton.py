@@ -122,6 +122,38 @@ def test_the_compile_check_finds_tensor_core_products_in_flight_across_a_loops_b
     assert _wgmma_in_flight("\n".join([*mma, "bra $L__BB0_9;", "$L__BB0_9:", *wait])) == 0
 
 
+def test_the_compile_check_tells_safe_products_in_flight_from_racy_ones():
+    """``in_flight_safe``: products left in flight are safe only with both operands in shared
+    memory, a buffer per stage in every pipelined allocation, nothing stored from registers and
+    the loop's copies after its first wait (the two forms that raced on the H200: v's tile with
+    a buffer fewer than the stages, and an A operand in registers)."""
+    from mhc_kernels.compile_check import _in_flight_safe
+
+    def ttgir(buffers=(3, 3), a="!ttg.memdesc<128x16xbf16, #shared, #smem, mutable>", extra=""):
+        allocs = [f"%{i} = ttg.local_alloc : () -> !ttg.memdesc<{b}x128x16xbf16, #shared, #smem, "
+                  "mutable> loc(#loc1)" for i, b in enumerate(buffers)]  # fmt: skip
+        dot = (f"%acc = ttng.warp_group_dot %v, %b, %c {{inputPrecision = 0 : i32, isAsync = true}}"
+               f" : {a} * !ttg.memdesc<16x32xbf16, #shared1, #smem, mutable> -> "
+               "tensor<128x32xf32, #mma> loc(#loc2)")  # fmt: skip
+        return "\n".join([*allocs, dot, extra])
+
+    def ptx(*body):
+        return "\n".join(["$L__BB0_2:", *body, "@%p5 bra $L__BB0_2;"])
+
+    mma = ["wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 ..;",
+           "wgmma.commit_group.sync.aligned;"]  # fmt: skip
+    wait = ["wgmma.wait_group.sync.aligned 0;"]
+    copy = ["cp.async.cg.shared.global [ %r1 + 0 ], [ %rd2 + 0 ], 0x10, %r3;",
+            "cp.async.commit_group;"]  # fmt: skip
+    loop = ptx(*mma, *wait, *mma, *copy)
+    assert _in_flight_safe(loop, ttgir(), 3)
+    assert not _in_flight_safe(loop, ttgir(buffers=(2, 3)), 3)  # the bf16 forward's race
+    assert not _in_flight_safe(loop, ttgir(a="tensor<128x16xbf16, #ttg.dot_op<...>>"), 3)
+    assert not _in_flight_safe(loop, ttgir(extra="%s = ttg.local_alloc %parts : (tensor<..>)"), 3)
+    assert not _in_flight_safe(ptx(*copy, *mma, *wait, *mma), ttgir(), 3)  # copies first
+    assert not _in_flight_safe(loop, ttgir(buffers=(1,)), 1)
+
+
 @pytest.mark.skipif(
     sys.platform != "linux", reason="GPU compilation needs Triton's Linux toolchain"
 )
@@ -139,8 +171,10 @@ def test_every_shipped_configuration_compiles_for_gpu_targets_without_spills():
         r for r in rows if not r["ok"]
     ]
     # no loop leaves a Hopper tensor-core product reading shared memory or registers that its
-    # next step overwrites (the projection's race on the H200, 2026-11-27)
-    assert not any(r["wgmma_in_flight"] for r in rows), [r for r in rows if r["wgmma_in_flight"]]
+    # next step overwrites (the projection's race on the H200, 2026-11-27); the only products in
+    # flight are the candidates' (coefficients.triton.CANDIDATE_TILES), in shared memory alone
+    assert all(r["in_flight_safe"] for r in rows), [r for r in rows if not r["in_flight_safe"]]
+    assert all("candidate" in r["kernel"] for r in rows if r["wgmma_in_flight"])
     assert max(r["compile_s"] for r in rows) < 30
     # the stream kernels (one dtype) keep sums over streams in a thread's registers: no barriers
     # in the forwards, the 16-bit backwards synchronise no more than the fp32 ones (their sums

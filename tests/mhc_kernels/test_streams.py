@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from mhc_kernels.coefficients.triton import CANDIDATE_TILES
 from mhc_kernels.streams import merge, pre_mix
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -423,16 +424,19 @@ def test_coefficient_projection_matches_the_reference(n, C, dtype, dots, device,
     """Every way of the kernels' products: bf16 tensor cores with float32 operands split in three
     parts (shipped; the interpreter takes the parts in float32, the same products), the same with
     the float32 operand split once per call (``Tiles.parts``: phi for the forward and dv, dproj for
-    dphi), float32 FMAs."""
+    dphi) and the forward's sum of squares from a second load (``Tiles.sumsq_apart``), float32
+    FMAs."""
     from mhc_kernels.coefficients import projection
     from mhc_kernels.coefficients import triton as kernels
 
     monkeypatch.setattr(kernels, "TENSOR_CORES", dots != "fma")
     if dots == "tensor-cores-parts":
-        parts = {key: tiles._replace(parts=True) for key, tiles in kernels.GPU_TILES.items()}
+        form = {"parts": True, "sumsq_apart": True}
+        parts = {key: tiles._replace(**form) for key, tiles in kernels.GPU_TILES.items()}
         monkeypatch.setattr(kernels, "GPU_TILES", parts)
-        monkeypatch.setattr(kernels, "INTERPRETER_TILES",
-                            kernels.INTERPRETER_TILES._replace(parts=True))  # fmt: skip
+        monkeypatch.setattr(
+            kernels, "INTERPRETER_TILES", kernels.INTERPRETER_TILES._replace(**form)
+        )
 
     T, W = 37, n * n + 2 * n
     v = torch.randn(T, n * C, device=device).to(DTYPES[dtype])
@@ -485,7 +489,8 @@ def test_split_parts_splits_exactly(n, device):
     reason="the interpreter's test (CPU tensors); on a GPU every kernel test runs these tiles",
 )
 @pytest.mark.parametrize("tiles", ["shipped", (64, 64, 4, 2, True), (32, 128, 8, 8, True),
-                                   (64, 32, 4, 4, False), (32, 64, 4, 4, True, 3, True)],
+                                   (64, 32, 4, 4, False), (32, 64, 4, 4, True, 3, True),
+                                   (64, 32, 4, 8, True, 3, True, True)],
                          ids=str)  # fmt: skip
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_the_projections_gpu_tiles_give_the_interpreters_results(dtype, tiles, monkeypatch):
@@ -523,15 +528,21 @@ def test_the_projections_gpu_tiles_give_the_interpreters_results(dtype, tiles, m
     reason="a GPU's launches at the layer's sizes (the interpreter: the test above)",
 )
 @pytest.mark.parametrize("T", [1, 300, 4096, 5000], ids=lambda t: f"T{t}")
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_the_projections_gpu_launches_at_many_token_counts(T, dtype):
-    """The shipped launches (``GPU_TILES``) at n = 4, C = 1488 and token counts that split K into
-    different numbers of parts: the forward, ``dv`` and ``dphi`` within 4x float32's own error
-    against float64 plus the sweeps' bound (``dv``: one rounding to its dtype). On the H200 a race
-    (the bf16 forward with phi's parts in 64-token tiles: compile_check's ``wgmma_in_flight``)
-    summed wrongly at some tiles and K parts only, so each shipped launch is checked at several."""
+@pytest.mark.parametrize("dtype,launch", [("fp32", "shipped"), ("bf16", "shipped"),
+                                          *[("bf16", name) for name in CANDIDATE_TILES]])  # fmt: skip
+def test_the_projections_gpu_launches_at_many_token_counts(T, dtype, launch, monkeypatch):
+    """The shipped launches (``GPU_TILES``), and the candidates the sweeps time for them
+    (``CANDIDATE_TILES``, for bf16), at n = 4, C = 1488 and token counts that split K into different numbers
+    of parts: the forward, ``dv`` and ``dphi`` within 4x float32's own error against float64 plus
+    the sweeps' bound (``dv``: one rounding to its dtype). On the H200 a race (the bf16 forward
+    with phi's parts in 64-token tiles, its sum of squares reading v's tile: compile_check's
+    ``in_flight_safe``) summed wrongly at some tiles and K parts only, so each launch is checked
+    at several."""
     from mhc_kernels.coefficients import triton as kernels
 
+    if launch != "shipped":  # not shipped: run natively before a sweep times it
+        kernel, tiles = kernels.CANDIDATE_TILES[launch]
+        monkeypatch.setitem(kernels.GPU_TILES, (kernel, 2), tiles)
     n, C, dt = 4, 1488, DTYPES[dtype]
     K, W = n * C, n * n + 2 * n
     gen = torch.Generator(device="cuda").manual_seed(5)
