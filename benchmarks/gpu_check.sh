@@ -10,7 +10,7 @@
 # everything (logs, one JSON line per measured case, test report, profile) into
 # $OUT/gpu-<name>-<time>.tgz after every step. Each step is capped (fine-tuning step 120 s, tests
 # 150, Sinkhorn 120, layer + streams 150, graphs 120, profile 60, sweep 120, sweep-projection 240,
-# sweep-parts 200, sweep-merge 180, sweep-mma 180, sweep-grad 150, sweep-streams 180, compile
+# sweep-parts 200, sweep-merge 180, sweep-mma 180, sweep-grad 240, sweep-streams 180, compile
 # 240, large stability 540): run the steps that fit the device time with MHC_GPU_STEPS (names below; all by
 # default), narrow the torch.compile cases with MHC_COMPILE_CASES and the large stability runs
 # with MHC_STABILITY_CASES (each a pytest -k).
@@ -85,19 +85,22 @@ want sweep && step sweep 120 python benchmarks/sweep_sinkhorn.py --out "$work/sw
 want sweep-projection && step sweep-projection 240 python benchmarks/sweep_projection.py \
   --out "$work/sweep-projection.json"
 # the projection's kernels with their float32 operand's bf16 parts split once per call (dphi:
-# dproj's, never timed; the forward and dv: phi's): 69 launches per kernel and dtype, the shipped
-# launch and 16 restaged ones (bf16 then fp32; fwd and dv took 72 s in the fifth lease)
+# dproj's, never timed; the forward and dv: phi's), bf16 streams (float32's, swept in the fifth
+# lease: its faster forms there hold an operand in registers under a product left in flight,
+# which compile_check rejects): 69 launches per kernel, the shipped launch and 16 restaged ones
+# (fwd and dv in both dtypes took 72 s in the fifth lease)
 want sweep-parts && step sweep-parts 200 python benchmarks/sweep_projection.py --parts \
-  --kernels dphi fwd dv --out "$work/sweep-parts.json"
+  --dtypes bf16 --kernels dphi fwd dv --out "$work/sweep-parts.json"
 # the merge backward alone, both forms (stream by stream, loads first): 94 launches for bf16 (47
 # loads first, up to 64 elements per thread), 80 for fp32
 want sweep-merge && step sweep-merge 180 python benchmarks/sweep_streams.py \
   --dtypes bf16 fp32 --kernels merge_bwd --out "$work/sweep-merge.json"
-# the stream gradient alone, its 8 fastest launches again at 2, 4, 8 updates per step: 68 per dtype
 # the merge backward on tensor cores (bf16; not shipped: MERGE_MMA), the shipped launch beside it
 want sweep-mma && step sweep-mma 180 python benchmarks/sweep_streams.py \
   --dtypes bf16 --kernels merge_bwd_mma --out "$work/sweep-mma.json"
-want sweep-grad && step sweep-grad 150 python benchmarks/sweep_streams.py \
+# the stream gradient alone, its 8 fastest launches again at 2, 4, 8 updates per step and with its
+# loop's loads copied ahead (2-3 stages): 108 per dtype (68 took 105 s for both in the fifth lease)
+want sweep-grad && step sweep-grad 240 python benchmarks/sweep_streams.py \
   --dtypes bf16 fp32 --kernels stream_grad --out "$work/sweep-grad.json"
 # the backwards (sums over C) only: both 2026-11-27 sweeps put the forwards at 1.18-1.28x the roofline
 want sweep-streams && step sweep-streams 180 python benchmarks/sweep_streams.py \

@@ -14,8 +14,9 @@ channels, 1-8 tokens per program, 1-8 warps), the merge backward also in its loa
 most 32 elements per thread in each of its three stream tiles, 47 at 16 bits, at most 64), 44
 for the stream gradient (4-32 tokens sharing phi^T's rows) and its 8 fastest again with 2, 4 and
 8 rank-1 updates per step of its loop over W (``UNROLL``; 4 as shipped: each step waits on its
-loads; a form with its projection term on tensor cores, 1.07-1.22x slower in both H200 sweeps
-that timed it, was removed). ``merge_bwd_mma``
+loads) and with that loop's loads copied 1-2 steps ahead (``STAGES`` 2-3 at 1, 2 or 4 updates
+per step; 1 as shipped): 64 more, and the shipped launch if none of them is it (a form with its projection term on tensor cores, 1.07-1.22x
+slower in both H200 sweeps that timed it, was removed). ``merge_bwd_mma``
 (16-bit streams): the merge backward on tensor cores (``_merge_bwd_mma_kernel``, not shipped:
 ``MERGE_MMA``), 16-64 rows (tokens x padded streams) x 256-2048 channels per program x 32-128
 channels per loop step x 2-8 warps at 2 stages, its 6 fastest accurate at 1, 3 and 4 (122
@@ -97,11 +98,11 @@ def kernel_launcher(kernel: str, T: int, n: int, C: int, dtype: torch.dtype, dev
                stages: int = 0):  # fmt: skip
         """``form``: the merge backward's (``LOADS_FIRST``: "loads_first" or "by_stream");
         ``unroll``: the stream gradient's rank-1 updates per loop step (``UNROLL``, its FMA form);
-        ``bk`` and ``stages``: the tensor-core merge backward's channels per loop step and
-        pipeline stages."""
+        ``bk``: the tensor-core merge backward's channels per loop step; ``stages``: its pipeline
+        stages, and the stream gradient's (``STAGES``; 0 there: 1)."""
         options = extra
         if kernel == "stream_grad":
-            options = {**extra, "UNROLL": unroll}
+            options = {**extra, "UNROLL": unroll, "STAGES": max(stages, 1)}
         elif kernel == "merge_bwd":
             options = {**extra, "LOADS_FIRST": form == "loads_first"}
         elif kernel == "merge_bwd_mma":
@@ -124,8 +125,9 @@ BLOCKS_T, BLOCKS_C, WARPS = (1, 2, 4, 8), (128, 256, 512, 1024, 2048), (1, 2, 4,
 KERNELS = ("pre_mix_fwd", "pre_mix_bwd", "merge_fwd", "merge_bwd", "stream_grad", "merge_bwd_mma")
 # the stream gradient's programs share phi^T's rows between their tokens: more tokens, narrower C
 GRAD_BLOCKS_T, GRAD_BLOCKS_C = (4, 8, 16, 32), (32, 64, 128, 256)
-# its RETIMED fastest FMA launches are timed again with UNROLLS rank-1 updates per loop step
-RETIMED, UNROLLS = 8, (2, 4, 8)
+# its RETIMED fastest launches are timed again with each (rank-1 updates per loop step, stages)
+RETIMED = 8
+RETIMES = ((2, 1), (4, 1), (8, 1), (1, 2), (2, 2), (4, 2), (1, 3), (4, 3))
 # the merge backward on tensor cores (16-bit streams): rows per program (tokens x padded streams),
 # C blocks, channels per loop step and warps, at 2 stages; its MMA_RETIMED fastest at MMA_STAGES
 MMA_ROWS, MMA_BLOCKS_C, MMA_STEPS, MMA_WARPS = (
@@ -148,14 +150,16 @@ def sweep_kernel(kernel: str, name: str, T: int, n: int, C: int, device: str, be
     configure = st.stream_grad_config if grad else functools.partial(st.launch_config, kernel)
     config = configure(T, n, C, DTYPES[name].itemsize)
     shipped = (config["BT"], config["BC"], config["num_warps"], shipped_form(kernel, n),
-               config.get("UNROLL", 1))  # fmt: skip
+               config.get("UNROLL", 1), config.get("STAGES", 1))  # fmt: skip
     launch, nbytes, _ = kernel_launcher(kernel, T, n, C, DTYPES[name], device)
     row = functools.partial(timed_row, kernel, name, (T, n, C), device, bench, peak, nbytes)
 
-    def timed(bt: int, bc: int, warps: int, form: str, unroll: int = 1) -> dict | None:
-        return row(functools.partial(launch, bt, bc, warps, form, unroll),
+    def timed(bt: int, bc: int, warps: int, form: str, unroll: int = 1,
+              stages: int = 1) -> dict | None:  # fmt: skip
+        return row(functools.partial(launch, bt, bc, warps, form, unroll, stages=stages),
                    {"BT": bt, "BC": bc, "warps": warps, "form": form, "unroll": unroll,
-                    "shipped": (bt, bc, warps, form, unroll) == shipped})  # fmt: skip
+                    "stages": stages,
+                    "shipped": (bt, bc, warps, form, unroll, stages) == shipped})  # fmt: skip
 
     blocks = (GRAD_BLOCKS_T, GRAD_BLOCKS_C) if grad else (BLOCKS_T, BLOCKS_C)
     # the merge backward also with every load before its first store (n <= 4)
@@ -172,10 +176,12 @@ def sweep_kernel(kernel: str, name: str, T: int, n: int, C: int, device: str, be
         if per_thread > 64 or (loads_first and per_thread > 32 * (4 // DTYPES[name].itemsize)):
             continue
         found.append(timed(bt, bc, warps, form))
-    if grad:  # the fastest launches again, several rank-1 updates per loop step
+    if grad:  # the fastest launches again, more updates per loop step, loads copied ahead
         fastest = sorted((r for r in found if r), key=lambda r: r["ms"])[:RETIMED]
-        for r, unroll in itertools.product(fastest, UNROLLS):
-            found.append(timed(r["BT"], r["BC"], r["warps"], "", unroll))
+        for r, (unroll, stages) in itertools.product(fastest, RETIMES):
+            found.append(timed(r["BT"], r["BC"], r["warps"], "", unroll, stages))
+        if not any(r and r["shipped"] for r in found):  # the baseline, in the same run
+            found.append(timed(*shipped))
     return sorted((r for r in found if r), key=lambda r: r["ms"])
 
 

@@ -296,7 +296,8 @@ def _merge_bwd_mma_kernel(x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_p
 def _stream_grad_kernel(x_ptr, gin_ptr, gout_ptr, hpre_ptr, hres_ptr, dss_ptr, dproj_ptr,
                         phit_ptr, dx_ptr, T, n, C, W: tl.constexpr,
                         HAS_GOUT: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr,
-                        BC: tl.constexpr, CV: tl.constexpr, UNROLL: tl.constexpr):  # fmt: skip
+                        BC: tl.constexpr, CV: tl.constexpr, UNROLL: tl.constexpr,
+                        STAGES: tl.constexpr):  # fmt: skip
     # the connection's whole stream gradient, dx[t, i, c] =
     #   h_pre[t, i] g_in[t, c]                    (pre-mix)
     # + sum_j h_res[t, j, i] g_out[t, j, c]       (merge; without it when HAS_GOUT is off)
@@ -305,8 +306,9 @@ def _stream_grad_kernel(x_ptr, gin_ptr, gout_ptr, hpre_ptr, hres_ptr, dss_ptr, d
     # shape ([BT, 1, 1] per token, [BT, NP, 1] per stream, [BT, 1, BC] per row) so that values
     # need not change layout. The projection's term: W rank-1 updates, BT tokens sharing each row
     # of phi^T, UNROLL of them per loop step (their loads issued together: a step's FMAs wait on
-    # its loads, which Triton does not pipeline). W is a constexpr, as in the projection's
-    # kernels: fewer instructions and registers per step. (A form with that term as one
+    # its loads), the loop's loads copied STAGES - 1 steps ahead into shared memory when
+    # STAGES >= 2 (cp.async; 1: plain loads, the same code as a plain range). W is a constexpr,
+    # as in the projection's kernels: fewer instructions and registers per step. (A form with that term as one
     # [BT, W] x [W, n BC] product on bf16 tensor cores, split operands, was 1.07-1.22x slower on
     # the H200 at the same launches, with twice the registers; removed after two sweeps.)
     C = _multiple(C, CV)
@@ -327,7 +329,7 @@ def _stream_grad_kernel(x_ptr, gin_ptr, gout_ptr, hpre_ptr, hres_ptr, dss_ptr, d
             gj = tl.load(gout_ptr + t3 * n * C + j * C + c3, mask=tj & (c3 < C), other=0.0)
             acc += hrow * gj.to(tl.float32)  # h_res[t, j, i] g_out[t, j, c]
     phi_row = i3 * C + c3  # [1, NP, BC]
-    for w0 in range(0, W, UNROLL):
+    for w0 in tl.range(0, W, UNROLL, num_stages=STAGES):
         for u in tl.static_range(UNROLL):
             w = w0 + u
             Tw, nw = T * (W > w), n * (W > w)  # no tokens, no streams past the last row
@@ -509,16 +511,22 @@ STREAM_GRAD_TOKENS = 4
 # constexpr (a loop of known length), n = 4 bf16 takes 140, 157, 197 and 251 registers at 1, 2, 4
 # and 8 per step on sm_90 with Triton 3.6 (153, 168, 251 and a 192-byte spill with W an argument)
 STREAM_GRAD_UNROLL = 4
+# pipeline stages of that loop (``STAGES``): 1, its loads issued in the step that uses them, as
+# timed. With 2-4, Triton copies them ahead into shared memory (sm_90, Triton 3.6, n = 4 bf16:
+# 5 cp.async and 8 shared loads per update at 1 per step, 44 instructions against 36, 75-80
+# registers against 63, no spills), so no step waits out an L2 latency; never timed
+# (sweep_streams --kernels stream_grad retimes its fastest launches so)
+STREAM_GRAD_STAGES = 1
 
 
 def stream_grad_config(tokens: int, n: int, C: int, itemsize: int = 4) -> dict:
     """Launch options of the stream gradient kernel: ``launch_config``'s, except that a GPU program
     takes several tokens (``STREAM_GRAD_TOKENS``: 4) and a narrower C block to match, one warp per
     32 channels, so that the tokens share each read of phi^T (one token per program would cost 16x
-    more L2 traffic in phi^T than DRAM traffic in streams); and its updates per loop step
-    (``STREAM_GRAD_UNROLL``)."""
+    more L2 traffic in phi^T than DRAM traffic in streams); its updates per loop step
+    (``STREAM_GRAD_UNROLL``) and the loop's stages (``STREAM_GRAD_STAGES``)."""
     config = {**launch_config("merge_bwd", tokens, n, C, itemsize),  # reads what the merge's reads
-              "UNROLL": STREAM_GRAD_UNROLL}  # fmt: skip
+              "UNROLL": STREAM_GRAD_UNROLL, "STAGES": STREAM_GRAD_STAGES}  # fmt: skip
     if interpreting():
         return config
     np2 = config["NP"]

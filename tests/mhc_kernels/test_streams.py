@@ -281,20 +281,24 @@ def test_the_gpu_launch_configurations_give_the_interpreters_results(n, dtype, m
         check(merge_backward(x, y, h_post, h_res, g_out, "triton"), interpreter[4:8])
 
 
-@pytest.mark.parametrize("per_step", [4, 1], ids=lambda k: f"{k}-per-step")
+@pytest.mark.parametrize("per_step,stages", [(4, 1), (1, 1), (2, 3)],
+                         ids=lambda k: f"{k}")  # fmt: skip
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("merge_grad", [True, False], ids=["merge", "no-merge"])
 @pytest.mark.parametrize("n,C", [(1, 24), (3, 130), (4, 72), (8, 16)], ids=lambda v: str(v))
-def test_stream_grad_matches_the_reference(n, C, merge_grad, dtype, per_step, device, monkeypatch):
+def test_stream_grad_matches_the_reference(n, C, merge_grad, dtype, per_step, stages, device,
+                                           monkeypatch):  # fmt: skip
     """The connection's one-pass stream gradient against the float64 formula, and the formula
     against autograd's sum of the pre-mix's, merge's and projection's stream gradients. The
     kernel's projection term, W rank-1 updates, 4 per loop step (shipped; W = 3, 15, 24, 80:
-    fewer than 4, and not a multiple of 4) or one."""
+    fewer than 4, and not a multiple of 4) or one, and 2 per step with the loop's loads copied
+    2 steps ahead (``STAGES``: on a GPU; the interpreter runs the same loop)."""
     from mhc_kernels.coefficients import projection
     from mhc_kernels.streams import stream_grad
     from mhc_kernels.streams import triton as kernels
 
     monkeypatch.setattr(kernels, "STREAM_GRAD_UNROLL", per_step)
+    monkeypatch.setattr(kernels, "STREAM_GRAD_STAGES", stages)
 
     T, W, dt = 37, n * n + 2 * n, DTYPES[dtype]
     x = torch.randn(T, n, C, device=device).to(dt)
