@@ -126,7 +126,8 @@ def _copies_after_wait(body: str) -> bool:
 
 def _in_flight_safe(ptx: str, ttgir: str, stages: int) -> bool:
     """Whether tensor-core products that a loop leaves in flight (``wgmma_in_flight``) read only
-    what its next steps cannot overwrite before they wait for them, read from Triton's TTGIR:
+    what its next steps cannot overwrite before they wait for them, read from Triton's TTGIR and
+    the PTX:
 
     - every product (``ttng.warp_group_dot``) takes both operands from shared memory: with one
       in registers (the float32 forward with phi's parts), Triton 3.6 rewrote those registers at
