@@ -58,13 +58,31 @@ VARIANTS = ["plain", "mhc", "mhc_recompute", "mhc_fused_backward", "mhc_all_trit
             # st_finetune's bf16 streams with every fused kernel: the Triton projection reads them
             # as they are, where PyTorch's makes a float32 copy each way
             "mhc_bf16_streams_all_triton_graphed",
-            "mhc_bf16_streams_all_triton_fused_graphed"]  # fmt: skip
+            "mhc_bf16_streams_all_triton_fused_graphed",
+            # the same with every launch prepared for 16-bit streams and not shipped (untimed)
+            "mhc_bf16_streams_candidates_graphed"]  # fmt: skip
+
+
+def use_candidates(monkeypatch) -> None:
+    """Every launch prepared for 16-bit streams and not shipped, in place of the shipped ones: the
+    projection's ``CANDIDATE_TILES`` (the forward in 64 x 32 wgmma tiles with its sum of squares
+    apart, ``dphi`` reading dproj's parts), the merge backward on tensor cores (``MERGE_MMA``) and
+    the stream gradient's loads copied a step ahead (``STREAM_GRAD_STAGES = 2``): one graphed
+    figure for all of them beside the shipped launches' in the same run."""
+    from mhc_kernels.coefficients import triton as ct
+    from mhc_kernels.streams import triton as st
+
+    for label in ("fwd-64x32-sumsq-apart", "dphi-16x128-dproj-parts"):
+        kernel, tiles = ct.CANDIDATE_TILES[label]
+        monkeypatch.setitem(ct.GPU_TILES, (kernel, 2), tiles)
+    monkeypatch.setattr(st, "MERGE_MMA", True)
+    monkeypatch.setattr(st, "STREAM_GRAD_STAGES", 2)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"] if ON_GPU else ["fp32"])
 @pytest.mark.parametrize("dim,heads", [(512, 8), (1488, 12)], ids=["C512", "C1488"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_block_fwd_bwd(benchmark, record, variant, dim, heads, dtype):
+def test_block_fwd_bwd(benchmark, record, variant, dim, heads, dtype, monkeypatch):
     """``mhc``: the default backends; ``mhc_recompute``: both connections recomputed, the second
     one's stream rebuilt (``recompute_block=2``); ``mhc_all_triton``: every fused kernel, the
     projection at any width included (GPU only; ``auto`` takes it too for n*C >= 4096);
@@ -82,13 +100,16 @@ def test_block_fwd_bwd(benchmark, record, variant, dim, heads, dtype):
     GPU only), which leaves the host out: the GPU's own time, what mHC costs a step that is not
     bound by its host, for the default path, the fused backward, every fused kernel (with and
     without the fused backward) and bf16 streams against a bf16 residual (also with every fused
-    kernel, with and without the fused backward: ``mhc_bf16_streams_all_triton[_fused]``)."""
+    kernel, with and without the fused backward: ``mhc_bf16_streams_all_triton[_fused]``, and the
+    latter with the launches not shipped yet: ``mhc_bf16_streams_candidates``, :func:`use_candidates`)."""
     if variant.startswith("mhc_all_triton") or variant.endswith(("_compiled", "_graphed")):
         if not ON_GPU:
             pytest.skip("the fused kernels, inductor's code and CUDA graphs run only on a GPU")
     name = variant.removesuffix("_compiled").removesuffix("_graphed")
     if name.startswith(("mhc_bf16_streams", "plain_bf16_residual")) and dtype != "bf16":
         pytest.skip("bf16 streams are measured in the bf16 autocast block")
+    if name == "mhc_bf16_streams_candidates":
+        use_candidates(monkeypatch)
     torch.manual_seed(0)
     options = {"mhc": {}, "mhc_recompute": {"recompute": True, "recompute_block": 2},
                "mhc_fused_backward": {"fused_backward": True},
@@ -98,6 +119,8 @@ def test_block_fwd_bwd(benchmark, record, variant, dim, heads, dtype):
                "mhc_bf16_streams_all_triton": {"stream_dtype": torch.bfloat16, "backend": "triton"},
                "mhc_bf16_streams_all_triton_fused": {"stream_dtype": torch.bfloat16,
                                                      "backend": "triton", "fused_backward": True},
+               "mhc_bf16_streams_candidates": {"stream_dtype": torch.bfloat16,
+                                               "backend": "triton", "fused_backward": True},
                "plain_bf16_residual": {"stream_dtype": torch.bfloat16}}  # fmt: skip
     block = Stack(dim, heads, mhc=not name.startswith("plain"), **options.get(name, {})).to(DEVICE)
     if variant.endswith("_compiled"):
