@@ -95,14 +95,14 @@ def kernel_launcher(kernel: str, T: int, n: int, C: int, dtype: torch.dtype, dev
         extra = {"HAS_GOUT": True}
 
     def launch(bt: int, bc: int, warps: int, form: str = "", unroll: int = 1, bk: int = 0,
-               stages: int = 0):  # fmt: skip
+               stages: int = 1):  # fmt: skip
         """``form``: the merge backward's (``LOADS_FIRST``: "loads_first" or "by_stream");
         ``unroll``: the stream gradient's rank-1 updates per loop step (``UNROLL``, its FMA form);
         ``bk``: the tensor-core merge backward's channels per loop step; ``stages``: its pipeline
-        stages, and the stream gradient's (``STAGES``; 0 there: 1)."""
+        stages, and the stream gradient's (``STAGES``)."""
         options = extra
         if kernel == "stream_grad":
-            options = {**extra, "UNROLL": unroll, "STAGES": max(stages, 1)}
+            options = {**extra, "UNROLL": unroll, "STAGES": stages}
         elif kernel == "merge_bwd":
             options = {**extra, "LOADS_FIRST": form == "loads_first"}
         elif kernel == "merge_bwd_mma":
