@@ -87,8 +87,8 @@ want sweep-projection && step sweep-projection 240 python benchmarks/sweep_proje
 # the projection's kernels with their float32 operand's bf16 parts split once per call (dphi:
 # dproj's, never timed; the forward and dv: phi's), bf16 streams (float32's, swept in the fifth
 # lease: its faster forms there hold an operand in registers under a product left in flight,
-# which compile_check rejects): 69 launches per kernel, the shipped launch and 16 restaged ones
-# (fwd and dv in both dtypes took 72 s in the fifth lease)
+# which compile_check rejects): 69 launches per kernel (dphi 84, with 256 K columns), the shipped
+# launch and 16 restaged ones (fwd and dv in both dtypes took 72 s in the fifth lease)
 want sweep-parts && step sweep-parts 200 python benchmarks/sweep_projection.py --parts \
   --dtypes bf16 --kernels dphi fwd dv --out "$work/sweep-parts.json"
 # the merge backward alone, both forms (stream by stream, loads first): 94 launches for bf16 (47

@@ -13,9 +13,10 @@ with a small dot per step may depend on: the fastest ``RESTAGED`` launches of ea
 now also timed with each of ``STAGES`` (96 more compiles). ``--parts`` sweeps the kernels on
 tensor cores with their float32 operand split into its bf16 parts once per call (``Tiles.parts``:
 phi for the forward and ``dv``, the gradient dproj for ``dphi``) instead, next to the shipped
-launch: 69 launches per kernel and dtype, then the restaged ones. The forward's tiles of
-``WGMMA_TOKENS`` or more take its sum of squares apart (``Tiles.sumsq_apart``): in the fifth H200
-lease, 20 of their 49 launches without it summed 2-8% wrong.
+launch: 69 launches per kernel and dtype (``dphi``: 84, with 256 K columns too), then the
+restaged ones. The forward's tiles of ``WGMMA_TOKENS`` or more take its sum of squares apart
+(``Tiles.sumsq_apart``): in the fifth H200 lease, 20 of their 49 launches without it summed 2-8%
+wrong.
 
 This times every combination of tokens per program (BT), K columns per step (BK), warps and the
 programs per SM that the split of each reduction aims at (for the float32 forward also with
@@ -49,6 +50,10 @@ from mhc_kernels.coefficients import triton as ct
 KERNELS = ("fwd", "dphi", "dv")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BLOCKS_T, BLOCKS_K, WARPS, PER_SM = (16, 32, 64, 128), (32, 64, 128), (4, 8), (2, 4, 8)
+# dphi's K columns per program also 256: its fastest launches were the widest swept (bf16: 64 us at
+# 128 against 97 at 64, fourth lease), and at 256 it compiles without spills (sm_90, Triton 3.6:
+# 58-112 registers with dproj's parts)
+DPHI_BLOCKS_K = (*BLOCKS_K, 256)
 # then each kernel's fastest launches again with fewer or more of the loop's loads in flight than
 # Triton's default of 3 (num_stages; never varied before the fourth H200 lease)
 STAGES, RESTAGED = (1, 2, 4, 5), 4
@@ -123,7 +128,8 @@ def sweep(kernel: str, name: str, T: int, n: int, C: int, device: str, bench, pe
 
     # tensor cores (with phi's parts, or with float32 phi), and float32 FMAs where they may win
     mma = [True] + [False] * (not parts and (kernel, name) in FMA_TOO)
-    grid = itertools.product(BLOCKS_T, BLOCKS_K, WARPS, PER_SM, mma)
+    grid = itertools.product(BLOCKS_T, DPHI_BLOCKS_K if kernel == "dphi" else BLOCKS_K, WARPS,
+                             PER_SM, mma)  # fmt: skip
     tried = [ct.Tiles(bt, bk, warps, per_sm, form, parts=parts,
                       sumsq_apart=parts and kernel == "fwd" and bt >= WGMMA_TOKENS)
              for bt, bk, warps, per_sm, form in grid
