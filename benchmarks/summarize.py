@@ -81,11 +81,12 @@ def sinkhorn_summary(rows: list[dict]) -> dict:
     return {"cases": cases, "targets": targets}
 
 
-def plain_of(variant: str, measured) -> str:
-    """The plain block an mHC variant is compared with: bf16 streams with the bf16 residual."""
-    if "bf16_streams" in variant and "plain_bf16_residual" in measured:
-        return "plain_bf16_residual"
-    return "plain"
+def plain_of(variant: str, measured, suffix: str = "") -> str:
+    """The plain block an mHC variant is compared with: bf16 streams with the bf16 residual, a
+    compiled or graphed variant (``suffix``) with the plain block run so."""
+    if "bf16_streams" in variant and "plain_bf16_residual" + suffix in measured:
+        return "plain_bf16_residual" + suffix
+    return "plain" + suffix
 
 
 def layer_summary(rows: list[dict]) -> dict:
@@ -99,9 +100,12 @@ def layer_summary(rows: list[dict]) -> dict:
         extra = {}  # a compiled (graphed) variant against the compiled (graphed) plain block
         for v, s in t.items():
             suffix = next((x for x in ("_compiled", "_graphed") if v.endswith(x)), "")
-            base = plain_of(v, t) + suffix
+            base = plain_of(v, t, suffix)
             if v != base and base in t:
                 extra[f"overhead_{v}"] = s / t[base] - 1
+            shipped = v.replace("_candidates", "")  # the launches not shipped against the shipped
+            if v != shipped and shipped in t:
+                extra[f"speedup_{v}"] = t[shipped] / s
         out[f"C{dim}-{dtype}"] = {**t, **extra}
     return out
 

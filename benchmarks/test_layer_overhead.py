@@ -59,8 +59,10 @@ VARIANTS = ["plain", "mhc", "mhc_recompute", "mhc_fused_backward", "mhc_all_trit
             # as they are, where PyTorch's makes a float32 copy each way
             "mhc_bf16_streams_all_triton_graphed",
             "mhc_bf16_streams_all_triton_fused_graphed",
-            # the same with every launch prepared for 16-bit streams and not shipped (untimed)
-            "mhc_bf16_streams_candidates_graphed"]  # fmt: skip
+            # with every launch prepared for 16-bit streams and not shipped (untimed): the default
+            # path (st_finetune's) and every fused kernel with the fused backward
+            "mhc_bf16_streams_candidates_graphed",
+            "mhc_bf16_streams_all_triton_fused_candidates_graphed"]  # fmt: skip
 
 
 def use_candidates(monkeypatch) -> None:
@@ -100,16 +102,17 @@ def test_block_fwd_bwd(benchmark, record, variant, dim, heads, dtype, monkeypatc
     GPU only), which leaves the host out: the GPU's own time, what mHC costs a step that is not
     bound by its host, for the default path, the fused backward, every fused kernel (with and
     without the fused backward) and bf16 streams against a bf16 residual (also with every fused
-    kernel, with and without the fused backward: ``mhc_bf16_streams_all_triton[_fused]``, and the
-    latter with the launches not shipped yet: ``mhc_bf16_streams_candidates``, :func:`use_candidates`)."""
+    kernel, with and without the fused backward: ``mhc_bf16_streams_all_triton[_fused]``); and
+    ``*_candidates``: the same with the launches not shipped yet (:func:`use_candidates`)."""
     if variant.startswith("mhc_all_triton") or variant.endswith(("_compiled", "_graphed")):
         if not ON_GPU:
             pytest.skip("the fused kernels, inductor's code and CUDA graphs run only on a GPU")
     name = variant.removesuffix("_compiled").removesuffix("_graphed")
     if name.startswith(("mhc_bf16_streams", "plain_bf16_residual")) and dtype != "bf16":
         pytest.skip("bf16 streams are measured in the bf16 autocast block")
-    if name == "mhc_bf16_streams_candidates":
+    if name.endswith("_candidates"):
         use_candidates(monkeypatch)
+        name = name.removesuffix("_candidates")
     torch.manual_seed(0)
     options = {"mhc": {}, "mhc_recompute": {"recompute": True, "recompute_block": 2},
                "mhc_fused_backward": {"fused_backward": True},
@@ -119,8 +122,6 @@ def test_block_fwd_bwd(benchmark, record, variant, dim, heads, dtype, monkeypatc
                "mhc_bf16_streams_all_triton": {"stream_dtype": torch.bfloat16, "backend": "triton"},
                "mhc_bf16_streams_all_triton_fused": {"stream_dtype": torch.bfloat16,
                                                      "backend": "triton", "fused_backward": True},
-               "mhc_bf16_streams_candidates": {"stream_dtype": torch.bfloat16,
-                                               "backend": "triton", "fused_backward": True},
                "plain_bf16_residual": {"stream_dtype": torch.bfloat16}}  # fmt: skip
     block = Stack(dim, heads, mhc=not name.startswith("plain"), **options.get(name, {})).to(DEVICE)
     if variant.endswith("_compiled"):
