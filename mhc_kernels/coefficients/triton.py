@@ -54,8 +54,9 @@ from ..sinkhorn.triton import (
 
 @triton.jit
 def _parts_tile(parts_ptr, k_row, k_in, K, WP: tl.constexpr):
-    """The ``[BK, WP]`` tiles at rows ``k_row`` (``k_in``: those inside the reduction) of a ``K``-row
-    matrix's three bf16 parts (``split_parts``: phi's, or dphi's ``dproj``): ``hi, mid, lo``."""
+    """The ``[BK, WP]`` tiles at rows ``k_row`` (``k_in``: those inside the reduction) of a
+    ``K``-row matrix's three bf16 parts (``split_parts``: phi's, or dphi's ``dproj``): ``hi, mid,
+    lo``."""
     tile = parts_ptr + k_row[:, None].to(tl.int64) * WP + tl.arange(0, WP)[None, :]
     plane = K.to(tl.int64) * WP  # between the parts
     return (tl.load(tile, mask=k_in[:, None], other=0.0),
@@ -329,6 +330,11 @@ class Tiles(NamedTuple):
     parts: bool = False
     sumsq_apart: bool = False
 
+    @property
+    def splits(self) -> bool:
+        """Whether the kernel reads its float32 operand's bf16 parts: ``parts`` on tensor cores."""
+        return self.mma and self.parts
+
     def launch(self) -> dict:
         """The Triton launch options."""
         return {"num_warps": self.warps, "num_stages": self.stages}
@@ -426,10 +432,10 @@ def split_parts(m: torch.Tensor, wp: int) -> torch.Tensor:
     return parts
 
 
-def _phi_operand(phi: torch.Tensor, wp: int, tiles: Tiles) -> tuple[torch.Tensor, dict]:
-    """What a forward or ``dv`` kernel launched with ``tiles`` reads for phi, and its constexprs."""
-    split = tiles.mma and tiles.parts
-    return (split_parts(phi, wp) if split else phi), {"PHI_PARTS": split, **dot_options(tiles.mma)}
+def _operand(m: torch.Tensor, wp: int, tiles: Tiles) -> torch.Tensor:
+    """The float32 operand ``m`` (phi, or dphi's ``dproj``) as a kernel launched with ``tiles``
+    reads it: its bf16 parts (``Tiles.splits``), or itself."""
+    return split_parts(m, wp) if tiles.splits else m
 
 
 def _parts(blocks: int, length: int, block: int, device: torch.device, per_sm: int) -> int:
@@ -462,10 +468,11 @@ def projection_fwd(v: torch.Tensor, phi: torch.Tensor):
     parts = cdiv(K, k_per)
     proj = torch.empty((parts, T, W), dtype=torch.float32, device=v.device)
     ss = torch.empty((parts, T), dtype=torch.float32, device=v.device)
-    phi, options = _phi_operand(phi, wp, tiles)
-    _projection_fwd_kernel[(blocks, parts)](v, phi, proj, ss, T, K, k_per, W=W, BT=tiles.BT,
-                                            BK=tiles.BK, WP=wp, SUMSQ_APART=tiles.sumsq_apart,
-                                            **options, **tiles.launch())  # fmt: skip
+    _projection_fwd_kernel[(blocks, parts)](v, _operand(phi, wp, tiles), proj, ss, T, K, k_per,
+                                            W=W, BT=tiles.BT, BK=tiles.BK, WP=wp,
+                                            PHI_PARTS=tiles.splits, SUMSQ_APART=tiles.sumsq_apart,
+                                            **dot_options(tiles.mma),
+                                            **tiles.launch())  # fmt: skip
     return add_parts(proj), add_parts(ss)
 
 
@@ -484,10 +491,12 @@ def projection_dv(v, phi, dproj, dss):
     wp, tiles = projection_config("dv", W, v.element_size())
     token_blocks = cdiv(T, tiles.BT)
     k_per = _parts(token_blocks, K, tiles.BK, v.device, tiles.per_sm)
-    phi, options = _phi_operand(phi, wp, tiles)
-    _projection_dv_kernel[(token_blocks, cdiv(K, k_per))](v, phi, dproj, dss, dv, T, K, k_per, W=W,
-                                                          BT=tiles.BT, BK=tiles.BK, WP=wp,
-                                                          **options, **tiles.launch())  # fmt: skip
+    _projection_dv_kernel[(token_blocks, cdiv(K, k_per))](v, _operand(phi, wp, tiles), dproj, dss,
+                                                          dv, T, K, k_per, W=W, BT=tiles.BT,
+                                                          BK=tiles.BK, WP=wp,
+                                                          PHI_PARTS=tiles.splits,
+                                                          **dot_options(tiles.mma),
+                                                          **tiles.launch())  # fmt: skip
     return dv
 
 
@@ -504,10 +513,9 @@ def projection_dphi(v, dproj, phi):
     t_per = _parts(k_blocks, T, tiles.BT, v.device, tiles.per_sm)
     parts = cdiv(T, t_per)
     dphi = torch.empty((parts, K, W), dtype=torch.float32, device=v.device)
-    split = tiles.mma and tiles.parts
-    dproj = split_parts(dproj, wp) if split else dproj
-    _projection_dphi_kernel[(k_blocks, parts)](v, dproj, dphi, T, K, t_per, W=W, BT=tiles.BT,
-                                               BK=tiles.BK, WP=wp, DPROJ_PARTS=split,
+    _projection_dphi_kernel[(k_blocks, parts)](v, _operand(dproj, wp, tiles), dphi, T, K, t_per,
+                                               W=W, BT=tiles.BT, BK=tiles.BK, WP=wp,
+                                               DPROJ_PARTS=tiles.splits,
                                                **dot_options(tiles.mma),
                                                **tiles.launch())  # fmt: skip
     return add_parts(dphi)
@@ -572,12 +580,11 @@ def _projection_config(name: str, dt: str, W: int, tiles: Tiles):
                                        "dv_ptr": s}, "k_per"),
         "dphi": (_projection_dphi_kernel, {"v_ptr": s, "dproj_ptr": f, "dphi_ptr": f}, "t_per"),
     }[name]  # fmt: skip
-    split = tiles.mma and tiles.parts
     consts = {"W": W, "BT": tiles.BT, "BK": tiles.BK, "WP": dot_width(W), **dot_options(tiles.mma)}
     # the operand read as bf16 parts with Tiles.parts: phi, or dphi's dproj
     operand, flag = ("dproj", "DPROJ") if name == "dphi" else ("phi", "PHI")
-    consts[f"{flag}_PARTS"] = split
-    ptrs[f"{operand}_ptr"] = "*bf16" if split else f
+    consts[f"{flag}_PARTS"] = tiles.splits
+    ptrs[f"{operand}_ptr"] = "*bf16" if tiles.splits else f
     if name == "fwd":
         consts["SUMSQ_APART"] = tiles.sumsq_apart
     sig = {**ptrs, "T": "i32", "K": "i32", per: "i32", **dict.fromkeys(consts, "constexpr")}
@@ -596,7 +603,7 @@ def shipped_configs(dtypes=("fp32", "bf16", "fp16")):
         for dt in dtypes:
             for name in ("fwd", "dv", "dphi"):
                 tiles = gpu_tiles(name, wp, 4 if dt == "fp32" else 2)
-                split |= tiles.mma and tiles.parts
+                split |= tiles.splits
                 yield (f"proj_{name}-W{wp}-{dt}", *_projection_config(name, dt, W, tiles),
                        tiles.launch())  # fmt: skip
             if n == 4 and dt == "bf16":

@@ -308,9 +308,10 @@ def _stream_grad_kernel(x_ptr, gin_ptr, gout_ptr, hpre_ptr, hres_ptr, dss_ptr, d
     # of phi^T, UNROLL of them per loop step (their loads issued together: a step's FMAs wait on
     # its loads), the loop's loads copied STAGES - 1 steps ahead into shared memory when
     # STAGES >= 2 (cp.async; 1: plain loads, the same code as a plain range). W is a constexpr,
-    # as in the projection's kernels: fewer instructions and registers per step. (A form with that term as one
-    # [BT, W] x [W, n BC] product on bf16 tensor cores, split operands, was 1.07-1.22x slower on
-    # the H200 at the same launches, with twice the registers; removed after two sweeps.)
+    # as in the projection's kernels: fewer instructions and registers per step. (A form with
+    # that term as one [BT, W] x [W, n BC] product on bf16 tensor cores, split operands, was
+    # 1.07-1.22x slower on the H200 at the same launches, with twice the registers; removed
+    # after two sweeps.)
     C = _multiple(C, CV)
     tok, t64, c2, m2 = _token_channel_tile(T, C, BT, BC)
     i2, mi, t3, i3, c3, m3 = _stream_tile(tok, t64, c2, T, n, C, NP)
@@ -504,8 +505,8 @@ STREAM_GRAD_TOKENS = 4
 # at 4 x 128 on 4 warps, 1.71x the roofline (one update per step: 0.579 ms, 2.19x; 8 per step
 # 0.446 ms at 8 x 128), bf16 0.355 ms at 4 x 256 on 8 warps, 2.69x (one per step at 16 x 64 on 2
 # warps: 0.488 ms, 3.69x; 8 per step 0.353 ms); 4 rather than 8 for fewer registers at about the
-# same time. Why: the loop's loads are not pipelined, so each step waits out an L2 latency, and
-# several updates per step overlap those waits (SASS, n = 4 bf16, sm_90: 16 loads
+# same time. Why: at STREAM_GRAD_STAGES = 1 the loop's loads are issued in the step that uses
+# them, so each step waits out an L2 latency, and several updates per step overlap those waits (SASS, n = 4 bf16, sm_90: 16 loads
 # of dproj and one of phi^T, then the 64 FMAs that need them, 24 times; float32's 4 tokens per
 # program: Triton 3.9's LLVM unrolled 4 steps itself, 3.6's, the lent GPUs', did not). With W a
 # constexpr (a loop of known length), n = 4 bf16 takes 140, 157, 197 and 251 registers at 1, 2, 4
