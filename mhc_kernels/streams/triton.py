@@ -409,7 +409,7 @@ def merge_loads_first(n: int) -> bool:
 # (``_merge_bwd_mma_kernel``). Off until an H200 times it: the loads-first form was 1.43x the
 # roofline at its best (bf16, n = 4), the one apply kernel outside the issue's 1.3x, and its
 # SASS issues 3.3-4.2 warp instructions per token and channel, this form 0.9-1.6
-# (benchmarks/README.md, "Offline, 2026-11-27 (night)"). GPU launch: rows (tokens x padded
+# (benchmarks/HISTORY.md, "Offline, 2026-11-27 (night)"). GPU launch: rows (tokens x padded
 # streams) per program, channels per program (a C block; its coefficient gradients summed by the
 # launcher as the other forms'), channels per loop step, warps and pipeline stages
 MERGE_MMA = False
