@@ -103,6 +103,31 @@ def test_empty_batch(device):
     assert x.grad.shape == (0, 4, 4)
 
 
+@pytest.mark.parametrize(
+    "n,strided",
+    [(1, False), (2, False), (4, False), (4, True), (8, False), (3, False), (5, False)],
+    ids=["n1", "n2", "n4", "n4-strided", "n8", "n3-tiles", "n5-tiles"],
+)
+def test_the_gpu_launches_give_the_references_results(n, strided, monkeypatch):
+    # the launchers as on a GPU (interpreting() False): 128 matrices per program step by matrix
+    # (n = 1, 2, 4, 8; a strided batch copied), in tiles otherwise; 300 matrices over 2 programs,
+    # so a program walks several tiles and reuses its scratch slot
+    import mhc_kernels.sinkhorn.triton as sk
+
+    if not sk.interpreting():
+        pytest.skip("on a GPU every test runs the GPU launches")
+    monkeypatch.setattr(sk, "interpreting", lambda: False)
+    x = torch.randn(300, n, n) * 3
+    if strided:
+        x = x.transpose(-1, -2)
+    if sk.by_matrix(n):
+        consts, programs = sk._by_matrix_launch(x.shape[0], n, x.device)
+        assert consts["BLOCK"] == sk.BY_MATRIX_TILE and programs == 2
+    else:
+        assert n in (3, 5)
+    assert_matches_reference(x, 3)
+
+
 def test_the_compile_check_finds_tensor_core_products_in_flight_across_a_loops_back_edge():
     """``wgmma_in_flight``: a loop whose last ``wgmma`` group is committed and not waited for
     before the branch back; groups waited for, or waited for after the loop, do not count."""
