@@ -15,17 +15,17 @@ most 32 elements per thread in each of its three stream tiles, 47 at 16 bits, at
 for the stream gradient (4-32 tokens sharing phi^T's rows) and its 8 fastest again with 2, 4 and
 8 rank-1 updates per step of its loop over W (``UNROLL``; 4 as shipped: each step waits on its
 loads) and with that loop's loads copied 1-2 steps ahead (``STAGES`` 2-3 at 1, 2 or 4 updates
-per step; 1 as shipped): 64 more, and the shipped launch if none of them is it (a form with its projection term on tensor cores, 1.07-1.22x
-slower in both H200 sweeps that timed it, was removed). ``merge_bwd_mma``
-(16-bit streams): the merge backward on tensor cores (``_merge_bwd_mma_kernel``, not shipped:
-``MERGE_MMA``), 16-64 rows (tokens x padded streams) x 256-2048 channels per program x 32-128
-channels per loop step x 2-8 warps at 2 stages, its 6 fastest accurate at 1, 3 and 4 (122
-launches at n = 4), each checked against the shipped launch's results (``max_rel_err``,
-``accurate``: within 4 ulps of the streams' dtype), which is timed in the same run. One warp per
-program (added after the third H200 lease; never timed before): its sums over C are warp shuffles
-without barriers (PTX of the n = 4 merge backward, sm_90: 4 barriers at 256 channels on one warp,
-against 19 as shipped, 512 channels on two; 119 with 2 tokens on two warps, which Triton lays out
-across the channels rather than one warp per token). The rows found so far are written after
+per step; 1 as shipped): 64 more, and the shipped launch if none of them is it (a form with its
+projection term on tensor cores, 1.07-1.22x slower in both H200 sweeps that timed it, was
+removed). ``merge_bwd_mma`` (16-bit streams): the merge backward on tensor cores
+(``_merge_bwd_mma_kernel``, not shipped: ``MERGE_MMA``), 16-64 rows (tokens x padded streams) x
+256-2048 channels per program x 32-128 channels per loop step x 2-8 warps at 2 stages, its 6
+fastest accurate at 1, 3 and 4 (122 launches at n = 4), each checked against the shipped launch's
+results (``max_rel_err``, ``accurate``: within 4 ulps of the streams' dtype), which is timed in
+the same run. One warp per program (added after the third H200 lease; never timed before): its
+sums over C are warp shuffles without barriers (PTX of the n = 4 merge backward, sm_90: 4
+barriers at 256 channels on one warp, against 19 as shipped, 512 channels on two; 119 with 2
+tokens on two warps, which Triton lays out across the channels rather than one warp per token). The rows found so far are written after
 every kernel, so a run cut short keeps them.
 
 Without a GPU it runs under ``TRITON_INTERPRET=1`` (benchmarks/conftest.py sets it) at whatever

@@ -136,8 +136,7 @@ def _in_flight_safe(ptx: str, ttgir: str, stages: int) -> bool:
       the ``cp.async`` at the bottom of step i fills buffer ``(i + stages - 1) % buffers``, which
       is the one step i's products read when ``buffers = stages - 1`` (the bf16 forward with
       phi's parts, whose v tile also fed the sum of squares in registers: 2-8% wrong sums on the
-      H200); with ``buffers = stages`` it is refilled only in step i + 1, after that step's wait.
-
+      H200); with ``buffers = stages`` it is refilled only in step i + 1, after that step's wait;
     - nothing is stored into shared memory from registers (``ttg.local_alloc`` of a value, as a
       split in the loop makes for its parts): such a buffer is rewritten every step;
     - in the loop's PTX, its copies (``cp.async``) come after its first ``wgmma.wait_group``,

@@ -246,9 +246,9 @@ def _normalise_entries(a, NP: tl.constexpr, AXIS: tl.constexpr, eps):
 
 
 @triton.jit
-def _slot_lines(slot, step, NP: tl.constexpr, BLOCK: tl.constexpr):
-    """The scratch addresses of normaliser ``step``'s NP lines: ``[2 * iters, NP, BLOCK]``."""
-    return slot + (step * NP) * BLOCK + tl.arange(0, BLOCK)
+def _slot_line(slot, step, g, NP: tl.constexpr, BLOCK: tl.constexpr):
+    """The scratch addresses of line ``g`` of normaliser ``step``: ``[2 * iters, NP, BLOCK]``."""
+    return slot + (step * NP + g) * BLOCK + tl.arange(0, BLOCK)
 
 
 @triton.jit
@@ -261,11 +261,18 @@ def _sub_lines(h, b, sums, NP: tl.constexpr, AXIS: tl.constexpr):
 
 
 @triton.jit
+def _store_lines(slot, step, lines, NP: tl.constexpr, BLOCK: tl.constexpr):
+    """Normaliser ``step``'s NP lines (``[BLOCK]`` each) into the scratch slot."""
+    for g in tl.static_range(NP):
+        tl.store(_slot_line(slot, step, g, NP, BLOCK), lines[g])
+
+
+@triton.jit
 def _load_lines(slot, step, NP: tl.constexpr, BLOCK: tl.constexpr):
     """Normaliser ``step``'s NP lines from the scratch slot."""
     lines = ()
     for g in tl.static_range(NP):
-        lines = lines + (tl.load(_slot_lines(slot, step, NP, BLOCK) + g * BLOCK),)
+        lines = lines + (tl.load(_slot_line(slot, step, g, NP, BLOCK)),)
     return lines
 
 
@@ -315,11 +322,9 @@ def _sinkhorn_bwd_by_matrix_kernel(x_ptr, g_ptr, dx_ptr, scratch_ptr, num_mats, 
         tl.debug_barrier()  # the previous tile's reads of the slot are done
         for it in range(iters):  # the forward, keeping the normalisers
             b, s = _normalise_entries(b, NP, FIRST, eps)
-            for g in tl.static_range(NP):
-                tl.store(_slot_lines(slot, 2 * it, NP, BLOCK) + g * BLOCK, s[g])
+            _store_lines(slot, 2 * it, s, NP, BLOCK)
             b, s = _normalise_entries(b, NP, SECOND, eps)
-            for g in tl.static_range(NP):
-                tl.store(_slot_lines(slot, 2 * it + 1, NP, BLOCK) + g * BLOCK, s[g])
+            _store_lines(slot, 2 * it + 1, s, NP, BLOCK)
         grad = _load_entries(g_ptr, mats, num_mats, 0.0, BLOCK, NP, LV)[0]
         tl.debug_barrier()  # the normalisers are visible to every thread of the program
         h = ()
@@ -405,8 +410,9 @@ def sinkhorn_fwd(x: torch.Tensor, iters: int, order: str, eps: float) -> torch.T
     first, second = order_axes(order)
     if by_matrix(n):
         consts, programs = _by_matrix_launch(num_mats, n, x.device)
-        _sinkhorn_fwd_by_matrix_kernel[(programs,)](x.contiguous(), out, num_mats, iters, eps,
-                                                    FIRST=first, SECOND=second, **consts)  # fmt: skip
+        _sinkhorn_fwd_by_matrix_kernel[(programs,)](
+            x.contiguous(), out, num_mats, iters, eps, FIRST=first, SECOND=second, **consts
+        )
         return out
     block, np2, programs = launch_config(num_mats, n, x.device)
     _sinkhorn_fwd_kernel[(programs,)](

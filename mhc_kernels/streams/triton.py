@@ -483,8 +483,8 @@ def merge_bwd(x, y, h_post, h_res, g, want_dx: bool = True):
     if merge_mma(x, y):
         kernel, config = _merge_bwd_mma_kernel, merge_mma_config(n, C)
     else:
-        kernel, config = _merge_bwd_kernel, {**launch_config("merge_bwd", T, n, C, x.element_size()),
-                                             "LOADS_FIRST": merge_loads_first(n)}  # fmt: skip
+        config = launch_config("merge_bwd", T, n, C, x.element_size())
+        kernel, config = _merge_bwd_kernel, {**config, "LOADS_FIRST": merge_loads_first(n)}
     grid = _grid(T, C, config)
     dx, dy = torch.empty_like(x) if want_dx else None, torch.empty_like(y)
     dh_post = torch.empty((grid[1], T, n), dtype=torch.float32, device=x.device)  # per C block
@@ -506,11 +506,12 @@ STREAM_GRAD_TOKENS = 4
 # 0.446 ms at 8 x 128), bf16 0.355 ms at 4 x 256 on 8 warps, 2.69x (one per step at 16 x 64 on 2
 # warps: 0.488 ms, 3.69x; 8 per step 0.353 ms); 4 rather than 8 for fewer registers at about the
 # same time. Why: at STREAM_GRAD_STAGES = 1 the loop's loads are issued in the step that uses
-# them, so each step waits out an L2 latency, and several updates per step overlap those waits (SASS, n = 4 bf16, sm_90: 16 loads
-# of dproj and one of phi^T, then the 64 FMAs that need them, 24 times; float32's 4 tokens per
-# program: Triton 3.9's LLVM unrolled 4 steps itself, 3.6's, the lent GPUs', did not). With W a
-# constexpr (a loop of known length), n = 4 bf16 takes 140, 157, 197 and 251 registers at 1, 2, 4
-# and 8 per step on sm_90 with Triton 3.6 (153, 168, 251 and a 192-byte spill with W an argument)
+# them, so each step waits out an L2 latency, and several updates per step overlap those waits
+# (SASS, n = 4 bf16, sm_90: 16 loads of dproj and one of phi^T, then the 64 FMAs that need them,
+# 24 times; float32's 4 tokens per program: Triton 3.9's LLVM unrolled 4 steps itself, 3.6's, the
+# lent GPUs', did not). With W a constexpr (a loop of known length), n = 4 bf16 takes 140, 157, 197
+# and 251 registers at 1, 2, 4 and 8 per step on sm_90 with Triton 3.6 (153, 168, 251 and a
+# 192-byte spill with W an argument)
 STREAM_GRAD_UNROLL = 4
 # pipeline stages of that loop (``STAGES``): 1, its loads issued in the step that uses them, as
 # timed. With 2-4, Triton copies them ahead into shared memory (sm_90, Triton 3.6, n = 4 bf16:

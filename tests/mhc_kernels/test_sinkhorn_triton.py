@@ -120,11 +120,13 @@ def test_the_gpu_launches_give_the_references_results(n, strided, monkeypatch):
     x = torch.randn(300, n, n) * 3
     if strided:
         x = x.transpose(-1, -2)
+    assert sk.by_matrix(n) == (n not in (3, 5))
     if sk.by_matrix(n):
         consts, programs = sk._by_matrix_launch(x.shape[0], n, x.device)
         assert consts["BLOCK"] == sk.BY_MATRIX_TILE and programs == 2
-    else:
-        assert n in (3, 5)
+    else:  # tiles of 2048 elements: 128 matrices padded to 4 x 4, or 32 padded to 8 x 8
+        block, np2, programs = sk.launch_config(x.shape[0], n, x.device)
+        assert block == sk.GPU_TILE_ELEMS // np2**2 and programs == 2
     assert_matches_reference(x, 3)
 
 

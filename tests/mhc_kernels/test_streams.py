@@ -536,8 +536,8 @@ def test_the_projections_gpu_tiles_give_the_interpreters_results(dtype, tiles, m
                                           *[("bf16", name) for name in CANDIDATE_TILES]])  # fmt: skip
 def test_the_projections_gpu_launches_at_many_token_counts(T, dtype, launch, monkeypatch):
     """The shipped launches (``GPU_TILES``), and the candidates the sweeps time for them
-    (``CANDIDATE_TILES``, for bf16), at n = 4, C = 1488 and token counts that split K into different numbers
-    of parts: the forward, ``dv`` and ``dphi`` within 4x float32's own error against float64 plus
+    (``CANDIDATE_TILES``, for bf16), at n = 4, C = 1488 and token counts that split K into
+    different numbers of parts: the forward, ``dv`` and ``dphi`` within 4x float32's own error against float64 plus
     the sweeps' bound (``dv``: one rounding to its dtype). On the H200 a race (the bf16 forward
     with phi's parts in 64-token tiles, its sum of squares reading v's tile: compile_check's
     ``in_flight_safe``) summed wrongly at some tiles and K parts only, so each launch is checked
